@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_DEV := $(VENV)/.installed-dev
+
+.PHONY: demo test lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@ $(STAMP_RUN)
+
+demo: $(STAMP_RUN)
+	$(PY) -m examples.gradcheck_table
+
+test: $(STAMP_DEV)
+	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check rnnjax tests examples benchmarks
+	$(VENV)/bin/ruff format --check rnnjax tests examples benchmarks
+
+format: $(STAMP_DEV)
+	$(VENV)/bin/ruff format rnnjax tests examples benchmarks
+	$(VENV)/bin/ruff check --fix rnnjax tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache runs

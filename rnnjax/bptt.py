@@ -1,0 +1,203 @@
+r"""The hand-derived backpropagation through time, bound with `jax.custom_vjp`.
+
+For a built-in cell the forward (see `rnnjax.scan`) is::
+
+    zx = xs w_ih + b                                   one GEMM over all T        zx [T, B, G]
+    for t:  zh_t = h_{t-1} w_hh ;  carry_t, res_t = gates(zx_t, zh_t, carry_{t-1})   (masked by lengths)
+
+and the backward, a reverse-time `jax.lax.scan`, is::
+
+    d_carry = ∂L/∂carry_T                              (the cotangent of the final carry)
+    for t in reverse:
+        g      = d_carry, with dy_t added to g.h         only where step t is valid; masked steps pass
+                                                          d_carry straight through to step t-1
+        dzx_t, dzh_t, d_prev = gates_bwd(res_t, carry_{t-1}, carry_t, g)
+        d_carry = d_prev + (dzh_t w_hhᵀ in the h slot)  the one GEMM inside the backward loop
+    after the loop, once over all T (large GEMMs, fast):
+        d w_ih = Σ_t x_tᵀ dzx_t      d b = Σ_t Σ_b dzx_t      d xs = dzx w_ihᵀ
+        d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra bias gradients, e.g. the GRU's d b_hn)
+
+The forward keeps only ``xs`` (the caller's own array), the carries after each step and each cell's minimal
+residuals (none for Elman, four gate activations for LSTM, ``[r, z, n, hn]`` for GRU).
+
+For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
+from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
+`jax.vjp` and chains them from ``t = T-1`` down to ``0``.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) does not exist for a
+`jax.custom_vjp` function; `rnnjax.unroll` turns JAX's error into one that points to ``grad="autodiff"``.
+
+Reference: P. J. Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 78 (1990);
+the hoisted GEMMs follow J. Appleyard, T. Kočiský and P. Blunsom, "Optimizing performance of recurrent neural
+networks on GPUs" (2016), §3.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import Cell
+from rnnjax.scan import (
+    forward,
+    outputs_from_hs,
+    project,
+    scan_gates,
+    scan_steps,
+    select,
+    shift_carries,
+    zero_where_not,
+)
+
+Array = jax.Array
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in cells: gates + hand-derived gates_bwd, the GEMMs hoisted out of both loops.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def bptt_unroll(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+) -> tuple[PyTree, Array]:
+    """``(final_carry, ys [B, T, H])`` of a built-in cell; its VJP is the hand-derived BPTT below.
+
+    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1.
+    """
+    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+
+
+def _bptt_fwd(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+) -> tuple[tuple[PyTree, Array], tuple]:
+    final, carries, res = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, True)
+    return (final, outputs_from_hs(carries.h, mask)), (params, xs, carry0, mask, carries, res)
+
+
+def _bptt_bwd(
+    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
+) -> tuple[PyTree, Array, PyTree, None]:
+    params, xs, carry0, mask, carries, res = saved
+    d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
+    prevs = shift_carries(carry0, carries, reverse)  # the carry entering each step, [T, B, H] leaves
+    w_hh_t = params.w_hh.T  # [G, H]
+
+    def body(d_carry: PyTree, inp: tuple) -> tuple[PyTree, tuple[Array, Array | None]]:
+        dy_t, m_t, res_t, prev_t, new_t = inp
+        # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid)
+        g = d_carry._replace(h=d_carry.h + dy_t)
+        g_valid = zero_where_not(m_t, g)
+        # through the gates, by the cell's hand-derived derivative
+        dzx, dzh, d_prev = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
+        # through the recurrent projection zh_t = h_{t-1} w_hh
+        d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
+        # a masked step copied the carry: its gradient passes through unchanged
+        d_prev = select(m_t, d_prev, d_carry)
+        return d_prev, (dzx, dzh)
+
+    d_carry0, (dzx, dzh) = jax.lax.scan(
+        body,
+        d_final,
+        (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs, carries),
+        reverse=not reverse,
+        unroll=unroll,
+    )
+    if dzh is None:
+        dzh = dzx
+    # the weight and input gradients, once over all T and B
+    d_params = params._replace(
+        w_ih=jnp.einsum("bti,tbg->ig", xs, dzx),
+        w_hh=jnp.einsum("tbh,tbg->hg", prevs.h, dzh),
+        b=jnp.sum(dzx, axis=(0, 1)),
+        **(cell.extra_grads(jnp.sum(dzh, axis=(0, 1))) if cell.extra_grads else {}),
+    )
+    d_xs = jnp.einsum("tbg,ig->bti", dzx, params.w_ih)
+    return d_params, d_xs, d_carry0, None
+
+
+bptt_unroll.defvjp(_bptt_fwd, _bptt_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User-written cells: the reverse recursion chained from per-step VJPs.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def stepwise_bptt_unroll(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+) -> tuple[PyTree, PyTree]:
+    """``(final_carry, ys)`` of any cell's ``step``; its VJP chains per-step `jax.vjp` s backwards in time."""
+    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+
+
+def _stepwise_fwd(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+) -> tuple[tuple[PyTree, PyTree], tuple]:
+    final, carries, ys = scan_steps(cell.step, params, xs, carry0, mask, reverse, unroll)
+    return (final, ys), (params, xs, carry0, mask, carries)
+
+
+def _stepwise_bwd(
+    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
+) -> tuple[PyTree, Array, PyTree, None]:
+    params, xs, carry0, mask, carries = saved
+    d_final, d_ys = cotangents
+    prevs = shift_carries(carry0, carries, reverse)
+
+    def body(acc: tuple[PyTree, PyTree], inp: tuple) -> tuple[tuple[PyTree, PyTree], Array]:
+        d_carry, d_params = acc
+        x_t, m_t, prev_t, dy_t = inp
+        # re-run step t and pull the gradients of its outputs back through it
+        _, step_vjp = jax.vjp(cell.step, params, prev_t, x_t)
+        d_p, d_prev, d_x = step_vjp((zero_where_not(m_t, d_carry), zero_where_not(m_t, dy_t)))
+        # a masked step copied the carry: its gradient passes through unchanged
+        d_prev = select(m_t, d_prev, d_carry)
+        return (d_prev, jax.tree.map(jnp.add, d_params, d_p)), d_x
+
+    zeros_params = jax.tree.map(jnp.zeros_like, params)
+    (d_carry0, d_params), d_xs = jax.lax.scan(
+        body,
+        (d_final, zeros_params),
+        (
+            jnp.swapaxes(xs, 0, 1),
+            mask,
+            prevs,
+            jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), d_ys),
+        ),
+        reverse=not reverse,
+        unroll=unroll,
+    )
+    return d_params, jnp.swapaxes(d_xs, 0, 1), d_carry0, None
+
+
+stepwise_bptt_unroll.defvjp(_stepwise_fwd, _stepwise_bwd)

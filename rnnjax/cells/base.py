@@ -1,0 +1,180 @@
+"""The `Cell` type: a recurrent cell as a NamedTuple of pure functions.
+
+A cell is what `jax.lax.scan` steps over time::
+
+    carry, y = cell.step(params, carry, x)        # x [B, I] -> y [B, H]
+
+Any `step` works with `rj.unroll` and `rj.gradcheck`. The built-in cells (`elman`, `lstm`, `gru`) also supply
+the pieces that the hand-derived BPTT driver needs: every one of them is an affine input projection, an affine
+recurrent projection and an elementwise "gates" function,
+
+    zx_t = x_t w_ih + b          [B, G]   (hoisted: one GEMM over all T before the time loop)
+    zh_t = h_{t-1} w_hh          [B, G]   (the only GEMM inside the loop)
+    carry_t, res_t = gates(params, zx_t, zh_t, carry_{t-1})
+
+and `gates_bwd` is the hand-derived derivative of `gates` (see each cell's module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+
+class HCarry(NamedTuple):
+    """Carry of the cells whose whole state is the hidden vector (`elman`, `gru`)."""
+
+    h: Array  # [B, H]
+
+
+class LSTMCarry(NamedTuple):
+    """Carry of the LSTM: hidden state and cell state."""
+
+    h: Array  # [B, H]
+    c: Array  # [B, H]
+
+
+class Cell(NamedTuple):
+    """A recurrent cell: pure functions over a parameter pytree.
+
+    Attributes:
+      init: ``init(key, input_size, dtype=jnp.float32) -> params``.
+      initial_carry: ``initial_carry(params, batch_shape=()) -> carry``, zeros (S0 = 0).
+      step: ``step(params, carry, x) -> (carry, y)``, one time step; ``x [B, I]``.
+      hidden_size: H, where the cell has one.
+      name: a short human-readable name, used in reports.
+      gates: built-ins only. ``gates(params, zx [B, G], zh [B, G], carry) -> (carry, res)``.
+      gates_bwd: built-ins only. ``gates_bwd(params, res, carry_prev, carry_new, d_carry_new)
+        -> (dzx [B, G], dzh [B, G] or None, d_carry_prev)``; ``dzh=None`` means ``dzh == dzx``, and
+        ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``).
+      extra_grads: built-ins only. ``extra_grads(dzh_sum [G]) -> dict`` of gradients of the parameter
+        fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's ``b_hn``), or None.
+      check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
+        when ``params`` do not fit the cell.
+
+    A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
+
+        cell = rj.Cell(init=my_init, initial_carry=my_initial_carry, step=my_step)
+    """
+
+    init: Callable[..., PyTree]
+    initial_carry: Callable[..., PyTree]
+    step: Callable[[PyTree, PyTree, Array], tuple[PyTree, PyTree]]
+    hidden_size: int | None = None
+    name: str = "custom"
+    gates: Callable[..., tuple[PyTree, PyTree]] | None = None
+    gates_bwd: Callable[..., tuple[Array, Array | None, PyTree]] | None = None
+    extra_grads: Callable[[Array], dict[str, Array]] | None = None
+    check_params: Callable[..., None] | None = None
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether the cell supplies its gate math and derivative (and so uses the fast BPTT driver)."""
+        return self.gates is not None and self.gates_bwd is not None
+
+
+def check_hidden_size(hidden_size: Any) -> int:
+    """Validates a cell's ``hidden_size`` (an int >= 1) and returns it."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+        raise TypeError(
+            f"hidden_size must be an int >= 1, got {hidden_size!r} of type {type(hidden_size).__name__}"
+        )
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+    return hidden_size
+
+
+def check_input_size(input_size: Any) -> int:
+    """Validates ``input_size`` given to a cell's ``init`` (an int >= 1) and returns it."""
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise ValueError(f"input_size must be an int >= 1, got {input_size!r}")
+    return input_size
+
+
+def check_float_dtype(dtype: Any, what: str = "dtype") -> jnp.dtype:
+    """Returns ``dtype`` as a numpy dtype, or raises TypeError unless it is a floating-point type."""
+    dt = jnp.dtype(dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{what} must be a floating-point dtype, got {dt}")
+    return dt
+
+
+def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]:
+    """PyTorch's RNN initializer: U(-bound, bound), with ``bound = 1/sqrt(H)``."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
+    """The one-step function of a built-in cell, written from its ``gates``.
+
+    ``step(params, carry, x)``: ``zx = x w_ih + b``, ``zh = h w_hh``, then the gates; ``y`` is the new ``h``.
+    """
+
+    def step(params: PyTree, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
+        zx = x @ params.w_ih + params.b
+        zh = carry.h @ params.w_hh
+        new, _ = gates(params, zx, zh, carry)
+        return new, new.h
+
+    return step
+
+
+def check_projection_params(
+    params: PyTree,
+    *,
+    name: str,
+    fields: tuple[str, ...],
+    gate_count: int,
+    hidden_size: int,
+    input_size: int,
+    dtype: Any,
+    extra_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Checks a built-in cell's params: fields, shapes ``w_ih [I, G]``, ``w_hh [H, G]``, ``b [G]``, dtype.
+
+    Errors name the field, the expected shape (in I, H, G letters and numbers) and the actual shape.
+    """
+    missing = [f for f in fields if not hasattr(params, f)]
+    if missing:
+        raise TypeError(
+            f"params for {name} must be a NamedTuple with fields {fields}; "
+            f"got {type(params).__name__} without {missing}"
+        )
+    H, I = hidden_size, input_size
+    G = gate_count * H
+    gl = "" if gate_count == 1 else f"{gate_count}"
+    expected = {
+        "w_ih": ((I, G), f"[I, {gl}H] = [{I}, {G}]"),
+        "w_hh": ((H, G), f"[H, {gl}H] = [{H}, {G}]"),
+        "b": ((G,), f"[{gl}H] = [{G}]"),
+    }
+    for field, shape in (extra_shapes or {}).items():
+        expected[field] = (shape, f"{list(shape)}")
+    for field, (shape, text) in expected.items():
+        leaf = getattr(params, field)
+        actual = tuple(getattr(leaf, "shape", ()))
+        if field == "w_ih" and len(actual) == 2 and actual[1] == G and actual[0] != I:
+            raise ValueError(
+                f"xs has feature size I={I} but params.w_ih has shape {actual}, which expects "
+                f"I={actual[0]}: the last axis of xs must match the input_size the params were made with"
+            )
+        if actual != shape:
+            raise ValueError(
+                f"params.{field} of {name} (hidden_size={H}) must have shape {text}, got {actual}"
+            )
+        leaf_dtype = jnp.dtype(getattr(leaf, "dtype", None))
+        if leaf_dtype != jnp.dtype(dtype):
+            raise TypeError(
+                f"params.{field} has dtype {leaf_dtype} but xs has dtype {jnp.dtype(dtype)}; "
+                "cast one of them so that they match"
+            )

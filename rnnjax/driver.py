@@ -1,0 +1,213 @@
+"""`unroll`: the public entry point that steps a cell over a sequence.
+
+It validates its inputs at trace time (shapes and dtypes are static under `jax.jit`), flattens extra leading
+batch dimensions into one, builds the length mask, and dispatches to the hand-derived BPTT
+(`rnnjax.bptt`, ``grad="manual"``) or to the autodiff twin (`rnnjax.autodiff`, ``grad="autodiff"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnnjax.autodiff import autodiff_unroll
+from rnnjax.bptt import bptt_unroll, stepwise_bptt_unroll
+from rnnjax.cells.base import Cell
+from rnnjax.scan import mask_from_lengths
+
+Array = jax.Array
+PyTree = Any
+
+GRAD_MODES: tuple[str, ...] = ("manual", "autodiff")
+
+
+def unroll(
+    cell: Cell,
+    params: PyTree,
+    xs: Array,
+    carry: PyTree | None = None,
+    lengths: Array | None = None,
+    reverse: bool = False,
+    grad: str = "manual",
+    unroll: int | bool = 1,
+) -> tuple[PyTree, PyTree]:
+    r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
+
+    In Python, with masking by ``lengths`` and ``reverse`` left out, it computes::
+
+        def unroll(cell, params, xs, carry):
+            ys = []
+            for t in range(T):
+                carry, y = cell.step(params, carry, xs[:, t])
+                ys.append(y)
+            return carry, stack(ys, axis=1)
+
+    but with the input projection of built-in cells hoisted out of the time loop (one GEMM over all T), a
+    `jax.lax.scan` over time, and, for ``grad="manual"``, a hand-derived backward (`rnnjax.bptt`).
+
+    Args:
+      cell: a `Cell` (``rj.elman``, ``rj.lstm``, ``rj.gru`` or a user-written one).
+      params: the cell's params, e.g. from ``cell.init(key, input_size=I)``.
+      xs: ``[B, T, I]`` floating-point inputs, batch-major. More leading batch dimensions are allowed:
+        ``[B1, B2, ..., T, I]``.
+      carry: the initial carry (leaves ``[B, H]``, e.g. ``LSTMCarry(h, c)``); None means zeros.
+      lengths: ``[B]`` integers in ``[0, T]``. Steps ``t >= lengths[b]`` leave row ``b``'s carry unchanged
+        and output zeros, so the final carry is the carry after the last valid step (the initial carry when
+        ``lengths[b] == 0``). None means every step is valid.
+      reverse: run ``t = T-1 .. 0`` (with ``lengths``: from ``lengths[b] - 1`` down to 0, as PyTorch does for
+        packed sequences). The outputs stay aligned with ``xs``.
+      grad: ``"manual"`` (default): `jax.grad`, `jax.vjp` and `jax.value_and_grad` use the hand-derived BPTT.
+        ``"autodiff"``: JAX differentiates the same forward scan (also in forward mode: `jax.jvp`,
+        `jax.hessian`).
+      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward).
+
+    Returns:
+      ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
+      user-written cell, whatever its ``step`` outputs, stacked on axis 1). Gradients flow to ``params``,
+      ``xs`` and ``carry``.
+
+    Raises:
+      TypeError, ValueError: at trace time, naming the argument, the expected and the actual shape or
+        dtype, for inputs that do not fit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.lstm(hidden_size=16)
+      >>> params = cell.init(jax.random.key(0), input_size=8)
+      >>> xs = jnp.ones((4, 10, 8))
+      >>> carry, ys = rj.unroll(cell, params, xs, lengths=jnp.array([10, 7, 3, 0]))
+      >>> ys.shape, carry.h.shape
+      ((4, 10, 16), (4, 16))
+      >>> loss = lambda p: jnp.sum(rj.unroll(cell, p, xs)[1] ** 2)
+      >>> grads = jax.grad(loss)(params)        # the hand-derived BPTT
+    """
+    _check_cell(cell)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    _check_unroll(unroll)
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
+    reverse = bool(reverse)
+    xs = _check_xs(xs)
+    batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
+    if cell.check_params is not None:
+        cell.check_params(params, I, xs.dtype)
+    lengths = _check_lengths(lengths, batch_shape, T)
+    carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
+
+    B = math.prod(batch_shape)
+    flat_carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
+    if T == 0:
+        final, ys = flat_carry0, _empty_outputs(cell, params, flat_carry0, xs.reshape(B, 0, I))
+    else:
+        mask = None if lengths is None else mask_from_lengths(lengths.reshape(B), T)
+        impl = autodiff_unroll
+        if grad == "manual":
+            impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
+        try:
+            final, ys = impl(cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
+        except TypeError as e:
+            if grad == "manual" and "forward-mode" in str(e):
+                raise TypeError(
+                    "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
+                    "supports reverse mode only (jax.grad, jax.vjp); for forward mode (jax.jvp, jax.jacfwd, "
+                    "jax.hessian) call rj.unroll(..., grad='autodiff')"
+                ) from e
+            raise
+    return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
+
+
+def _check_cell(cell: Any) -> None:
+    if not isinstance(cell, Cell):
+        raise TypeError(
+            f"cell must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru or rj.Cell(...)), "
+            f"got {type(cell).__name__}"
+        )
+
+
+def _check_unroll(unroll: Any) -> None:
+    if isinstance(unroll, (bool, np.bool_)):
+        return
+    if not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ValueError(f"unroll must be an int >= 1 or a bool, got {unroll!r}")
+
+
+def _check_xs(xs: Any) -> Array:
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        xs = jnp.asarray(xs)
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise TypeError(
+            f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}; "
+            "cast it first, e.g. xs.astype(jnp.float32)"
+        )
+    if xs.ndim < 3:
+        hint = " (for a single sequence use xs[None])" if xs.ndim == 2 else ""
+        raise ValueError(
+            f"xs must have shape [B, T, I] (rank >= 3), got shape {tuple(xs.shape)} of rank {xs.ndim}{hint}"
+        )
+    return xs
+
+
+def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array | None:
+    if lengths is None:
+        return None
+    if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+        lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != batch_shape:
+        raise ValueError(
+            f"lengths must have shape [B] = {batch_shape} (xs.shape[:-2]), got shape {tuple(lengths.shape)}"
+        )
+    try:
+        concrete = np.asarray(lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None  # traced under jit: the values cannot be checked at trace time
+    if concrete is not None and concrete.size:
+        lo, hi = int(concrete.min()), int(concrete.max())
+        if lo < 0 or hi > T:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values from {lo} to {hi}")
+    return jnp.asarray(lengths)
+
+
+def _check_carry(cell: Cell, params: PyTree, carry: Any, batch_shape: tuple[int, ...], dtype: Any) -> PyTree:
+    if carry is None:
+        return cell.initial_carry(params, batch_shape)
+    expected = jax.eval_shape(lambda p: cell.initial_carry(p, batch_shape), params)
+    want, got = jax.tree.structure(expected), jax.tree.structure(carry)
+    if want != got:
+        raise TypeError(
+            f"carry must have the structure of cell.initial_carry(params, batch_shape) = {want}, got {got}"
+        )
+    for (path, e), a in zip(
+        jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(carry), strict=True
+    ):
+        name = "carry" + jax.tree_util.keystr(path)
+        shape = tuple(getattr(a, "shape", ()))
+        if shape != tuple(e.shape):
+            raise ValueError(
+                f"{name} must have shape {tuple(e.shape)} (batch shape {batch_shape} + state), got {shape}"
+            )
+        a_dtype = jnp.dtype(getattr(a, "dtype", type(a)))
+        if a_dtype != jnp.dtype(e.dtype):
+            raise TypeError(
+                f"{name} must have dtype {jnp.dtype(e.dtype)} (that of the params and xs), got {a_dtype}"
+            )
+    return carry
+
+
+def _reshape_batch(tree: PyTree, n_old: int, new: tuple[int, ...]) -> PyTree:
+    """Replaces the leading ``n_old`` (batch) axes of every leaf by the axes ``new``."""
+    return jax.tree.map(lambda a: a.reshape(new + a.shape[n_old:]), tree)
+
+
+def _empty_outputs(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> PyTree:
+    """The ``ys`` of a zero-length sequence: leaves ``[B, 0, ...]`` shaped like one step's output."""
+    B, _, I = xs.shape
+    x_spec = jax.ShapeDtypeStruct((B, I), xs.dtype)
+    _, y_spec = jax.eval_shape(cell.step, params, carry0, x_spec)
+    return jax.tree.map(lambda s: jnp.zeros((B, 0, *s.shape[1:]), s.dtype), y_spec)

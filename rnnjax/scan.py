@@ -1,0 +1,184 @@
+"""The forward drivers: hoisted input projection, masked time loop, reverse direction.
+
+Shapes: B batch, T time, I input features, H hidden, G gate width (G = gates × H). Public arrays are
+batch-major ``[B, T, F]``; inside, the time loop runs time-major ``[T, B, F]`` because `jax.lax.scan`
+walks the leading axis.
+
+Variable lengths are a mask ``m [T, B]`` with ``m[t, b] = t < lengths[b]``. A masked step keeps the carry
+(``carry_t = carry_{t-1}``) and outputs zeros, so the final carry is the carry at the last valid step. Running
+the same masked loop with ``reverse=True`` visits ``t = T-1 .. 0``: the carry stays at its initial value
+through the padding and the recurrence starts at ``lengths[b] - 1``, as PyTorch's packed sequences do for the
+backward direction of a bidirectional RNN. Outputs stay aligned with the inputs either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import Cell
+
+Array = jax.Array
+PyTree = Any
+
+
+def mask_from_lengths(lengths: Array, T: int) -> Array:
+    """``m [T, B]`` bool with ``m[t, b] = t < lengths[b]``; ``lengths [B]`` int."""
+    return jnp.arange(T, dtype=lengths.dtype)[:, None] < lengths[None, :]
+
+
+def _expand(m: Array, leaf: Array) -> Array:
+    """``m [B]`` reshaped to broadcast against a leaf ``[B, ...]`` (same rank, no implicit rank promotion)."""
+    return m.reshape(m.shape + (1,) * (leaf.ndim - m.ndim))
+
+
+def select(m: Array | None, on: PyTree, off: PyTree) -> PyTree:
+    """Per batch row: ``on`` where ``m [B]`` is True, else ``off`` (pytrees of ``[B, ...]`` leaves)."""
+    if m is None:
+        return on
+    return jax.tree.map(lambda a, b: jnp.where(_expand(m, a), a, b), on, off)
+
+
+def zero_where_not(m: Array | None, tree: PyTree) -> PyTree:
+    """Zeroes the batch rows of ``tree`` where ``m [B]`` is False (``tree`` unchanged when ``m`` is None)."""
+    if m is None:
+        return tree
+    return jax.tree.map(lambda a: jnp.where(_expand(m, a), a, jnp.zeros_like(a)), tree)
+
+
+def project(params: PyTree, xs: Array) -> Array:
+    """The hoisted input projection of a built-in cell: one GEMM over all steps.
+
+    Args:
+      params: a built-in cell's params, with ``w_ih [I, G]`` and ``b [G]``.
+      xs: ``[B, T, I]`` batch-major inputs.
+
+    Returns:
+      ``zx [T, B, G] = xs w_ih + b``, time-major for the loop (the transpose is folded into the GEMM).
+    """
+    return jnp.einsum("bti,ig->tbg", xs, params.w_ih) + params.b
+
+
+def scan_gates(
+    cell: Cell,
+    params: PyTree,
+    zx: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+    save: bool,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """The time loop of a built-in cell: one ``[B, H] x [H, G]`` GEMM and the gates per step.
+
+    Args:
+      cell: a built-in `Cell` (with ``gates``).
+      params: its params.
+      zx: ``[T, B, G]`` projected inputs from `project`.
+      carry0: the initial carry, leaves ``[B, H]``.
+      mask: ``[T, B]`` bool or None.
+      reverse: run ``t = T-1 .. 0``.
+      unroll: `jax.lax.scan`'s unroll factor.
+      save: also return what the hand-derived backward needs (the per-step residuals).
+
+    Returns:
+      ``(final_carry, carries, residuals)``: ``carries`` stacks the carry after every step (leaves
+      ``[T, B, H]``), and ``residuals`` the cell's per-step residuals (``()`` when ``save`` is False, in which
+      case ``carries`` holds only ``h``, all the outputs need).
+    """
+    w_hh = params.w_hh
+
+    def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Any]:
+        zx_t, m_t = inp
+        new, res = cell.gates(params, zx_t, carry.h @ w_hh, carry)
+        new = select(m_t, new, carry)
+        return new, ((new, res) if save else new.h)
+
+    final, out = jax.lax.scan(body, carry0, (zx, mask), reverse=reverse, unroll=unroll)
+    if save:
+        carries, res = out
+        return final, carries, res
+    return final, out, ()
+
+
+def outputs_from_hs(hs: Array, mask: Array | None) -> Array:
+    """Outputs ``ys [B, T, H]`` from the stacked hidden states ``hs [T, B, H]``: zero at masked steps."""
+    if mask is not None:
+        hs = jnp.where(mask[..., None], hs, jnp.zeros_like(hs))
+    return jnp.swapaxes(hs, 0, 1)
+
+
+def forward(
+    cell: Cell,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[PyTree, PyTree]:
+    """The forward of `rnnjax.unroll` on flat inputs: ``(final_carry, ys)``, no residuals kept.
+
+    One function for both gradient modes: the hand-derived BPTT's primal and the autodiff twin run it, so
+    the two can differ only in their backward. Built-in cells take the hoisted-projection path
+    (`project` + `scan_gates`); other cells step with `scan_steps`.
+    """
+    if cell.is_builtin:
+        final, hs, _ = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, False)
+        return final, outputs_from_hs(hs, mask)
+    final, _, ys = scan_steps(cell.step, params, xs, carry0, mask, reverse, unroll)
+    return final, ys
+
+
+def scan_steps(
+    step: Any,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """The time loop of any cell, from its ``step`` alone.
+
+    Args:
+      step: ``step(params, carry, x [B, I]) -> (carry, y)``.
+      params: its params.
+      xs: ``[B, T, I]`` batch-major inputs.
+      carry0: the initial carry, leaves ``[B, ...]``.
+      mask: ``[T, B]`` bool or None.
+      reverse: run ``t = T-1 .. 0``.
+      unroll: `jax.lax.scan`'s unroll factor.
+
+    Returns:
+      ``(final_carry, carries, ys)``: ``carries`` stacks the carry after every step (leaves ``[T, B, ...]``)
+      and ``ys`` the outputs batch-major (leaves ``[B, T, ...]``), zero at masked steps.
+    """
+
+    def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Any]:
+        x_t, m_t = inp
+        new, y = step(params, carry, x_t)
+        new = select(m_t, new, carry)
+        return new, (new, zero_where_not(m_t, y))
+
+    final, (carries, ys) = jax.lax.scan(
+        body, carry0, (jnp.swapaxes(xs, 0, 1), mask), reverse=reverse, unroll=unroll
+    )
+    return final, carries, jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), ys)
+
+
+def shift_carries(carry0: PyTree, carries: PyTree, reverse: bool) -> PyTree:
+    """The carry *entering* each step, ``[T, ...]`` leaves, from the carries leaving them.
+
+    Forward: ``prev[t] = carries[t-1]`` with ``prev[0] = carry0``; reverse: ``prev[t] = carries[t+1]`` with
+    ``prev[T-1] = carry0``.
+    """
+
+    def shift(c0: Array, cs: Array) -> Array:
+        if reverse:
+            return jnp.concatenate([cs[1:], c0[None]], axis=0)
+        return jnp.concatenate([c0[None], cs[:-1]], axis=0)
+
+    return jax.tree.map(shift, carry0, carries)
