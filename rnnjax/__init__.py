@@ -17,6 +17,7 @@ from rnnjax.cells import (
     lstm,
 )
 from rnnjax.driver import GRAD_MODES, unroll
+from rnnjax.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 
 __version__ = "0.1.0"
 
@@ -26,10 +27,13 @@ __all__ = [
     "Cell",
     "ElmanParams",
     "GRUParams",
+    "GradcheckReport",
+    "GradcheckRow",
     "HCarry",
     "LSTMCarry",
     "LSTMParams",
     "elman",
+    "gradcheck",
     "gru",
     "lstm",
     "unroll",

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, add_bias
 
 Array = jax.Array
 PyTree = Any
@@ -58,7 +58,7 @@ def project(params: PyTree, xs: Array) -> Array:
     Returns:
       ``zx [T, B, G] = xs w_ih + b``, time-major for the loop (the transpose is folded into the GEMM).
     """
-    return jnp.einsum("bti,ig->tbg", xs, params.w_ih) + params.b
+    return add_bias(jnp.einsum("bti,ig->tbg", xs, params.w_ih), params.b)
 
 
 def scan_gates(

@@ -114,6 +114,11 @@ def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]
     return init
 
 
+def add_bias(z: Array, b: Array) -> Array:
+    """``z [..., G] + b [G]`` with ``b`` broadcast explicitly (safe under rank_promotion="raise")."""
+    return z + b.reshape((1,) * (z.ndim - b.ndim) + b.shape)
+
+
 def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
     """The one-step function of a built-in cell, written from its ``gates``.
 
@@ -121,7 +126,7 @@ def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
     """
 
     def step(params: PyTree, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
-        zx = x @ params.w_ih + params.b
+        zx = add_bias(x @ params.w_ih, params.b)
         zh = carry.h @ params.w_hh
         new, _ = gates(params, zx, zh, carry)
         return new, new.h

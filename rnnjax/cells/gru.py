@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     HCarry,
+    add_bias,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -114,7 +115,7 @@ def gru(
     def gates(params: GRUParams, zx: Array, zh: Array, carry: HCarry) -> tuple[HCarry, Array]:
         r = jax.nn.sigmoid(zx[..., 0 * H : 1 * H] + zh[..., 0 * H : 1 * H])
         z = jax.nn.sigmoid(zx[..., 1 * H : 2 * H] + zh[..., 1 * H : 2 * H])
-        hn = zh[..., 2 * H : 3 * H] + params.b_hn
+        hn = add_bias(zh[..., 2 * H : 3 * H], params.b_hn)
         n = jnp.tanh(zx[..., 2 * H : 3 * H] + r * hn)
         h = (1 - z) * n + z * carry.h
         return HCarry(h=h), jnp.concatenate([r, z, n, hn], axis=-1)

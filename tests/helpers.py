@@ -1,0 +1,60 @@
+"""Shared test helpers: the cells under test, random inputs, and the relative error used everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rnnjax as rj
+
+# Every built-in cell, by name: a factory of hidden_size.
+CELLS: dict[str, Any] = {
+    **{f"elman-{a}": (lambda H, a=a: rj.elman(H, a)) for a in rj.ACTIVATIONS},
+    "lstm": rj.lstm,
+    "gru": rj.gru,
+}
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """Worst leaf of ``‖a − b‖_∞ / ‖b‖_∞`` over two pytrees (absolute where ``b`` is all zero)."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, (x.shape, y.shape)
+        scale = np.max(np.abs(y), initial=0.0)
+        err = np.max(np.abs(x - y), initial=0.0)
+        worst = max(worst, err / scale if scale > 0 else err)
+    return float(worst)
+
+
+def random_problem(
+    cell: rj.Cell, key: jax.Array, B: int, T: int, I: int, dtype: Any = jnp.float64
+) -> tuple[Any, jax.Array, Any]:
+    """Params, inputs ``xs [B, T, I]`` and a random (non-zero) initial carry."""
+    k_p, k_x, k_c = jax.random.split(key, 3)
+    params = cell.init(k_p, I, dtype)
+    xs = jax.random.normal(k_x, (B, T, I), dtype)
+    zero = cell.initial_carry(params, (B,))
+    keys = jax.random.split(k_c, len(jax.tree.leaves(zero)))
+    carry = jax.tree.unflatten(
+        jax.tree.structure(zero),
+        [
+            0.5 * jax.random.normal(k, a.shape, a.dtype)
+            for k, a in zip(keys, jax.tree.leaves(zero), strict=True)
+        ],
+    )
+    return params, xs, carry
+
+
+def readout_loss(cell: rj.Cell, key: jax.Array, **unroll_kwargs: Any):
+    """A loss ``(params, xs, carry, grad) -> scalar``: a nonlinear read-out of the outputs and final carry."""
+
+    def loss(params: Any, xs: jax.Array, carry: Any, grad: str) -> jax.Array:
+        final, ys = rj.unroll(cell, params, xs, carry, grad=grad, **unroll_kwargs)
+        w = jax.random.normal(key, ys.shape, ys.dtype)
+        return jnp.sum(jnp.sin(ys) * w) + sum(jnp.sum(jnp.cos(c)) for c in jax.tree.leaves(final))
+
+    return loss
