@@ -3,7 +3,7 @@
 ``rj.unroll(..., grad="autodiff")`` runs `autodiff_unroll`, which is `rnnjax.scan.forward` with no
 `jax.custom_vjp` around it: the hand-derived BPTT (`rnnjax.bptt`) uses the same function as its primal, so a
 disagreement between the two gradients can only come from the hand-derived backward. This path also supports
-forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
+plain forward mode (``jax.jvp``, ``jax.jacfwd``).
 """
 
 from __future__ import annotations

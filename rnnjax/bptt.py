@@ -24,8 +24,10 @@ For a user-written cell that gives only ``step``, the "manual" gradient is the s
 from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
 `jax.vjp` and chains them from ``t = T-1`` down to ``0``.
 
-Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) does not exist for a
-`jax.custom_vjp` function; `rnnjax.unroll` turns JAX's error into one that points to ``grad="autodiff"``.
+Plain forward mode (``jax.jvp``, ``jax.jacfwd``) does not exist for a `jax.custom_vjp` function;
+`rnnjax.unroll` turns JAX's error into one that points to ``grad="autodiff"``. Forward-over-reverse
+(``jax.hessian``, Hessian-vector products) does work: JAX differentiates the backward below, which is plain
+JAX code, in forward mode.
 
 Reference: P. J. Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 78 (1990);
 the hoisted GEMMs follow J. Appleyard, T. Kočiský and P. Blunsom, "Optimizing performance of recurrent neural

@@ -60,9 +60,10 @@ def unroll(
         ``lengths[b] == 0``). None means every step is valid.
       reverse: run ``t = T-1 .. 0`` (with ``lengths``: from ``lengths[b] - 1`` down to 0, as PyTorch does for
         packed sequences). The outputs stay aligned with ``xs``.
-      grad: ``"manual"`` (default): `jax.grad`, `jax.vjp` and `jax.value_and_grad` use the hand-derived BPTT.
-        ``"autodiff"``: JAX differentiates the same forward scan (also in forward mode: `jax.jvp`,
-        `jax.hessian`).
+      grad: ``"manual"`` (default): `jax.grad`, `jax.vjp` and `jax.value_and_grad` use the hand-derived BPTT;
+        `jax.hessian` (forward-over-reverse) differentiates that backward in forward mode, but plain forward
+        mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
+        forward scan, in either mode.
       unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward).
 
     Returns:
@@ -114,8 +115,8 @@ def unroll(
             if grad == "manual" and "forward-mode" in str(e):
                 raise TypeError(
                     "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
-                    "supports reverse mode only (jax.grad, jax.vjp); for forward mode (jax.jvp, jax.jacfwd, "
-                    "jax.hessian) call rj.unroll(..., grad='autodiff')"
+                    "has no forward mode: jax.grad, jax.vjp and forward-over-reverse (jax.hessian) work, "
+                    "but for jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., grad='autodiff')"
                 ) from e
             raise
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)

@@ -1,0 +1,168 @@
+"""Bad input gets a clear ValueError/TypeError at trace time, naming the argument, the expected and the actual."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnjax as rj
+
+B, T, I, H = 2, 5, 3, 4
+
+
+@pytest.fixture
+def lstm_setup():
+    cell = rj.lstm(H)
+    params = cell.init(jax.random.key(0), I, jnp.float64)
+    return cell, params, jnp.ones((B, T, I), jnp.float64)
+
+
+def test_xs_rank(lstm_setup):
+    cell, params, xs = lstm_setup
+    with pytest.raises(
+        ValueError,
+        match=r"xs must have shape \[B, T, I\] \(rank >= 3\), got shape \(5, 3\) of rank 2 \(for a single sequence use xs\[None\]\)",
+    ):
+        rj.unroll(cell, params, xs[0])
+
+
+def test_xs_feature_size(lstm_setup):
+    cell, params, _ = lstm_setup
+    with pytest.raises(
+        ValueError, match=r"xs has feature size I=7 but params.w_ih has shape \(3, 16\), which expects I=3"
+    ):
+        rj.unroll(cell, params, jnp.ones((B, T, 7), jnp.float64))
+
+
+def test_xs_integer(lstm_setup):
+    cell, params, _ = lstm_setup
+    with pytest.raises(TypeError, match=r"xs must be a floating-point array \[B, T, I\], got dtype int32"):
+        rj.unroll(cell, params, jnp.ones((B, T, I), jnp.int32))
+
+
+def test_xs_dtype_differs_from_params(lstm_setup):
+    cell, params, xs = lstm_setup
+    with pytest.raises(TypeError, match=r"params.w_ih has dtype float64 but xs has dtype float32"):
+        rj.unroll(cell, params, xs.astype(jnp.float32))
+
+
+def test_params_of_another_cell(lstm_setup):
+    cell, params, xs = lstm_setup
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_ih of gru \(hidden_size=4\) must have shape \[I, 3H\] = \[3, 12\], got \(3, 16\)",
+    ):
+        rj.unroll(rj.gru(H), rj.GRUParams(params.w_ih, params.w_hh, params.b, params.b[:H]), xs)
+    with pytest.raises(
+        TypeError,
+        match=r"params for gru must be a NamedTuple with fields .* got LSTMParams without \['b_hn'\]",
+    ):
+        rj.unroll(rj.gru(H), params, xs)
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_ih of lstm \(hidden_size=8\) must have shape \[I, 4H\] = \[3, 32\], got \(3, 16\)",
+    ):
+        rj.unroll(rj.lstm(8), params, xs)
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_hh of lstm \(hidden_size=4\) must have shape \[H, 4H\] = \[4, 16\], got \(4, 12\)",
+    ):
+        rj.unroll(cell, params._replace(w_hh=params.w_hh[:, :12]), xs)
+    with pytest.raises(
+        ValueError, match=r"params.b of lstm \(hidden_size=4\) must have shape \[4H\] = \[16\], got \(16, 1\)"
+    ):
+        rj.unroll(cell, params._replace(b=params.b[:, None]), xs)
+
+
+@pytest.mark.parametrize(
+    "lengths, error, message",
+    [
+        (jnp.array([5.0, 2.0]), TypeError, r"lengths must be an integer array \[B\], got dtype float64"),
+        (
+            jnp.array([5, 2, 1]),
+            ValueError,
+            r"lengths must have shape \[B\] = \(2,\) \(xs.shape\[:-2\]\), got shape \(3,\)",
+        ),
+        (
+            jnp.array([[5, 2]]),
+            ValueError,
+            r"lengths must have shape \[B\] = \(2,\) \(xs.shape\[:-2\]\), got shape \(1, 2\)",
+        ),
+        (jnp.array([5, -1]), ValueError, r"lengths must lie in \[0, T\] = \[0, 5\], got values from -1 to 5"),
+        (jnp.array([6, 2]), ValueError, r"lengths must lie in \[0, T\] = \[0, 5\], got values from 2 to 6"),
+        (np.array([True, False]), TypeError, r"lengths must be an integer array \[B\], got dtype bool"),
+    ],
+)
+def test_bad_lengths(lstm_setup, lengths, error, message):
+    cell, params, xs = lstm_setup
+    with pytest.raises(error, match=message):
+        rj.unroll(cell, params, xs, lengths=lengths)
+
+
+def test_traced_lengths_are_checked_for_shape_and_dtype(lstm_setup):
+    cell, params, xs = lstm_setup
+    f = jax.jit(lambda L: rj.unroll(cell, params, xs, lengths=L)[1])
+    with pytest.raises(ValueError, match=r"lengths must have shape \[B\] = \(2,\)"):
+        f(jnp.array([1, 2, 3]))
+    assert f(jnp.array([5, 2])).shape == (B, T, H)
+
+
+def test_bad_carry(lstm_setup):
+    cell, params, xs = lstm_setup
+    zeros = jnp.zeros((B, H), jnp.float64)
+    with pytest.raises(TypeError, match=r"carry must have the structure of cell.initial_carry"):
+        rj.unroll(cell, params, xs, carry=(zeros, zeros))
+    with pytest.raises(TypeError, match=r"carry must have the structure of cell.initial_carry"):
+        rj.unroll(cell, params, xs, carry=rj.HCarry(zeros))
+    with pytest.raises(
+        ValueError, match=r"carry.c must have shape \(2, 4\) \(batch shape \(2,\) \+ state\), got \(3, 4\)"
+    ):
+        rj.unroll(cell, params, xs, carry=rj.LSTMCarry(zeros, jnp.zeros((3, H), jnp.float64)))
+    with pytest.raises(
+        ValueError, match=r"carry.h must have shape \(2, 4\) \(batch shape \(2,\) \+ state\), got \(4,\)"
+    ):
+        rj.unroll(cell, params, xs, carry=rj.LSTMCarry(zeros[0], zeros))
+    with pytest.raises(
+        TypeError, match=r"carry.h must have dtype float64 \(that of the params and xs\), got float32"
+    ):
+        rj.unroll(cell, params, xs, carry=rj.LSTMCarry(zeros.astype(jnp.float32), zeros))
+
+
+def test_bad_modes_and_flags(lstm_setup):
+    cell, params, xs = lstm_setup
+    with pytest.raises(ValueError, match=r"grad must be one of \('manual', 'autodiff'\), got 'auto'"):
+        rj.unroll(cell, params, xs, grad="auto")
+    with pytest.raises(ValueError, match=r"unroll must be an int >= 1 or a bool, got 0"):
+        rj.unroll(cell, params, xs, unroll=0)
+    with pytest.raises(TypeError, match=r"reverse must be a Python bool, got 'yes'"):
+        rj.unroll(cell, params, xs, reverse="yes")
+    with pytest.raises(TypeError, match=r"cell must be an rnnjax Cell .* got function"):
+        rj.unroll(lambda p, c, x: (c, x), params, xs)
+
+
+def test_cell_constructors():
+    with pytest.raises(
+        ValueError, match=r"activation must be one of \('tanh', 'relu', 'sigmoid', 'identity'\), got 'gelu'"
+    ):
+        rj.elman(4, activation="gelu")
+    for make in (rj.elman, rj.lstm, rj.gru):
+        with pytest.raises(ValueError, match=r"hidden_size must be >= 1, got 0"):
+            make(0)
+        with pytest.raises(TypeError, match=r"hidden_size must be an int >= 1, got 4.0 of type float"):
+            make(4.0)
+    with pytest.raises(ValueError, match=r"input_size must be an int >= 1, got 0"):
+        rj.lstm(4).init(jax.random.key(0), 0)
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point dtype, got int32"):
+        rj.gru(4).init(jax.random.key(0), 3, jnp.int32)
+
+
+def test_forward_mode_through_manual_points_to_autodiff(lstm_setup):
+    cell, params, xs = lstm_setup
+    f = lambda x: jnp.sum(rj.unroll(cell, params, x)[1])  # noqa: E731
+    message = r"grad='manual'.* has no forward mode.* for jax.jvp, jax.jacfwd or jax.linearize call rj.unroll\(..., grad='autodiff'\)"
+    with pytest.raises(TypeError, match=message):
+        jax.jvp(f, (xs,), (xs,))
+    with pytest.raises(TypeError, match=message):
+        jax.jacfwd(f)(xs)

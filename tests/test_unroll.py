@@ -1,0 +1,222 @@
+"""Forward semantics of rj.unroll against a hand-written numpy loop, and its properties under JAX."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import CELLS, random_problem, rel_err
+
+import rnnjax as rj
+
+B, T, I, H = 4, 7, 3, 5
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+NP_ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0), "sigmoid": _sigmoid, "identity": lambda z: z}
+
+
+def numpy_unroll(name, params, xs, carry, lengths, reverse):
+    """The equations of DESIGN.md in plain numpy, one sequence and one step at a time."""
+    p = {k: np.asarray(v) for k, v in params._asdict().items()}
+    xs = np.asarray(xs)
+    h_all = np.asarray(carry.h).copy()
+    c_all = np.asarray(carry.c).copy() if name == "lstm" else None
+    ys = np.zeros((xs.shape[0], xs.shape[1], H))
+    for b in range(xs.shape[0]):
+        n = xs.shape[1] if lengths is None else int(lengths[b])
+        order = range(n - 1, -1, -1) if reverse else range(n)
+        h = h_all[b]
+        c = c_all[b] if c_all is not None else None
+        for t in order:
+            x = xs[b, t]
+            if name.startswith("elman"):
+                h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + h @ p["w_hh"] + p["b"])
+            elif name == "lstm":
+                z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
+                i, f, g, o = (
+                    _sigmoid(z[:H]),
+                    _sigmoid(z[H : 2 * H]),
+                    np.tanh(z[2 * H : 3 * H]),
+                    _sigmoid(z[3 * H :]),
+                )
+                c = f * c + i * g
+                h = o * np.tanh(c)
+            else:
+                zx, zh = x @ p["w_ih"] + p["b"], h @ p["w_hh"]
+                r = _sigmoid(zx[:H] + zh[:H])
+                zz = _sigmoid(zx[H : 2 * H] + zh[H : 2 * H])
+                nn_ = np.tanh(zx[2 * H :] + r * (zh[2 * H :] + p["b_hn"]))
+                h = (1 - zz) * nn_ + zz * h
+            ys[b, t] = h
+        h_all[b] = h
+        if c_all is not None:
+            c_all[b] = c
+    return h_all, c_all, ys
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [None, np.array([7, 0, 3, 1])], ids=["full", "lengths"])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_matches_numpy_reference(name, lengths, reverse, key):
+    cell = CELLS[name](H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    final, ys = rj.unroll(
+        cell, params, xs, carry, lengths=None if lengths is None else jnp.asarray(lengths), reverse=reverse
+    )
+    h, c, ys_ref = numpy_unroll(name, params, xs, carry, lengths, reverse)
+    assert rel_err(ys, ys_ref) <= 1e-13
+    assert rel_err(final.h, h) <= 1e-13
+    if c is not None:
+        assert rel_err(final.c, c) <= 1e-13
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_step_loop_twin(name, key):
+    """The hoisted scan equals a plain Python loop over cell.step, in values and (via jax.grad) gradients."""
+    cell = CELLS[name](H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+
+    def loop(params, xs, carry):
+        ys = []
+        for t in range(T):
+            carry, y = cell.step(params, carry, xs[:, t])
+            ys.append(y)
+        return jnp.sum(jnp.sin(jnp.stack(ys, 1))) + jnp.sum(jnp.cos(carry.h))
+
+    def scanned(params, xs, carry):
+        final, ys = rj.unroll(cell, params, xs, carry)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(final.h))
+
+    assert abs(float(loop(params, xs, carry) - scanned(params, xs, carry))) <= 1e-12
+    assert (
+        rel_err(jax.grad(scanned, (0, 1, 2))(params, xs, carry), jax.grad(loop, (0, 1, 2))(params, xs, carry))
+        <= 1e-10
+    )
+
+
+def test_lengths_semantics(key):
+    cell = rj.gru(H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    lengths = jnp.array([7, 0, 3, 1])
+    for reverse in (False, True):
+        final, ys = rj.unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse)
+        # outputs past each length are zero
+        for b, n in enumerate([7, 0, 3, 1]):
+            assert np.all(np.asarray(ys[b, n:]) == 0)
+        # an empty sequence keeps its initial carry
+        np.testing.assert_array_equal(final.h[1], carry.h[1])
+        # a sequence equals the same sequence cut to its length, run alone
+        f3, y3 = rj.unroll(cell, params, xs[2:3, :3], jax.tree.map(lambda a: a[2:3], carry), reverse=reverse)
+        np.testing.assert_allclose(ys[2, :3], y3[0], rtol=1e-14)
+        np.testing.assert_allclose(final.h[2], f3.h[0], rtol=1e-14)
+    # full lengths are the same as no lengths
+    np.testing.assert_array_equal(
+        rj.unroll(cell, params, xs, lengths=jnp.full((B,), T))[1], rj.unroll(cell, params, xs)[1]
+    )
+
+
+def test_reverse_is_flip(key):
+    """Without lengths, reverse equals running on time-flipped inputs and flipping the outputs back."""
+    cell = rj.lstm(H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    f_rev, ys_rev = rj.unroll(cell, params, xs, carry, reverse=True)
+    f_flip, ys_flip = rj.unroll(cell, params, xs[:, ::-1], carry)
+    np.testing.assert_allclose(ys_rev, ys_flip[:, ::-1], rtol=1e-14)
+    np.testing.assert_allclose(f_rev.c, f_flip.c, rtol=1e-14)
+
+
+@pytest.mark.parametrize("grad", rj.GRAD_MODES)
+def test_zero_length_sequence(grad, key):
+    cell = rj.lstm(H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    final, ys = rj.unroll(cell, params, xs[:, :0], carry, grad=grad)
+    assert ys.shape == (B, 0, H)
+    np.testing.assert_array_equal(final.c, carry.c)
+    g = jax.grad(lambda c: jnp.sum(rj.unroll(cell, params, xs[:, :0], c, grad=grad)[0].h))(carry)
+    np.testing.assert_array_equal(g.h, np.ones((B, H)))
+
+
+def test_initial_carry_defaults_to_zeros(key):
+    cell = rj.lstm(H)
+    params, xs, _ = random_problem(cell, key, B, T, I)
+    zeros = cell.initial_carry(params, batch_shape=(B,))
+    assert zeros.h.shape == (B, H) and float(jnp.abs(zeros.c).max()) == 0
+    np.testing.assert_array_equal(rj.unroll(cell, params, xs)[1], rj.unroll(cell, params, xs, zeros)[1])
+
+
+@pytest.mark.parametrize("unroll", [1, 3, True])
+def test_unroll_factor_changes_nothing(unroll, key):
+    cell = rj.lstm(H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+
+    def loss(p, u):
+        return jnp.sum(rj.unroll(cell, p, xs, carry, lengths=jnp.array([7, 0, 3, 1]), unroll=u)[1] ** 2)
+
+    assert rel_err(jax.grad(loss)(params, unroll), jax.grad(loss)(params, 1)) <= 1e-13
+
+
+def test_compiles_once_per_shape(key):
+    cell = rj.lstm(H)
+    params, xs, _carry = random_problem(cell, key, B, T, I)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def train_step(params, xs, lengths):
+        return jax.value_and_grad(lambda p: jnp.sum(rj.unroll(cell, p, xs, lengths=lengths)[1] ** 2))(params)
+
+    chex.clear_trace_counter()
+    for i in range(3):
+        train_step(params, xs * (i + 1), jnp.array([7, i, 3, 1]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru"])
+def test_low_precision_runs_and_stays_finite(name, dtype, key):
+    cell = CELLS[name](16)
+    params, xs, _ = random_problem(cell, key, 8, 20, 6, dtype)
+    assert params.w_ih.dtype == dtype
+    final, ys = rj.unroll(cell, params, xs, lengths=jnp.arange(8) * 2)
+    assert ys.dtype == dtype and final.h.dtype == dtype
+    g = jax.grad(lambda p: jnp.sum(rj.unroll(cell, p, xs)[1].astype(jnp.float32) ** 2))(params)
+    assert all(leaf.dtype == dtype and bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+    # and close to the float64 answer
+    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    ys64 = rj.unroll(cell, p64, xs.astype(jnp.float64), lengths=jnp.arange(8) * 2)[1]
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    assert rel_err(ys.astype(jnp.float64), ys64) <= tol
+
+
+def test_hessian_through_manual_equals_autodiff(key):
+    """Forward-over-reverse differentiates the hand-derived backward; the Hessian equals autodiff's."""
+    cell = rj.gru(3)
+    params, xs, carry = random_problem(cell, key, 2, 4, 2)
+    f = lambda x, g: jnp.sum(jnp.sin(rj.unroll(cell, params, x, carry, lengths=jnp.array([4, 2]), grad=g)[1]))  # noqa: E731
+    assert rel_err(jax.hessian(f)(xs, "manual"), jax.hessian(f)(xs, "autodiff")) <= 1e-10
+
+
+def test_forward_mode_through_autodiff(key):
+    """grad="autodiff" supports jax.jvp and jax.hessian; they agree with reverse mode."""
+    cell = rj.gru(3)
+    params, xs, carry = random_problem(cell, key, 2, 4, 2)
+    f = lambda x: jnp.sum(rj.unroll(cell, params, x, carry, grad="autodiff")[1] ** 2)  # noqa: E731
+    _, tangent = jax.jvp(f, (xs,), (jnp.ones_like(xs),))
+    np.testing.assert_allclose(tangent, jnp.sum(jax.grad(f)(xs)), rtol=1e-12)
+    assert jax.hessian(f)(xs).shape == (2, 4, 2, 2, 4, 2)
+
+
+def test_init_options(key):
+    p = rj.lstm(4, forget_bias=1.0).init(key, 3)
+    p0 = rj.lstm(4).init(key, 3)
+    np.testing.assert_allclose(p.b[4:8] - p0.b[4:8], np.ones(4), rtol=1e-6)
+    np.testing.assert_array_equal(p.b[:4], p0.b[:4])
+    ones = lambda key, shape, dtype: jnp.ones(shape, dtype)  # noqa: E731
+    p = rj.gru(4, w_ih_init=ones, w_hh_init=ones, b_init=ones).init(key, 3, jnp.float64)
+    assert p.w_ih.dtype == jnp.float64 and float(p.w_hh.min()) == 1 and float(p.b_hn.min()) == 1
+    assert jax.tree.map(jnp.shape, rj.elman(4).init(key, 3)) == rj.ElmanParams((3, 4), (4, 4), (4,))
+    assert rj.elman(4).init(key, 3).w_ih.dtype == jnp.float32  # float32 unless told otherwise
