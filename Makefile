@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+SRC    := $(wildcard rnnjax tests examples benchmarks)
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
@@ -26,12 +27,12 @@ test: $(STAMP_DEV)
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP_DEV)
-	$(VENV)/bin/ruff check rnnjax tests examples benchmarks
-	$(VENV)/bin/ruff format --check rnnjax tests examples benchmarks
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
 
 format: $(STAMP_DEV)
-	$(VENV)/bin/ruff format rnnjax tests examples benchmarks
-	$(VENV)/bin/ruff check --fix rnnjax tests examples benchmarks
+	$(VENV)/bin/ruff format $(SRC)
+	$(VENV)/bin/ruff check --fix $(SRC)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache runs
