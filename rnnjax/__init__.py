@@ -1,9 +1,16 @@
 """rnnjax: recurrent neural networks for JAX as pure functions, with a hand-derived BPTT.
 
->>> import rnnjax as rj
->>> cell = rj.lstm(hidden_size=128)
+    >>> import rnnjax as rj
+    >>> cell = rj.lstm(hidden_size=128)
+
+Submodules: ``rj.decode`` (greedy, sampling, beam search), ``rj.losses``, ``rj.seq2seq``, ``rj.nnx``
+(Flax NNX modules, imported on first use).
 """
 
+import importlib
+from typing import Any
+
+from rnnjax import decode, losses, seq2seq
 from rnnjax.cells import (
     ACTIVATIONS,
     Cell,
@@ -16,15 +23,37 @@ from rnnjax.cells import (
     gru,
     lstm,
 )
+from rnnjax.checkpoint import load, save
 from rnnjax.driver import GRAD_MODES, unroll
 from rnnjax.gradcheck import GradcheckReport, GradcheckRow, gradcheck
+from rnnjax.interop.torch import carry_from_torch, carry_to_torch, from_torch, to_torch
+from rnnjax.layers import (
+    MERGES,
+    BidirectionalCarry,
+    BidirectionalParams,
+    Dense,
+    DenseParams,
+    Layer,
+    bidirectional,
+    dense,
+    last_valid,
+    rnn,
+    stack,
+    time_major,
+)
+from rnnjax.tbptt import truncated_bptt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
     "GRAD_MODES",
+    "MERGES",
+    "BidirectionalCarry",
+    "BidirectionalParams",
     "Cell",
+    "Dense",
+    "DenseParams",
     "ElmanParams",
     "GRUParams",
     "GradcheckReport",
@@ -32,9 +61,33 @@ __all__ = [
     "HCarry",
     "LSTMCarry",
     "LSTMParams",
+    "Layer",
+    "bidirectional",
+    "carry_from_torch",
+    "carry_to_torch",
+    "decode",
+    "dense",
     "elman",
+    "from_torch",
     "gradcheck",
     "gru",
+    "last_valid",
+    "load",
+    "losses",
     "lstm",
+    "rnn",
+    "save",
+    "seq2seq",
+    "stack",
+    "time_major",
+    "to_torch",
+    "truncated_bptt",
     "unroll",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # rj.nnx imports Flax NNX only when first used
+    if name == "nnx":
+        return importlib.import_module("rnnjax.nnx")
+    raise AttributeError(f"module 'rnnjax' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Interoperability: PyTorch weight import/export, Flax NNX modules, checkpoints."""

@@ -1,0 +1,393 @@
+"""Layers: compositions of cells into the RNN shapes people use.
+
+A `Layer` is the second abstraction beside `Cell`, a NamedTuple of pure functions::
+
+    params = layer.init(key, input_size, dtype=jnp.float32)
+    carry, ys = layer.apply(params, xs, carry=None, lengths=None, grad="manual", key=None, train=False)
+
+``xs [B, T, I] -> ys [B, T, layer.output_size]``. Every recurrence inside runs `rj.unroll`, so with
+``grad="manual"`` every gradient through time is the hand-derived BPTT; the glue between layers
+(concatenation, sums, residual adds, dropout) is differentiated by JAX.
+
+- `rnn(cell)`: one cell, one direction.
+- `bidirectional(cell_fw, cell_bw)`: a forward and a reverse pass, merged by concatenation or sum. With
+  ``lengths`` the reverse pass starts at each sequence's last valid step, as PyTorch's packed sequences do
+  (Schuster and Paliwal, "Bidirectional recurrent neural networks", IEEE Trans. Signal Processing 1997).
+- `stack(*layers, residual=False, dropout=0.0)`: a deep RNN; dropout between layers in training, residual
+  connections around every layer after the first (Graves et al., "Speech recognition with deep recurrent
+  neural networks", ICASSP 2013; Wu et al., "Google's neural machine translation system", 2016, §3.1).
+- `time_major(layer)`: the same layer on ``[T, B, I]`` inputs.
+- `dense(output_size)`: the read-out ``o_t = s_t V + c`` over every step (or over a final state);
+  `last_valid` picks each sequence's last valid output for many-to-one models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
+from rnnjax.driver import unroll
+
+Array = jax.Array
+PyTree = Any
+
+MERGES: tuple[str, ...] = ("concat", "sum")
+
+
+class Layer(NamedTuple):
+    """A sequence layer: ``apply(params, xs [B, T, I], ...) -> (carry, ys [B, T, output_size])``.
+
+    Attributes:
+      init: ``init(key, input_size, dtype=jnp.float32) -> params``.
+      apply: ``apply(params, xs, *, carry=None, lengths=None, grad="manual", key=None, train=False)
+        -> (carry, ys)``; ``key`` and ``train`` drive dropout (layers without dropout ignore them).
+      initial_carry: ``initial_carry(params, batch_shape) -> carry`` (zeros).
+      output_size: the feature size of ``ys``.
+      name: a short description.
+      kind: ``"rnn"``, ``"bidirectional"``, ``"stack"`` or ``"time_major"``; with ``children`` and
+        ``options`` it describes the layer to tools such as `rnnjax.to_torch`.
+      children: the cells (``rnn``: one; ``bidirectional``: forward, backward) or layers it is made of.
+      options: ``(name, value)`` pairs of the layer's settings.
+    """
+
+    init: Callable[..., PyTree]
+    apply: Callable[..., tuple[PyTree, Array]]
+    initial_carry: Callable[..., PyTree]
+    output_size: int
+    name: str
+    kind: str
+    children: tuple
+    options: tuple = ()
+
+    def option(self, name: str) -> Any:
+        """The value of one of the layer's ``options``."""
+        return dict(self.options)[name]
+
+
+class BidirectionalParams(NamedTuple):
+    """Parameters of a bidirectional layer: one set per direction."""
+
+    fw: PyTree
+    bw: PyTree
+
+
+class BidirectionalCarry(NamedTuple):
+    """Carry of a bidirectional layer: the forward direction's and the backward direction's."""
+
+    fw: PyTree
+    bw: PyTree
+
+
+def _output_size(cell: Cell) -> int:
+    if cell.hidden_size is None:
+        raise ValueError(
+            f"cell {cell.name!r} has no hidden_size; give rj.Cell(..., hidden_size=H) so the layer knows "
+            "its output size"
+        )
+    return cell.hidden_size
+
+
+def _check_cell(cell: Any, what: str) -> Cell:
+    if not isinstance(cell, Cell):
+        raise TypeError(
+            f"{what} must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru, ...), got {type(cell).__name__}"
+        )
+    return cell
+
+
+def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool = 1) -> Layer:
+    """Lifts a cell to a layer: `rj.unroll` over the whole sequence.
+
+    Args:
+      cell: the cell.
+      reverse: run from the last step to the first (from ``lengths[b] - 1`` with lengths).
+      unroll_factor: `jax.lax.scan`'s unroll factor.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> layer = rj.rnn(rj.gru(8))
+      >>> params = layer.init(jax.random.key(0), 3)
+      >>> carry, ys = layer.apply(params, jnp.ones((2, 5, 3)))
+      >>> ys.shape
+      (2, 5, 8)
+    """
+    cell = _check_cell(cell, "cell")
+
+    def apply(
+        params: PyTree,
+        xs: Array,
+        *,
+        carry: PyTree | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+        key: Array | None = None,
+        train: bool = False,
+    ) -> tuple[PyTree, Array]:
+        return unroll(
+            cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, unroll=unroll_factor
+        )
+
+    return Layer(
+        init=cell.init,
+        apply=apply,
+        initial_carry=cell.initial_carry,
+        output_size=_output_size(cell),
+        name=f"rnn({cell.name}{', reverse' if reverse else ''})",
+        kind="rnn",
+        children=(cell,),
+        options=(("reverse", reverse),),
+    )
+
+
+def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "concat") -> Layer:
+    """A bidirectional layer: a forward pass and a reverse pass over the same inputs, merged per step.
+
+    Args:
+      cell_fw: the forward direction's cell.
+      cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
+      merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward features first, as PyTorch) or ``"sum"``
+        (``ys [B, T, H]``, needs equal hidden sizes).
+
+    The carry is `BidirectionalCarry(fw, bw)`: the forward direction's carry after each sequence's last
+    valid step and the backward direction's after step 0, as PyTorch's ``h_n`` for the two directions.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> layer = rj.bidirectional(rj.lstm(4))
+      >>> params = layer.init(jax.random.key(0), 3)
+      >>> carry, ys = layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
+      >>> ys.shape, carry.bw.h.shape
+      ((2, 5, 8), (2, 4))
+    """
+    cell_fw = _check_cell(cell_fw, "cell_fw")
+    cell_bw = cell_fw if cell_bw is None else _check_cell(cell_bw, "cell_bw")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    h_fw, h_bw = _output_size(cell_fw), _output_size(cell_bw)
+    if merge == "sum" and h_fw != h_bw:
+        raise ValueError(
+            f"merge='sum' needs equal hidden sizes in both directions, got H_fw={h_fw} and H_bw={h_bw}"
+        )
+
+    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> BidirectionalParams:
+        k_fw, k_bw = jax.random.split(key)
+        return BidirectionalParams(
+            cell_fw.init(k_fw, input_size, dtype), cell_bw.init(k_bw, input_size, dtype)
+        )
+
+    def initial_carry(params: BidirectionalParams, batch_shape: tuple[int, ...] = ()) -> BidirectionalCarry:
+        return BidirectionalCarry(
+            cell_fw.initial_carry(params.fw, batch_shape), cell_bw.initial_carry(params.bw, batch_shape)
+        )
+
+    def apply(
+        params: BidirectionalParams,
+        xs: Array,
+        *,
+        carry: BidirectionalCarry | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+        key: Array | None = None,
+        train: bool = False,
+    ) -> tuple[BidirectionalCarry, Array]:
+        if carry is not None and not isinstance(carry, BidirectionalCarry):
+            raise TypeError(
+                "carry of a bidirectional layer must be a BidirectionalCarry(fw, bw), "
+                f"got {type(carry).__name__}"
+            )
+        c_fw, c_bw = (None, None) if carry is None else carry
+        f_fw, ys_fw = unroll(cell_fw, params.fw, xs, c_fw, lengths=lengths, grad=grad)
+        f_bw, ys_bw = unroll(cell_bw, params.bw, xs, c_bw, lengths=lengths, reverse=True, grad=grad)
+        ys = jnp.concatenate([ys_fw, ys_bw], axis=-1) if merge == "concat" else ys_fw + ys_bw
+        return BidirectionalCarry(f_fw, f_bw), ys
+
+    return Layer(
+        init=init,
+        apply=apply,
+        initial_carry=initial_carry,
+        output_size=h_fw + h_bw if merge == "concat" else h_fw,
+        name=f"bidirectional({cell_fw.name}, {cell_bw.name}, merge={merge!r})",
+        kind="bidirectional",
+        children=(cell_fw, cell_bw),
+        options=(("merge", merge),),
+    )
+
+
+def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -> Layer:
+    """A deep RNN: layers applied one after the other, ``ys`` of one the ``xs`` of the next.
+
+    Args:
+      *layers: `Layer` s (a `Cell` is lifted with `rnn`).
+      residual: add each layer's input to its output, for every layer after the first (their input and
+        output sizes must then be equal).
+      dropout: the probability of dropping each feature between layers (not after the last), in training
+        only: ``apply(..., train=True, key=key)``. Inverted dropout: kept features are scaled by 1/(1 − p).
+
+    The carry is a tuple of the layers' carries, first layer first.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> deep = rj.stack(rj.bidirectional(rj.lstm(4)), rj.bidirectional(rj.lstm(4)), residual=True)
+      >>> params = deep.init(jax.random.key(0), 3)
+      >>> carries, ys = deep.apply(params, jnp.ones((2, 5, 3)))
+      >>> ys.shape, len(carries)
+      ((2, 5, 8), 2)
+    """
+    if not layers:
+        raise ValueError("stack needs at least one layer")
+    layers = tuple(rnn(x) if isinstance(x, Cell) else x for x in layers)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer {i} of stack must be a Layer or a Cell, got {type(layer).__name__}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if residual:
+        for i in range(1, len(layers)):
+            if layers[i - 1].output_size != layers[i].output_size:
+                raise ValueError(
+                    f"residual=True needs layer {i}'s input size ({layers[i - 1].output_size}) to equal its "
+                    f"output size ({layers[i].output_size})"
+                )
+
+    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> tuple:
+        keys = jax.random.split(key, len(layers))
+        sizes = [input_size] + [layer.output_size for layer in layers[:-1]]
+        return tuple(layer.init(k, n, dtype) for layer, k, n in zip(layers, keys, sizes, strict=True))
+
+    def initial_carry(params: tuple, batch_shape: tuple[int, ...] = ()) -> tuple:
+        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params, strict=True))
+
+    def apply(
+        params: tuple,
+        xs: Array,
+        *,
+        carry: tuple | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+        key: Array | None = None,
+        train: bool = False,
+    ) -> tuple[tuple, Array]:
+        if not isinstance(params, (tuple, list)) or len(params) != len(layers):
+            raise ValueError(
+                f"params of a stack of {len(layers)} layers must be a tuple of {len(layers)} params"
+            )
+        if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != len(layers)):
+            raise ValueError(
+                f"carry of a stack of {len(layers)} layers must be a tuple of {len(layers)} carries"
+            )
+        drop = train and dropout > 0
+        if drop and key is None:
+            raise ValueError("stack(..., dropout>0).apply(..., train=True) needs a PRNG key: pass key=")
+        keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
+        carries = []
+        for i, layer in enumerate(layers):
+            k_layer, k_drop = jax.random.split(keys[i]) if keys[i] is not None else (None, None)
+            c, ys = layer.apply(
+                params[i],
+                xs,
+                carry=None if carry is None else carry[i],
+                lengths=lengths,
+                grad=grad,
+                key=k_layer,
+                train=train,
+            )
+            if residual and i > 0:
+                ys = ys + xs
+            if drop and i < len(layers) - 1:
+                keep = jax.random.bernoulli(k_drop, 1.0 - dropout, ys.shape)
+                ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys))
+            carries.append(c)
+            xs = ys
+        return tuple(carries), xs
+
+    return Layer(
+        init=init,
+        apply=apply,
+        initial_carry=initial_carry,
+        output_size=layers[-1].output_size,
+        name=f"stack({', '.join(layer.name for layer in layers)})",
+        kind="stack",
+        children=layers,
+        options=(("residual", residual), ("dropout", dropout)),
+    )
+
+
+def time_major(layer: Layer) -> Layer:
+    """The same layer on time-major inputs: ``xs [T, B, I] -> ys [T, B, output_size]``."""
+
+    def apply(params: PyTree, xs: Array, **kwargs: Any) -> tuple[PyTree, Array]:
+        if jnp.ndim(xs) != 3:
+            raise ValueError(f"xs of a time-major layer must have shape [T, B, I], got shape {jnp.shape(xs)}")
+        carry, ys = layer.apply(params, jnp.swapaxes(xs, 0, 1), **kwargs)
+        return carry, jnp.swapaxes(ys, 0, 1)
+
+    return layer._replace(apply=apply, name=f"time_major({layer.name})", kind="time_major", children=(layer,))
+
+
+class DenseParams(NamedTuple):
+    """Parameters of a dense read-out."""
+
+    w: Array  # [I, O]
+    b: Array  # [O]
+
+
+class Dense(NamedTuple):
+    """A dense read-out ``y = x w + b`` over the last axis (any leading axes, e.g. ``[B, T, I]``)."""
+
+    init: Callable[..., DenseParams]
+    apply: Callable[[DenseParams, Array], Array]
+    output_size: int
+
+
+def dense(output_size: int) -> Dense:
+    """The read-out ``o_t = s_t V + c`` (logits; apply a softmax in the loss), PyTorch's Linear init.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> head = rj.dense(10)
+      >>> params = head.init(jax.random.key(0), 8)
+      >>> head.apply(params, jnp.ones((2, 5, 8))).shape
+      (2, 5, 10)
+    """
+    O = check_hidden_size(output_size)
+
+    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> DenseParams:
+        I = check_input_size(input_size)
+        dtype = check_float_dtype(dtype)
+        bound = 1.0 / I**0.5
+        k_w, k_b = jax.random.split(key)
+        return DenseParams(
+            w=jax.random.uniform(k_w, (I, O), dtype, -bound, bound),
+            b=jax.random.uniform(k_b, (O,), dtype, -bound, bound),
+        )
+
+    def apply(params: DenseParams, x: Array) -> Array:
+        if jnp.shape(x)[-1:] != params.w.shape[:1]:
+            raise ValueError(
+                f"x has feature size {jnp.shape(x)[-1:]} but the dense params expect {params.w.shape[0]} "
+                f"(w has shape {params.w.shape})"
+            )
+        return add_bias(x @ params.w, params.b)
+
+    return Dense(init=init, apply=apply, output_size=O)
+
+
+def last_valid(ys: Array, lengths: Array | None = None) -> Array:
+    """Each sequence's output at its last valid step: ``ys [B, T, F] -> [B, F]`` (zeros where length is 0).
+
+    For a forward `rnn` this equals the final carry's ``h``; it is the read-out point of many-to-one models.
+    """
+    if jnp.ndim(ys) != 3:
+        raise ValueError(f"ys must have shape [B, T, F], got shape {jnp.shape(ys)}")
+    B, T, _ = ys.shape
+    if lengths is None:
+        return ys[:, -1]
+    if jnp.shape(lengths) != (B,):
+        raise ValueError(f"lengths must have shape [B] = ({B},), got shape {jnp.shape(lengths)}")
+    idx = jnp.clip(lengths - 1, 0, max(T - 1, 0))
+    picked = jnp.take_along_axis(ys, idx[:, None, None], axis=1)[:, 0]
+    return jnp.where((lengths > 0)[:, None], picked, jnp.zeros_like(picked))

@@ -1,0 +1,59 @@
+"""Encoder-decoder glue (many-to-many, unsynced): teacher forcing for training, a step function for decoding.
+
+Training (teacher forcing): the encoder's final carry initialises the decoder, which reads the target
+sequence shifted right by one (``start, y_1, ..., y_{T-1}``) and predicts ``y_1, ..., y_T``::
+
+    enc_carry, _ = rj.unroll(enc_cell, enc_params, xs, lengths=src_lengths)
+    dec_in = embedding[rj.seq2seq.shift_right(targets, start_token)]            # [B, T, E]
+    _, hs = rj.unroll(dec_cell, dec_params, dec_in, enc_carry, lengths=tgt_lengths)
+    loss = rj.losses.sequence_cross_entropy(head.apply(head_params, hs), targets, tgt_lengths)
+
+Both recurrences use the hand-derived BPTT; the decoder's gradient reaches the encoder through its initial
+carry. Inference: `decoder_step` turns the decoder into the ``step_fn`` of `rnnjax.decode`.
+(Sutskever, Vinyals and Le, "Sequence to sequence learning with neural networks", NeurIPS 2014, §2.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import Cell
+from rnnjax.layers import DenseParams, dense
+
+Array = jax.Array
+PyTree = Any
+
+
+def shift_right(targets: Array, start_token: int) -> Array:
+    """The decoder inputs of teacher forcing: ``targets [B, T] -> [start, y_1, ..., y_{T-1}]``."""
+    targets = jnp.asarray(targets)
+    if targets.ndim != 2 or not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(
+            f"targets must be an integer array [B, T], got shape {targets.shape} and dtype {targets.dtype}"
+        )
+    start = jnp.full((targets.shape[0], 1), start_token, targets.dtype)
+    return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
+def decoder_step(
+    cell: Cell, params: PyTree, embedding: Array, head_params: DenseParams
+) -> Callable[[PyTree, Array], tuple[PyTree, Array]]:
+    """``step_fn(carry, tokens [B]) -> (carry, logits [B, V])`` for `rnnjax.decode`.
+
+    Args:
+      cell: the decoder's cell.
+      params: its params.
+      embedding: ``[V, E]`` the token embedding table (the decoder's inputs).
+      head_params: the `rnnjax.dense` read-out from ``H`` to ``V`` logits.
+    """
+    head = dense(head_params.w.shape[1])
+
+    def step_fn(carry: PyTree, tokens: Array) -> tuple[PyTree, Array]:
+        carry, h = cell.step(params, carry, embedding[tokens])
+        return carry, head.apply(head_params, h)
+
+    return step_fn

@@ -1,0 +1,79 @@
+"""Truncated backpropagation through time: long streams in chunks of K steps.
+
+The state is carried forward across chunks, but no gradient flows back through a chunk boundary: the
+gradient is ``Σ_k ∂L_k/∂θ`` with each chunk's incoming carry held constant (Williams and Peng, "An efficient
+gradient-based algorithm for on-line training of recurrent network trajectories", Neural Computation 1990;
+the "BPTT(h; h)" scheme of Williams and Zipser 1995). Memory is that of one chunk, whatever the length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+ChunkLoss = Callable[[PyTree, PyTree, PyTree], tuple[Array, PyTree]]
+
+
+def truncated_bptt(
+    chunk_loss: ChunkLoss, params: PyTree, carry: PyTree, stream: PyTree, *, chunk_size: int
+) -> tuple[Array, PyTree, PyTree]:
+    """Loss, truncated gradient and final carry of a whole sequence processed in chunks.
+
+    Args:
+      chunk_loss: ``chunk_loss(params, carry, chunk) -> (loss, carry)``, the loss of one chunk and the carry
+        after it; ``chunk`` is ``stream`` cut to ``[B, K, ...]`` along axis 1. It typically calls
+        ``rj.unroll(cell, params, chunk_inputs, carry)`` and scores the outputs.
+      params: the parameters to differentiate.
+      carry: the carry entering the first chunk.
+      stream: a pytree of ``[B, T, ...]`` arrays (inputs, targets, ...) sharing T.
+      chunk_size: K >= 1. A last, shorter chunk takes the remaining ``T mod K`` steps.
+
+    Returns:
+      ``(loss, grads, carry)``: the sum of the chunk losses, the truncated gradient ``Σ_k ∂L_k/∂params``
+      (each chunk's incoming carry a constant), and the carry after the last chunk (pass it to the next
+      call to continue a stream).
+    """
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    leaves = jax.tree.leaves(stream)
+    if not leaves:
+        raise ValueError("stream must hold at least one [B, T, ...] array")
+    lengths = {jnp.shape(a)[1] if jnp.ndim(a) >= 2 else None for a in leaves}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(
+            f"every array of stream must have shape [B, T, ...] with one T, got T values {lengths}"
+        )
+    (T,) = lengths
+    n_full, rest = divmod(T, chunk_size)
+    grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+
+    def one_chunk(params: PyTree, carry: PyTree, chunk: PyTree) -> tuple[Array, PyTree, PyTree]:
+        (loss, carry), grads = grad_fn(params, jax.lax.stop_gradient(carry), chunk)
+        return loss, grads, carry
+
+    total = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    if n_full:
+        # [B, n_full*K, ...] -> [n_full, B, K, ...]: one scan over the chunks
+        chunks = jax.tree.map(
+            lambda a: jnp.moveaxis(
+                a[:, : n_full * chunk_size].reshape(a.shape[0], n_full, chunk_size, *a.shape[2:]), 1, 0
+            ),
+            stream,
+        )
+
+        def body(loop: tuple, chunk: PyTree) -> tuple[tuple, None]:
+            total, grads, carry = loop
+            loss, g, carry = one_chunk(params, carry, chunk)
+            return (total + loss.astype(total.dtype), jax.tree.map(jnp.add, grads, g), carry), None
+
+        (total, grads, carry), _ = jax.lax.scan(body, (total, grads, carry), chunks)
+    if rest:
+        loss, g, carry = one_chunk(params, carry, jax.tree.map(lambda a: a[:, n_full * chunk_size :], stream))
+        total, grads = total + loss.astype(total.dtype), jax.tree.map(jnp.add, grads, g)
+    return total, grads, carry
