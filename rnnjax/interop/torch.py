@@ -177,15 +177,25 @@ def to_torch(layer: Layer, params: PyTree) -> Any:
             state[f"weight_hh_l{k}{suffix}"] = np.asarray(q.w_hh).T
             state[f"bias_ih_l{k}{suffix}"] = b
             state[f"bias_hh_l{k}{suffix}"] = b_hh
-    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    module.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()})
     return module
 
 
+def _as_jax(x: Any) -> Any:
+    """A torch tensor as a JAX array; JAX arrays (traced ones too, so gradients flow) pass through."""
+    if hasattr(x, "detach"):
+        return jnp.asarray(x.detach().cpu().numpy())
+    return jnp.asarray(x)
+
+
 def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
-    """PyTorch's ``h_0`` (and LSTM ``c_0``), ``[num_layers * num_directions, B, H]``, as the layer's carry."""
+    """PyTorch's ``h_0`` (and LSTM ``c_0``), ``[num_layers * num_directions, B, H]``, as the layer's carry.
+
+    ``h`` and ``c`` may be torch tensors or JAX arrays (differentiable: gradients reach them).
+    """
     layers, _, _ = _describe(layer)
-    h = jnp.asarray(np.asarray(h))
-    c = None if c is None else jnp.asarray(np.asarray(c))
+    h = _as_jax(h)
+    c = None if c is None else _as_jax(c)
     carries, i = [], 0
     for sub in layers:
         per_dir = []

@@ -1,0 +1,86 @@
+"""Truncated BPTT: equal to the hand-computed truncated gradient, and to full BPTT when one chunk covers T."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err
+
+import rnnjax as rj
+
+B, T, I, H = 2, 11, 3, 4
+
+
+def setup(key):
+    cell = rj.lstm(H)
+    params = cell.init(key, I, jnp.float64)
+    stream = {
+        "x": jax.random.normal(jax.random.key(1), (B, T, I), jnp.float64),
+        "y": jax.random.normal(jax.random.key(2), (B, T, H), jnp.float64),
+    }
+
+    def chunk_loss(params, carry, chunk, grad="manual"):
+        carry, ys = rj.unroll(cell, params, chunk["x"], carry, grad=grad)
+        return jnp.sum((ys - chunk["y"]) ** 2), carry
+
+    return cell, params, stream, chunk_loss
+
+
+@pytest.mark.parametrize("K", [1, 3, 4, 11])
+def test_equals_hand_computed_truncation(K, key):
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    loss, grads, final = jax.jit(lambda p: rj.truncated_bptt(chunk_loss, p, carry0, stream, chunk_size=K))(
+        params
+    )
+
+    # by hand: a Python loop over the chunks, the carry cut from the graph at each boundary
+    def truncated_objective(p):
+        carry, total = carry0, 0.0
+        for start in range(0, T, K):
+            chunk = jax.tree.map(lambda a, s=start: a[:, s : s + K], stream)
+            l, carry = chunk_loss(p, jax.lax.stop_gradient(carry), chunk, grad="autodiff")
+            total = total + l
+        return total, carry
+
+    (loss_ref, final_ref), grads_ref = jax.value_and_grad(truncated_objective, has_aux=True)(params)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-13)
+    assert rel_err(grads, grads_ref) <= 1e-12
+    assert rel_err(final, final_ref) <= 1e-13
+
+
+def test_one_chunk_is_full_bptt_and_short_chunks_are_not(key):
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    full = jax.grad(lambda p: chunk_loss(p, carry0, stream)[0])(params)
+    _, g_all, _ = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=T)
+    _, g_big, _ = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=100)
+    _, g_2, _ = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=2)
+    assert rel_err(g_all, full) <= 1e-13 and rel_err(g_big, full) <= 1e-13
+    assert rel_err(g_2, full) > 1e-3
+
+
+def test_streaming_in_calls_equals_one_call(key):
+    """A stream fed in two calls (carrying the final carry over) equals one call over the whole stream."""
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    first = jax.tree.map(lambda a: a[:, :6], stream)
+    second = jax.tree.map(lambda a: a[:, 6:], stream)
+    l1, g1, c1 = rj.truncated_bptt(chunk_loss, params, carry0, first, chunk_size=3)
+    l2, g2, c2 = rj.truncated_bptt(chunk_loss, params, c1, second, chunk_size=3)
+    l, g, c = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=3)
+    np.testing.assert_allclose(l1 + l2, l, rtol=1e-13)
+    assert rel_err(jax.tree.map(jnp.add, g1, g2), g) <= 1e-13
+    assert rel_err(c2, c) <= 1e-14
+
+
+def test_errors(key):
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got 0"):
+        rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=0)
+    bad = {"x": stream["x"], "y": stream["y"][:, :5]}
+    with pytest.raises(ValueError, match=r"every array of stream must have shape \[B, T, ...\] with one T"):
+        rj.truncated_bptt(chunk_loss, params, carry0, bad, chunk_size=2)
