@@ -67,20 +67,33 @@ def test_beam_of_one_is_greedy(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_wide_beam_finds_the_brute_force_best(seed):
-    """With a beam as wide as every prefix, beam search is exhaustive: compare with enumeration."""
+    """With a beam as wide as every prefix, beam search is exhaustive: compare with enumeration.
+
+    The model is second-order: the next token depends on the input token *and* on the state (the token
+    before it), so beams must carry their own state through every reordering.
+    """
     V, L = 3, 3
-    table = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(seed), (V, V)) * 2))
-    beams = rj.decode.beam_search(markov(table), jnp.zeros(1), jnp.array([0]), L, beam_size=V**L)
+    table = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(seed), (V, V, V)) * 2))
+    logp = jnp.log(jnp.asarray(table))
+
+    def step_fn(state, tokens):
+        return tokens, logp[state, tokens]
+
+    beams = rj.decode.beam_search(step_fn, jnp.array([1]), jnp.array([0]), L, beam_size=V**L)
     scores = {}
     for seq in itertools.product(range(V), repeat=L):
-        prev, lp = 0, 0.0
+        prev2, prev, lp = 1, 0, 0.0
         for tok in seq:
-            lp += np.log(table[prev, tok])
-            prev = tok
+            lp += np.log(table[prev2, prev, tok])
+            prev2, prev = prev, tok
         scores[seq] = lp
     best = sorted(scores.items(), key=lambda kv: -kv[1])
     np.testing.assert_array_equal(beams.tokens[0, 0], best[0][0])
     np.testing.assert_allclose(beams.log_probs[0], [s for _, s in best], rtol=1e-5)
+    # every returned beam's score is its own sequence's log-probability
+    for k in range(V**L):
+        seq = tuple(int(t) for t in beams.tokens[0, k])
+        np.testing.assert_allclose(beams.log_probs[0, k], scores[seq], rtol=1e-5)
 
 
 def test_length_penalty_prefers_longer_sequences():

@@ -36,6 +36,9 @@ CONFIGS = [(True, True, True), (True, False, False), (False, True, False), (Fals
 def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, packed):
     module = torch_module(kind, bidirectional, batch_first)
     layer, params = rj.from_torch(module)
+    inner = layer if batch_first else layer.children[0]
+    assert (layer.kind, inner.kind) == ("stack" if batch_first else "time_major", "stack")
+    assert inner.option("dropout") == 0.25 and len(inner.children) == L
     D = 2 if bidirectional else 1
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(B, T, I) if batch_first else (T, B, I))

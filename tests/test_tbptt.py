@@ -62,6 +62,15 @@ def test_one_chunk_is_full_bptt_and_short_chunks_are_not(key):
     assert rel_err(g_2, full) > 1e-3
 
 
+def test_outer_grad_of_the_loss_is_the_truncated_gradient(key):
+    """Differentiating the returned loss from outside gives the same truncated gradient (no leak across chunks)."""
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    _, grads, _ = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=3)
+    outer = jax.grad(lambda p: rj.truncated_bptt(chunk_loss, p, carry0, stream, chunk_size=3)[0])(params)
+    assert rel_err(outer, grads) <= 1e-12
+
+
 def test_streaming_in_calls_equals_one_call(key):
     """A stream fed in two calls (carrying the final carry over) equals one call over the whole stream."""
     cell, params, stream, chunk_loss = setup(key)
