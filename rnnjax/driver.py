@@ -17,6 +17,7 @@ import numpy as np
 from rnnjax.autodiff import autodiff_unroll
 from rnnjax.bptt import bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
+from rnnjax.remat import checkpointed_unroll, segment_length
 from rnnjax.scan import mask_from_lengths
 
 Array = jax.Array
@@ -34,6 +35,7 @@ def unroll(
     reverse: bool = False,
     grad: str = "manual",
     unroll: int | bool = 1,
+    checkpoint: int | str | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -65,6 +67,9 @@ def unroll(
         mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
         forward scan, in either mode.
       unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward).
+      checkpoint: None (default) keeps every step's residuals for the backward. An int K keeps only the
+        carry every K steps and recomputes each segment in the backward (`rnnjax.remat`); ``"sqrt"`` uses
+        K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass. Gradients are unchanged.
 
     Returns:
       ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
@@ -90,6 +95,8 @@ def unroll(
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     _check_unroll(unroll)
+    if checkpoint is not None:
+        segment_length(checkpoint, 1)  # validates
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
     reverse = bool(reverse)
@@ -109,8 +116,12 @@ def unroll(
         impl = autodiff_unroll
         if grad == "manual":
             impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
+        args = (cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
         try:
-            final, ys = impl(cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
+            if checkpoint is None:
+                final, ys = impl(*args)
+            else:
+                final, ys = checkpointed_unroll(impl, segment_length(checkpoint, T), *args)
         except TypeError as e:
             if grad == "manual" and "forward-mode" in str(e):
                 raise TypeError(
