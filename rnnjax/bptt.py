@@ -17,7 +17,7 @@ and the backward, a reverse-time `jax.lax.scan`, is::
         d w_ih = Σ_t x_tᵀ dzx_t      d b = Σ_t Σ_b dzx_t      d xs = dzx w_ihᵀ
         d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra bias gradients, e.g. the GRU's d b_hn)
 
-The forward keeps only ``xs`` (the caller's own array), the carries after each step and each cell's minimal
+The forward keeps only ``xs`` (the caller's own array), the carry entering each step and each cell's minimal
 residuals (none for Elman, four gate activations for LSTM, ``[r, z, n, hn]`` for GRU).
 
 For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import Cell
 from rnnjax.scan import (
     forward,
+    next_hs,
     outputs_from_hs,
     project,
     scan_gates,
@@ -89,20 +90,22 @@ def _bptt_fwd(
     carry0: PyTree,
     mask: Array | None,
 ) -> tuple[tuple[PyTree, Array], tuple]:
-    final, carries, res = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, True)
-    return (final, outputs_from_hs(carries.h, mask)), (params, xs, carry0, mask, carries, res)
+    final, prevs, res = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, True)
+    ys = outputs_from_hs(next_hs(prevs.h, final.h, reverse), mask)
+    return (final, ys), (params, xs, mask, prevs, res, final)
 
 
 def _bptt_bwd(
     cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
 ) -> tuple[PyTree, Array, PyTree, None]:
-    params, xs, carry0, mask, carries, res = saved
+    params, xs, mask, prevs, res, final = saved  # prevs: the carry entering each step, [T, B, H] leaves
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
-    prevs = shift_carries(carry0, carries, reverse)  # the carry entering each step, [T, B, H] leaves
     w_hh_t = params.w_hh.T  # [G, H]
 
-    def body(d_carry: PyTree, inp: tuple) -> tuple[PyTree, tuple[Array, Array | None]]:
-        dy_t, m_t, res_t, prev_t, new_t = inp
+    def body(state: tuple[PyTree, PyTree], inp: tuple) -> tuple[tuple[PyTree, PyTree], tuple]:
+        # new_t, the carry leaving step t, is the carry entering the step the loop visited before
+        d_carry, new_t = state
+        dy_t, m_t, res_t, prev_t = inp
         # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid)
         g = d_carry._replace(h=d_carry.h + dy_t)
         g_valid = zero_where_not(m_t, g)
@@ -112,25 +115,25 @@ def _bptt_bwd(
         d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
-        return d_prev, (dzx, dzh)
+        return (d_prev, prev_t), (dzx, dzh)
 
-    d_carry0, (dzx, dzh) = jax.lax.scan(
+    (d_carry0, _), (dzx, dzh) = jax.lax.scan(
         body,
-        d_final,
-        (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs, carries),
+        (d_final, final),
+        (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs),
         reverse=not reverse,
         unroll=unroll,
     )
     if dzh is None:
         dzh = dzx
-    # the weight and input gradients, once over all T and B
+    # the weight and input gradients, once over all T and B (plain GEMMs: see rnnjax.scan.project)
     d_params = params._replace(
-        w_ih=jnp.einsum("bti,tbg->ig", xs, dzx),
+        w_ih=jnp.einsum("tbi,tbg->ig", jnp.swapaxes(xs, 0, 1), dzx),
         w_hh=jnp.einsum("tbh,tbg->hg", prevs.h, dzh),
         b=jnp.sum(dzx, axis=(0, 1)),
         **(cell.extra_grads(jnp.sum(dzh, axis=(0, 1))) if cell.extra_grads else {}),
     )
-    d_xs = jnp.einsum("tbg,ig->bti", dzx, params.w_ih)
+    d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)
     return d_params, d_xs, d_carry0, None
 
 

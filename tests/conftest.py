@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile(
     "rnnjax",
     deadline=None,
-    max_examples=20,
+    max_examples=12,
     derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.too_slow],
 )

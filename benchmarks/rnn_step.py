@@ -1,0 +1,180 @@
+"""Training-step time of rnnjax against Flax (linen, NNX), Equinox, Haiku and PyTorch, side by side.
+
+One training step = forward + backward of ``Σ ys²`` over all outputs, gradients to the parameters, float32,
+zero initial state. All libraries run in one process: each is built and warmed up (the first call, compile
+included, is timed separately), then the steps are interleaved A B C ... A B C ... for ``--rounds`` rounds,
+and the median of each is reported with its ratio to rnnjax's hand-derived BPTT (ratio > 1: rnnjax is
+faster). For JAX libraries the compiled temporary memory is reported too.
+
+    python -m benchmarks.rnn_step                 # the configs of issue 5; writes benchmarks/results/
+    python -m benchmarks.rnn_step --quick         # a smoke run (small shapes, 3 rounds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import jax
+
+from benchmarks.peers import LIBRARIES
+
+CONFIGS = [
+    ("lstm", 32, 128, 256, 256),
+    ("gru", 32, 128, 256, 256),
+    ("elman", 32, 128, 256, 256),
+    ("lstm", 16, 512, 64, 128),
+]
+QUICK_CONFIGS = [("lstm", 4, 16, 8, 8), ("gru", 4, 16, 8, 8), ("elman", 4, 16, 8, 8)]
+
+
+def device_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "jax_device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {
+            p: _version(p) for p in ("jax", "jaxlib", "flax", "equinox", "dm-haiku", "torch", "rnnjax")
+        },
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, Any]:
+    cell, B, T, I, H = config
+    built, result = {}, {}
+    for name in libraries:
+        try:
+            b = LIBRARIES[name](cell, B, T, I, H)
+            t0 = time.perf_counter()
+            b.step()
+            first = time.perf_counter() - t0
+            temp = None
+            if b.jitted is not None:
+                temp = b.jitted.lower(*b.args).compile().memory_analysis().temp_size_in_bytes / 2**20
+            b.step()  # a second warm-up call
+            built[name] = b
+            result[name] = {"first_call_s": first, "temp_mib": temp, "times_ms": []}
+        except (ImportError, NotImplementedError) as e:
+            result[name] = {"unavailable": f"{type(e).__name__}: {e}"}
+    for _ in range(rounds):
+        for name, b in built.items():
+            t0 = time.perf_counter()
+            b.step()
+            result[name]["times_ms"].append(1e3 * (time.perf_counter() - t0))
+    base = statistics.median(result["rnnjax manual"]["times_ms"]) if "rnnjax manual" in built else None
+    for name in built:
+        r = result[name]
+        r["median_ms"] = statistics.median(r["times_ms"])
+        r["ratio_to_rnnjax"] = r["median_ms"] / base if base else None
+    return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "results": result}
+
+
+def markdown(record: dict[str, Any]) -> str:
+    libs = [name for name in LIBRARIES if any(name in c["results"] for c in record["configs"])]
+    lines = [
+        f"Training step (forward + backward, float32), median of {record['rounds']} interleaved rounds; "
+        f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {record['device']['cpu']} "
+        f"({record['device']['cores']} cores, {record['device']['jax_device']}).",
+        "",
+        "| config | " + " | ".join(libs) + " |",
+        "|---|" + "---|" * len(libs),
+    ]
+    for c in record["configs"]:
+        cells = []
+        for name in libs:
+            r = c["results"].get(name, {})
+            if "median_ms" in r:
+                cells.append(f"{r['median_ms']:.1f} ms ({r['ratio_to_rnnjax']:.2f}x)")
+            else:
+                cells.append("n/a")
+        lines.append(
+            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Compiled temporary memory of the training step (JAX libraries):", ""]
+    lines += ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
+    for c in record["configs"]:
+        cells = []
+        for name in libs:
+            t = c["results"].get(name, {}).get("temp_mib")
+            cells.append(f"{t:.1f} MiB" if t is not None else "n/a")
+        lines.append(
+            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = record["configs"]
+    libs = [n for n in LIBRARIES if any("median_ms" in c["results"].get(n, {}) for c in configs)]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(libs)
+    for j, name in enumerate(libs):
+        ys = [c["results"].get(name, {}).get("median_ms", 0.0) for c in configs]
+        ax.bar([i + j * width for i in range(len(configs))], ys, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+    ax.set_xticklabels([f"{c['cell']}\nB={c['B']} T={c['T']}\nI={c['I']} H={c['H']}" for c in configs])
+    ax.set_ylabel("training step (ms, median)")
+    ax.set_title(f"RNN training step on {record['device']['cpu']}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds: a smoke run")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--libraries", nargs="*", default=list(LIBRARIES), choices=list(LIBRARIES))
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON record and table")
+    parser.add_argument("--plot-dir", default="runs/benchmarks", help="folder for the plot (git-ignored)")
+    args = parser.parse_args(argv)
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    rounds = 3 if args.quick else args.rounds
+    record = {"device": device_info(), "rounds": rounds, "dtype": "float32", "configs": []}
+    for config in configs:
+        print(f"{config[0]} B={config[1]} T={config[2]} I={config[3]} H={config[4]} ...", flush=True)
+        record["configs"].append(run_config(config, rounds, args.libraries))
+    table = markdown(record)
+    print(table)
+    tag = "quick" if args.quick else jax.devices()[0].platform
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rnn_step_{tag}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(args.out, f"rnn_step_{tag}.md"), "w") as f:
+        f.write(table)
+    os.makedirs(args.plot_dir, exist_ok=True)
+    plot(record, os.path.join(args.plot_dir, f"rnn_step_{tag}.png"))
+    print(f"wrote {args.out}/rnn_step_{tag}.json, .md and {args.plot_dir}/rnn_step_{tag}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The benchmark suite runs end to end in --quick mode (timings are never asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+
+from benchmarks import rnn_step
+
+
+def test_rnn_step_quick(tmp_path):
+    # as the benchmark runs from the command line: float32, and the peers' own (standard) dtype promotion
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert rnn_step.main(["--quick", "--out", str(tmp_path), "--plot-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "rnn_step_quick.json").read_text())
+    assert record["device"]["versions"]["jax"] != "not installed"
+    for config in record["configs"]:
+        manual = config["results"]["rnnjax manual"]
+        assert manual["median_ms"] > 0 and manual["ratio_to_rnnjax"] == 1.0
+        ran = {name for name, r in config["results"].items() if "median_ms" in r}
+        assert {"rnnjax autodiff", "flax linen", "flax nnx", "haiku", "pytorch"} <= ran
+    table = (tmp_path / "rnn_step_quick.md").read_text()
+    assert "| lstm B=4 T=16 I=8 H=8 |" in table
+    assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
