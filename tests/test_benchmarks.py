@@ -23,3 +23,15 @@ def test_rnn_step_quick(tmp_path):
     table = (tmp_path / "rnn_step_quick.md").read_text()
     assert "| lstm B=4 T=16 I=8 H=8 |" in table
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
+
+
+def test_scaling_quick(tmp_path):
+    from benchmarks import scaling
+
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert scaling.main(["--quick", "--out", str(tmp_path), "--plot-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "scaling_quick.json").read_text())
+    assert [row["x"] for row in record["by_T"]["rows"]] == [16, 64]
+    assert record["long"]["finite"] and record["long"]["T"] == 200
+    assert "manual + sqrt checkpoints" in (tmp_path / "scaling_quick.md").read_text()
+    assert (tmp_path / "scaling_quick.png").stat().st_size > 0
