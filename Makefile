@@ -17,7 +17,7 @@ $(STAMP_RUN): pyproject.toml | $(PY)
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,examples]"
 	touch $@ $(STAMP_RUN)
 
 demo: $(STAMP_RUN)

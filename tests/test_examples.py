@@ -1,8 +1,11 @@
-"""Every example runs end to end in its --quick mode."""
+"""Every example runs end to end in its --quick mode, and learns."""
 
 from __future__ import annotations
 
-from examples import gradcheck_table
+import jax
+import numpy as np
+
+from examples import adding_problem, digits, gradcheck_table
 
 
 def test_gradcheck_table_quick(capsys):
@@ -10,3 +13,28 @@ def test_gradcheck_table_quick(capsys):
     out = capsys.readouterr().out
     assert "ALL PASSED" in out
     assert "params.w_ih" in out and "lstm" in out
+
+
+def test_digits_quick_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # plots go to runs/ under the working directory
+    # as from the command line: float32 and standard promotion (optax's Adam is not strict-promotion safe)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        histories = digits.main(["--quick", "--no-progress"])
+    for name, h in histories.items():
+        assert h["loss"][-1] < 0.9 * h["loss"][0], name
+        assert h["test_accuracy"][-1] > 0.3, name  # chance is 0.1
+    assert (tmp_path / "runs/digits/digits.png").stat().st_size > 0
+
+
+def test_adding_problem_quick_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = adding_problem.main(["--quick", "--no-progress"])
+    for (name, T), r in results.items():
+        first, last = np.mean(r["losses"][:20]), np.mean(r["losses"][-20:])
+        assert last < first, (name, T)  # the loss falls (to the mean predictor's 1/6 in a quick run)
+        assert len(r["grad_norms"]) == T and np.all(np.isfinite(r["grad_norms"]))
+    # the vanishing gradient is visible already at T = 20: Elman's decays far more than the gated cells'
+    ratio = {name: r["grad_norms"][0] / r["grad_norms"][-1] for (name, _), r in results.items()}
+    assert ratio["elman"] < 1e-2 * min(ratio["lstm"], ratio["gru"])
+    assert (tmp_path / "runs/adding_problem/adding_problem.png").stat().st_size > 0
