@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from examples import adding_problem, digits, gradcheck_table
+from examples import adding_problem, digits, frame_labels, gradcheck_table
 
 
 def test_gradcheck_table_quick(capsys):
@@ -38,3 +38,15 @@ def test_adding_problem_quick_learns(tmp_path, monkeypatch):
     ratio = {name: r["grad_norms"][0] / r["grad_norms"][-1] for (name, _), r in results.items()}
     assert ratio["elman"] < 1e-2 * min(ratio["lstm"], ratio["gru"])
     assert (tmp_path / "runs/adding_problem/adding_problem.png").stat().st_size > 0
+
+
+def test_frame_labels_quick_bidirectional_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = frame_labels.main(["--quick", "--no-progress"])
+    for r in results.values():
+        assert np.mean(r["losses"][-10:]) < np.mean(r["losses"][:10])
+    # labels depend on the future: only the bidirectional model can read it
+    assert results["bidirectional"]["accuracy"] > 0.9
+    assert results["bidirectional"]["accuracy"] > results["unidirectional"]["accuracy"] + 0.2
+    assert (tmp_path / "runs/frame_labels/frame_labels.png").stat().st_size > 0
