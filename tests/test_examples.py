@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from examples import adding_problem, digits, frame_labels, gradcheck_table
+from examples import adding_problem, captions, digits, frame_labels, gradcheck_table
 
 
 def test_gradcheck_table_quick(capsys):
@@ -50,3 +50,13 @@ def test_frame_labels_quick_bidirectional_wins(tmp_path, monkeypatch):
     assert results["bidirectional"]["accuracy"] > 0.9
     assert results["bidirectional"]["accuracy"] > results["unidirectional"]["accuracy"] + 0.2
     assert (tmp_path / "runs/frame_labels/frame_labels.png").stat().st_size > 0
+
+
+def test_captions_quick_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = captions.main(["--quick", "--no-progress"])
+    assert np.mean(results["losses"][-10:]) < 0.5 * np.mean(results["losses"][:10])
+    # whole captions spelled right well above chance (0.1 if it only knew the ten names)
+    assert results["greedy_exact_match"] > 0.3 and results["beam_exact_match"] > 0.3
+    assert (tmp_path / "runs/captions/captions.png").stat().st_size > 0
