@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from examples import adding_problem, captions, digits, frame_labels, gradcheck_table
+from examples import adding_problem, captions, digits, frame_labels, gradcheck_table, gradcheck_tour
 
 
 def test_gradcheck_table_quick(capsys):
@@ -60,3 +60,11 @@ def test_captions_quick_learns(tmp_path, monkeypatch):
     # whole captions spelled right well above chance (0.1 if it only knew the ten names)
     assert results["greedy_exact_match"] > 0.3 and results["beam_exact_match"] > 0.3
     assert (tmp_path / "runs/captions/captions.png").stat().st_size > 0
+
+
+def test_gradcheck_tour_quick_catches_the_planted_bug(capsys):
+    assert gradcheck_tour.main(["--quick"]) == 0  # everything passes, and the planted bug is caught
+    out = capsys.readouterr().out
+    assert "caught: True" in out
+    assert "params['rnn'][0].fw.w_hh" in out.split("caught: True")[1]  # localised to the buggy layer
+    assert "params['rnn'][1]" not in out.split("caught: True")[1].splitlines()[0]
