@@ -23,7 +23,10 @@ $(STAMP_DEV): pyproject.toml | $(PY)
 demo: $(STAMP_RUN)
 	$(PY) -m examples.gradcheck_table
 
+# The docstring examples run first, in their own process with JAX's default settings (the test suite's
+# conftest turns on float64 and strict promotion for the whole process); then the test suite.
 test: $(STAMP_DEV)
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP_DEV)
