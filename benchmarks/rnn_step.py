@@ -61,6 +61,26 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def save_results(
+    name: str, quick: bool, record: dict[str, Any], table: str, plot_fn: Any, out: str, plot_dir: str
+) -> None:
+    """Prints the table; writes ``<out>/<name>_<tag>.json`` and ``.md`` and ``<plot_dir>/<name>_<tag>.png``.
+
+    ``tag`` is ``quick`` for smoke runs, else the JAX platform (``cpu``, ``gpu``), so results from different
+    devices sit side by side.
+    """
+    print(table)
+    tag = "quick" if quick else jax.devices()[0].platform
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}_{tag}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out, f"{name}_{tag}.md"), "w") as f:
+        f.write(table)
+    os.makedirs(plot_dir, exist_ok=True)
+    plot_fn(record, os.path.join(plot_dir, f"{name}_{tag}.png"))
+    print(f"wrote {out}/{name}_{tag}.json, .md and {plot_dir}/{name}_{tag}.png")
+
+
 def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, Any]:
     cell, B, T, I, H = config
     built, result = {}, {}
@@ -162,17 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         print(f"{config[0]} B={config[1]} T={config[2]} I={config[3]} H={config[4]} ...", flush=True)
         record["configs"].append(run_config(config, rounds, args.libraries))
-    table = markdown(record)
-    print(table)
-    tag = "quick" if args.quick else jax.devices()[0].platform
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rnn_step_{tag}.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.join(args.out, f"rnn_step_{tag}.md"), "w") as f:
-        f.write(table)
-    os.makedirs(args.plot_dir, exist_ok=True)
-    plot(record, os.path.join(args.plot_dir, f"rnn_step_{tag}.png"))
-    print(f"wrote {args.out}/rnn_step_{tag}.json, .md and {args.plot_dir}/rnn_step_{tag}.png")
+    save_results("rnn_step", args.quick, record, markdown(record), plot, args.out, args.plot_dir)
     return 0
 
 

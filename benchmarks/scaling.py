@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -19,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import rnnjax as rj
-from benchmarks.rnn_step import device_info
+from benchmarks.rnn_step import device_info, save_results
 
 MODES = {
     "manual": {"grad": "manual"},
@@ -163,17 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         record["by_H"]["rows"].append({"x": h, "results": measure(Bh, Th, h, h, rounds)})
     print("long sequence ...", flush=True)
     record["long"] = long_sequence(*((2, 200, 4, 8) if args.quick else (8, 100_000, 32, 128)))
-    table = markdown(record)
-    print(table)
-    tag = "quick" if args.quick else jax.devices()[0].platform
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"scaling_{tag}.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.join(args.out, f"scaling_{tag}.md"), "w") as f:
-        f.write(table)
-    os.makedirs(args.plot_dir, exist_ok=True)
-    plot(record, os.path.join(args.plot_dir, f"scaling_{tag}.png"))
-    print(f"wrote {args.out}/scaling_{tag}.json, .md and {args.plot_dir}/scaling_{tag}.png")
+    save_results("scaling", args.quick, record, markdown(record), plot, args.out, args.plot_dir)
     return 0
 
 
