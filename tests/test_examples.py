@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from examples import adding_problem, captions, digits, frame_labels, gradcheck_table, gradcheck_tour
+from examples import adding_problem, captions, digits, frame_labels, gradcheck_table, gradcheck_tour, seq2seq
 
 
 def test_gradcheck_table_quick(capsys):
@@ -68,3 +68,33 @@ def test_gradcheck_tour_quick_catches_the_planted_bug(capsys):
     assert "caught: True" in out
     assert "params['rnn'][0].fw.w_hh" in out.split("caught: True")[1]  # localised to the buggy layer
     assert "params['rnn'][1]" not in out.split("caught: True")[1].splitlines()[0]
+
+
+def test_seq2seq_quick_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = seq2seq.main(["--quick", "--no-progress"])
+    # 100 steps are too few for whole dates; the loss must fall well below uniform guessing (ln 13 = 2.56)
+    assert np.mean(results["losses"][-10:]) < 0.75 * np.mean(results["losses"][:10])
+    assert 0.0 <= results["greedy_exact_match"] <= 1.0 and 0.0 <= results["beam_exact_match"] <= 1.0
+    assert (tmp_path / "runs/seq2seq/seq2seq.png").stat().st_size > 0
+
+
+def test_seq2seq_data_is_consistent():
+    """Every written style parses to the same ISO date it is labelled with, and held-out dates are excluded."""
+    import datetime
+
+    date = datetime.date(2021, 3, 5)
+    texts = [seq2seq.write(date, s) for s in range(8)]
+    assert texts[0] == "march 5, 2021" and texts[3] == "friday, march 5, 2021" and texts[5] == "05.03.2021"
+    assert max(len(seq2seq.write(datetime.date(2000, 9, 27), s)) for s in range(8)) <= seq2seq.IN_LEN
+    rng = np.random.default_rng(0)
+    inputs, in_len, targets, _, dates = seq2seq.dataset(rng, 50)
+    again = seq2seq.dataset(rng, 200, exclude=set(dates))
+    assert not set(again[4]) & set(dates)
+    for i in range(50):
+        written = "".join(seq2seq.IN_CHARS[c] for c in inputs[i, : in_len[i]])
+        assert written in {seq2seq.write(dates[i], s) for s in range(8)}
+        assert np.all(inputs[i, in_len[i] :] == 0)  # padding
+        iso = "".join(seq2seq.OUT_CHARS[t] for t in targets[i, :10])
+        assert iso == dates[i].isoformat() and targets[i, 10] == seq2seq.END
