@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 SRC    := $(wildcard rnnjax tests examples benchmarks)
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
+DEMO_MINUTES ?= 3
 
 .PHONY: demo test lint format clean
 
@@ -13,15 +14,18 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP_RUN): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[examples]"
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev,bench,examples]"
 	touch $@ $(STAMP_RUN)
 
+# The flagship: the gradient-check table of every cell, then the character language model trained for a
+# few minutes (samples printed as they improve), then the paths of its plot and samples.
 demo: $(STAMP_RUN)
 	$(PY) -m examples.gradcheck_table
+	$(PY) -m examples.char_lm --minutes $(DEMO_MINUTES)
 
 # The docstring examples run first, in their own process with JAX's default settings (the test suite's
 # conftest turns on float64 and strict promotion for the whole process); then the test suite.

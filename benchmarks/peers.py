@@ -107,19 +107,41 @@ def haiku_step(cell: str, B: int, T: int, I: int, H: int) -> Built:
     return _jax(jax.value_and_grad(lambda p, x: _sum_sq(f.apply(p, x))), params, xs)
 
 
+def jax_cudnn_step(cell: str, B: int, T: int, I: int, H: int) -> Built:
+    """``jax.experimental.rnn.lstm``: JAX's binding of cuDNN's fused LSTM (GPU only), the anchor on a GPU."""
+    from jax.experimental import rnn
+
+    if cell != "lstm" or jax.devices()[0].platform != "gpu":
+        raise NotImplementedError("jax.experimental.rnn wraps cuDNN's LSTM: an LSTM on an NVIDIA GPU only")
+    weights = rnn.init_lstm_weight(jax.random.key(0), I, H, 1, False)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    h0 = jnp.zeros((1, B, H), jnp.float32)
+    lengths = jnp.full((B,), T, jnp.int32)
+
+    def loss(w: Any, x: Any) -> Any:
+        ys, _, _ = rnn.lstm(x, h0, h0, w, lengths, I, H, 1, 0.0, False)
+        return _sum_sq(ys)
+
+    return _jax(jax.value_and_grad(loss), weights, xs)
+
+
 def torch_step(cell: str, B: int, T: int, I: int, H: int) -> Built:
+    """PyTorch's ``nn.LSTM/GRU/RNN``: oneDNN on a CPU, cuDNN on an NVIDIA GPU (when JAX runs on one too)."""
     import torch
 
     torch.manual_seed(0)
-    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "elman": torch.nn.RNN}[cell](I, H, batch_first=True)
-    xs = torch.from_numpy(np.random.default_rng(1).standard_normal((B, T, I), dtype=np.float32))
+    on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "elman": torch.nn.RNN}[cell]
+    module = module(I, H, batch_first=True).to(device)
+    xs = torch.from_numpy(np.random.default_rng(1).standard_normal((B, T, I), dtype=np.float32)).to(device)
 
     def step() -> float:
         module.zero_grad(set_to_none=True)
         out, _ = module(xs)
         loss = (out**2).sum()
         loss.backward()
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the GPU, if any
 
     return Built(step, None, ())
 
@@ -132,4 +154,5 @@ LIBRARIES: dict[str, Callable[..., Built]] = {
     "equinox": equinox_step,
     "haiku": haiku_step,
     "pytorch": torch_step,
+    "jax cudnn": jax_cudnn_step,
 }

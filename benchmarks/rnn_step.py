@@ -32,6 +32,8 @@ CONFIGS = [
     ("elman", 32, 128, 256, 256),
     ("lstm", 16, 512, 64, 128),
 ]
+# on a GPU, also the larger shapes GPUs are used for
+GPU_CONFIGS = [*CONFIGS, ("lstm", 64, 256, 512, 512), ("gru", 64, 256, 512, 512)]
 QUICK_CONFIGS = [("lstm", 4, 16, 8, 8), ("gru", 4, 16, 8, 8), ("elman", 4, 16, 8, 8)]
 
 
@@ -111,12 +113,51 @@ def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, An
     return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "results": result}
 
 
+def inference_vs_floor(config: tuple, rounds: int) -> dict[str, Any]:
+    """rnnjax's forward pass (inference) against the GEMM floor: one GEMM of the same FLOPs.
+
+    The forward of a cell with G gate blocks does ``2 B T (I + H) G H`` multiply-add FLOPs in its two
+    GEMMs (input projection and recurrence); the floor is ``[B T, I + H] @ [I + H, G H]`` as one GEMM,
+    which no recurrent implementation can beat. Interleaved, medians.
+    """
+    import jax.numpy as jnp
+
+    import rnnjax as rj
+
+    cell_name, B, T, I, H = config
+    cell = {"lstm": rj.lstm, "gru": rj.gru, "elman": rj.elman}[cell_name](H)
+    G = {"lstm": 4, "gru": 3, "elman": 1}[cell_name]
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    forward = jax.jit(lambda p, x: rj.unroll(cell, p, x)[1])
+    a = jax.random.normal(jax.random.key(2), (B * T, I + H), jnp.float32)
+    w = jax.random.normal(jax.random.key(3), (I + H, G * H), jnp.float32)
+    gemm = jax.jit(jnp.dot)
+    runs = {"forward": lambda: jax.block_until_ready(forward(params, xs)), "gemm": lambda: gemm(a, w)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for f in runs.values():
+        jax.block_until_ready(f())
+    for _ in range(rounds):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    fwd, floor = statistics.median(times["forward"]), statistics.median(times["gemm"])
+    flops = 2 * B * T * (I + H) * G * H
+    return {"forward_ms": fwd, "gemm_floor_ms": floor, "ratio": fwd / floor, "gflops": flops / 1e9}
+
+
+def device_label(device: dict[str, Any]) -> str:
+    if device["jax_device"].startswith("gpu"):
+        return f"{device['jax_device']} (host: {device['cpu']})"
+    return f"{device['cpu']} ({device['cores']} cores, {device['jax_device']})"
+
+
 def markdown(record: dict[str, Any]) -> str:
-    libs = [name for name in LIBRARIES if any(name in c["results"] for c in record["configs"])]
+    libs = [n for n in LIBRARIES if any("median_ms" in c["results"].get(n, {}) for c in record["configs"])]
     lines = [
         f"Training step (forward + backward, float32), median of {record['rounds']} interleaved rounds; "
-        f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {record['device']['cpu']} "
-        f"({record['device']['cores']} cores, {record['device']['jax_device']}).",
+        f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {device_label(record['device'])}.",
         "",
         "| config | " + " | ".join(libs) + " |",
         "|---|" + "---|" * len(libs),
@@ -142,6 +183,20 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(
             f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
         )
+    lines += [
+        "",
+        "Inference (rnnjax forward only) against the GEMM floor, one GEMM of the forward's FLOPs:",
+        "",
+        "| config | GFLOP | forward | GEMM floor | forward / floor |",
+        "|---|---|---|---|---|",
+    ]
+    for c in record["configs"]:
+        f = c.get("inference")
+        if f:
+            lines.append(
+                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['gflops']:.2f} | "
+                f"{f['forward_ms']:.2f} ms | {f['gemm_floor_ms']:.2f} ms | {f['ratio']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +216,7 @@ def plot(record: dict[str, Any], path: str) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
     ax.set_xticklabels([f"{c['cell']}\nB={c['B']} T={c['T']}\nI={c['I']} H={c['H']}" for c in configs])
     ax.set_ylabel("training step (ms, median)")
-    ax.set_title(f"RNN training step on {record['device']['cpu']}")
+    ax.set_title(f"RNN training step on {device_label(record['device'])}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -176,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON record and table")
     parser.add_argument("--plot-dir", default="runs/benchmarks", help="folder for the plot (git-ignored)")
     args = parser.parse_args(argv)
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    on_gpu = jax.devices()[0].platform == "gpu"
+    configs = QUICK_CONFIGS if args.quick else GPU_CONFIGS if on_gpu else CONFIGS
     rounds = 3 if args.quick else args.rounds
     record = {"device": device_info(), "rounds": rounds, "dtype": "float32", "configs": []}
     for config in configs:
         print(f"{config[0]} B={config[1]} T={config[2]} I={config[3]} H={config[4]} ...", flush=True)
-        record["configs"].append(run_config(config, rounds, args.libraries))
+        result = run_config(config, rounds, args.libraries)
+        if "rnnjax manual" in args.libraries:
+            result["inference"] = inference_vs_floor(config, rounds)
+        record["configs"].append(result)
     save_results("rnn_step", args.quick, record, markdown(record), plot, args.out, args.plot_dir)
     return 0
 

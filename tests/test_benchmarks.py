@@ -20,8 +20,18 @@ def test_rnn_step_quick(tmp_path):
         assert manual["median_ms"] > 0 and manual["ratio_to_rnnjax"] == 1.0
         ran = {name for name, r in config["results"].items() if "median_ms" in r}
         assert {"rnnjax autodiff", "flax linen", "flax nnx", "haiku", "pytorch"} <= ran
+        if jax.devices()[0].platform == "cpu":  # the cuDNN anchor says why it cannot run
+            assert "GPU" in config["results"]["jax cudnn"]["unavailable"]
+        inference = config["inference"]
+        assert inference["forward_ms"] > 0 and inference["gemm_floor_ms"] > 0
+        assert (
+            inference["gflops"]
+            == 2 * 4 * 16 * 16 * {"lstm": 4, "gru": 3, "elman": 1}[config["cell"]] * 8 / 1e9
+        )
     table = (tmp_path / "rnn_step_quick.md").read_text()
     assert "| lstm B=4 T=16 I=8 H=8 |" in table
+    assert "jax cudnn" not in table  # a library that ran nowhere gets no column
+    assert "forward / floor" in table
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from examples import adding_problem, captions, digits, frame_labels, gradcheck_table, gradcheck_tour, seq2seq
+from examples import (
+    adding_problem,
+    captions,
+    char_lm,
+    digits,
+    frame_labels,
+    gradcheck_table,
+    gradcheck_tour,
+    seq2seq,
+    speech_ctc,
+)
 
 
 def test_gradcheck_table_quick(capsys):
@@ -98,3 +108,56 @@ def test_seq2seq_data_is_consistent():
         assert np.all(inputs[i, in_len[i] :] == 0)  # padding
         iso = "".join(seq2seq.OUT_CHARS[t] for t in targets[i, :10])
         assert iso == dates[i].isoformat() and targets[i, 10] == seq2seq.END
+
+
+def test_char_lm_quick_learns(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = char_lm.main(["--quick", "--no-progress"])
+    bits = results["val_bits"]
+    assert bits[0] > 6.0  # log2(98) = 6.6 bits for a model that knows nothing
+    assert bits[-1] < bits[0] - 1.0  # it has learnt the characters' frequencies at least
+    assert len(results["samples"]) == len(bits) and all(len(t) == 60 for _, t in results["samples"])
+    assert "validation" in capsys.readouterr().out
+    assert (tmp_path / "runs/char_lm/char_lm.png").stat().st_size > 0
+    assert (tmp_path / "runs/char_lm/samples.txt").read_text().startswith("--- step 0\ndef ")
+
+
+def test_char_lm_corpus():
+    text = "def f(x):\n\treturn x  # é\n"
+    tokens = char_lm.encode(text)
+    assert tokens.max() < char_lm.VOCAB_SIZE and char_lm.decode_text(tokens) == text.replace("é", "?")
+    cfg = char_lm.QUICK
+    train, val = char_lm.load_corpus(cfg)
+    assert len(train) == cfg.max_train_chars and len(val) > 10_000
+    assert "import" in char_lm.decode_text(val[:20_000])  # real Python source
+    t = char_lm.tracks(np.arange(10), 3)
+    assert t.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_speech_ctc_quick_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = speech_ctc.main(["--quick", "--no-progress"])
+    assert np.mean(results["losses"][-10:]) < 0.5 * np.mean(results["losses"][:10])
+    assert results["label_error_rate"] < 0.8  # an empty transcription scores 1.0
+    assert (tmp_path / "runs/speech_ctc/speech_ctc.png").stat().st_size > 0
+
+
+def test_speech_ctc_decoding_and_scoring():
+    assert speech_ctc.edit_distance([1, 2, 3], [1, 3]) == 1
+    assert speech_ctc.edit_distance([], [4, 4]) == 2
+    assert speech_ctc.edit_distance([1, 2, 3, 4], [2, 1, 3, 5]) == 3
+    # frames: blank, 3, 3, blank, 3, 2, 2, then padding that must be ignored
+    path = np.array([0, 3, 3, 0, 3, 2, 2, 1, 1])
+    logits = np.eye(4)[path]
+    assert speech_ctc.best_path(logits, 7) == [3, 3, 2]
+    cfg = speech_ctc.QUICK
+    feats, lengths, labels, label_lengths = speech_ctc.utterances(np.random.default_rng(0), 20, cfg)
+    assert feats.shape == (20, speech_ctc.max_frames(cfg), cfg.frame // 2 + 1)
+    assert np.all(lengths <= feats.shape[1]) and np.all(label_lengths >= cfg.min_labels)
+    for i in range(20):
+        assert np.all(feats[i, lengths[i] :] == 0)
+        assert np.all(labels[i, : label_lengths[i]] >= 1) and np.all(labels[i, label_lengths[i] :] == 0)
+        # every symbol needs at least min_tone_frames frames and a pause: CTC can align it
+        assert lengths[i] >= label_lengths[i] * (cfg.min_tone_frames + 1)
