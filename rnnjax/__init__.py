@@ -3,14 +3,15 @@
     >>> import rnnjax as rj
     >>> cell = rj.lstm(hidden_size=128)
 
-Submodules: ``rj.decode`` (greedy, sampling, beam search), ``rj.losses``, ``rj.seq2seq``, ``rj.nnx``
+Submodules: ``rj.decode`` (greedy, sampling, beam search), ``rj.diagnostics`` (gradient flow through
+time), ``rj.losses``, ``rj.seq2seq``, ``rj.nnx``
 (Flax NNX modules, imported on first use).
 """
 
 import importlib
 from typing import Any
 
-from rnnjax import decode, losses, seq2seq
+from rnnjax import decode, diagnostics, losses, seq2seq
 from rnnjax.cells import (
     ACTIVATIONS,
     Cell,
@@ -67,6 +68,7 @@ __all__ = [
     "carry_to_torch",
     "decode",
     "dense",
+    "diagnostics",
     "elman",
     "from_torch",
     "gradcheck",

@@ -98,6 +98,13 @@ def _bptt_fwd(
 def _bptt_bwd(
     cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
 ) -> tuple[PyTree, Array, PyTree, None]:
+    return _backward(cell, reverse, unroll, saved, cotangents, emit_dh=False)[:4]
+
+
+def _backward(
+    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple, emit_dh: bool
+) -> tuple[PyTree, Array, PyTree, None, Array | None]:
+    """The reverse-time recursion; with ``emit_dh`` also ``∂L/∂h_t [T, B, H]`` (0 at masked steps)."""
     params, xs, mask, prevs, res, final = saved  # prevs: the carry entering each step, [T, B, H] leaves
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     w_hh_t = params.w_hh.T  # [G, H]
@@ -115,9 +122,10 @@ def _bptt_bwd(
         d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
-        return (d_prev, prev_t), (dzx, dzh)
+        # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
+        return (d_prev, prev_t), (dzx, dzh, g_valid.h if emit_dh else None)
 
-    (d_carry0, _), (dzx, dzh) = jax.lax.scan(
+    (d_carry0, _), (dzx, dzh, d_hs) = jax.lax.scan(
         body,
         (d_final, final),
         (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs),
@@ -134,10 +142,54 @@ def _bptt_bwd(
         **(cell.extra_grads(jnp.sum(dzh, axis=(0, 1))) if cell.extra_grads else {}),
     )
     d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)
-    return d_params, d_xs, d_carry0, None
+    return d_params, d_xs, d_carry0, None, d_hs
 
 
 bptt_unroll.defvjp(_bptt_fwd, _bptt_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def probed_bptt_unroll(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    probe: Array,
+) -> tuple[PyTree, Array]:
+    """`bptt_unroll` with a ``probe [B, T, H]`` whose cotangent is ``∂L/∂h_t``, from the same backward pass.
+
+    The forward does not read the probe's value: it acts as ``h_t + (probe_t − stop_gradient(probe_t))``,
+    so the cotangent the backward gives it is the gradient reaching ``h_t`` (0 at masked steps).
+    """
+    del probe
+    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+
+
+def _probed_fwd(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    probe: Array,
+) -> tuple[tuple[PyTree, Array], tuple]:
+    del probe
+    return _bptt_fwd(cell, reverse, unroll, params, xs, carry0, mask)
+
+
+def _probed_bwd(
+    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
+) -> tuple[PyTree, Array, PyTree, None, Array]:
+    *grads, d_hs = _backward(cell, reverse, unroll, saved, cotangents, emit_dh=True)
+    return (*grads, jnp.swapaxes(d_hs, 0, 1))
+
+
+probed_bptt_unroll.defvjp(_probed_fwd, _probed_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.autodiff import autodiff_unroll
-from rnnjax.bptt import bptt_unroll, stepwise_bptt_unroll
+from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
+from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
 from rnnjax.remat import checkpointed_unroll, segment_length
 from rnnjax.scan import mask_from_lengths
@@ -36,6 +36,7 @@ def unroll(
     grad: str = "manual",
     unroll: int | bool = 1,
     checkpoint: int | str | None = None,
+    probe: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -70,6 +71,10 @@ def unroll(
       checkpoint: None (default) keeps every step's residuals for the backward. An int K keeps only the
         carry every K steps and recomputes each segment in the backward (`rnnjax.remat`); ``"sqrt"`` uses
         K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass. Gradients are unchanged.
+      probe: built-in cells only, without ``checkpoint``: an array ``[B, T, H]`` (pass zeros; its value is
+        never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
+        (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
+        gradients: ``jax.grad(loss, argnums=(0, 2))(params, xs, probe)``. See `rnnjax.diagnostics`.
 
     Returns:
       ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
@@ -106,6 +111,8 @@ def unroll(
         cell.check_params(params, I, xs.dtype)
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
+    if probe is not None:
+        probe = _check_probe(cell, params, probe, checkpoint, batch_shape, T, xs.dtype)
 
     B = math.prod(batch_shape)
     flat_carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
@@ -117,6 +124,9 @@ def unroll(
         if grad == "manual":
             impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
         args = (cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
+        if probe is not None:
+            impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
+            args = (*args, probe.reshape(B, T, -1))
         try:
             if checkpoint is None:
                 final, ys = impl(*args)
@@ -210,6 +220,31 @@ def _check_carry(cell: Cell, params: PyTree, carry: Any, batch_shape: tuple[int,
                 f"{name} must have dtype {jnp.dtype(e.dtype)} (that of the params and xs), got {a_dtype}"
             )
     return carry
+
+
+def _check_probe(
+    cell: Cell,
+    params: PyTree,
+    probe: Any,
+    checkpoint: Any,
+    batch_shape: tuple[int, ...],
+    T: int,
+    dtype: Any,
+) -> Array:
+    if not cell.is_builtin:
+        raise ValueError(
+            f"probe needs a built-in cell (rj.elman, rj.lstm, rj.gru), whose outputs are its hidden states; "
+            f"got the user-written cell {cell.name!r}"
+        )
+    if checkpoint is not None:
+        raise ValueError("probe cannot be combined with checkpoint: pass checkpoint=None")
+    H = params.w_hh.shape[0]
+    shape = tuple(getattr(probe, "shape", ()))
+    if shape != (*batch_shape, T, H):
+        raise ValueError(f"probe must have shape [B, T, H] = {(*batch_shape, T, H)}, got {shape}")
+    if jnp.dtype(probe.dtype) != jnp.dtype(dtype):
+        raise TypeError(f"probe must have dtype {jnp.dtype(dtype)} (that of xs), got {probe.dtype}")
+    return probe
 
 
 def _reshape_batch(tree: PyTree, n_old: int, new: tuple[int, ...]) -> PyTree:
