@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import rnnjax as rj
-from benchmarks.rnn_step import device_info, save_results
+from benchmarks.rnn_step import device_info, device_label, save_results
 
 MODES = {
     "manual": {"grad": "manual"},
@@ -77,7 +77,7 @@ def long_sequence(B: int, T: int, I: int, H: int) -> dict[str, Any]:
 def markdown(record: dict[str, Any]) -> str:
     modes = list(MODES)
     lines = [
-        f"LSTM training step on {record['device']['cpu']} ({record['device']['cores']} cores), float32.",
+        f"LSTM training step on {device_label(record['device'])}, float32.",
         "",
     ]
     for title, key in (("against T", "by_T"), ("against H", "by_H")):
@@ -132,7 +132,7 @@ def plot(record: dict[str, Any], path: str) -> None:
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"LSTM training step on {record['device']['cpu']}")
+    fig.suptitle(f"LSTM training step on {device_label(record['device'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
