@@ -26,6 +26,7 @@ from rnnjax.cells import (
 )
 from rnnjax.checkpoint import load, save
 from rnnjax.driver import GRAD_MODES, unroll
+from rnnjax.gradcheck import ORACLES as GRADCHECK_ORACLES
 from rnnjax.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from rnnjax.interop.torch import carry_from_torch, carry_to_torch, from_torch, to_torch
 from rnnjax.layers import (
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "GRADCHECK_ORACLES",
     "GRAD_MODES",
     "MERGES",
     "BidirectionalCarry",

@@ -43,7 +43,9 @@ def test_adding_problem_quick_learns(tmp_path, monkeypatch):
     for (name, T), r in results.items():
         first, last = np.mean(r["losses"][:20]), np.mean(r["losses"][-20:])
         assert last < first, (name, T)  # the loss falls (to the mean predictor's 1/6 in a quick run)
-        assert len(r["grad_norms"]) == T and np.all(np.isfinite(r["grad_norms"]))
+        assert len(r["grad_norms"]) == len(r["grad_norms_first"]) == T and np.all(
+            np.isfinite(r["grad_norms"])
+        )
     # the vanishing gradient is visible already at T = 20: Elman's decays far more than the gated cells'
     ratio = {name: r["grad_norms"][0] / r["grad_norms"][-1] for (name, _), r in results.items()}
     assert ratio["elman"] < 1e-2 * min(ratio["lstm"], ratio["gru"])

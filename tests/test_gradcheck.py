@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import random_problem, rel_err
+from helpers import CELLS, random_problem, rel_err
 
 import rnnjax as rj
 
@@ -42,7 +42,10 @@ def test_report_table(key):
     report = rj.gradcheck(cell, params, xs, carry=carry, lengths=jnp.array([4, 1]), reverse=True)
     text = str(report)
     assert report.passed
-    assert text.splitlines()[0].startswith("gradcheck lstm: float64")
+    assert text.splitlines()[0].startswith(
+        "gradcheck lstm: the manual gradient in float64 against autodiff, rtrl, complex_step, finite_differences"
+    )
+    assert "vs RTRL" in text and "vs complex step" in text
     for leaf in ("params.w_ih", "params.w_hh", "params.b", "xs", "carry.h", "carry.c"):
         assert leaf in text
     assert text.endswith("PASSED")
@@ -126,6 +129,44 @@ def test_catches_a_wrong_forward_via_finite_differences(key):
     report = rj.gradcheck(loss, jnp.linspace(0.5, 1.5, 4))
     assert not report.passed
     assert report.rows[0].manual_vs_autodiff == 0.0 and report.rows[0].manual_vs_fd > 1e-2
+    # a jax.custom_vjp has no forward mode: RTRL says it did not run, and why; no complex step for functions
+    assert report.rows[0].manual_vs_rtrl is None and report.rows[0].manual_vs_complex is None
+    assert "complex_step" not in report.oracles
+    assert "RTRL not run: the function has no forward mode" in str(report)
+
+
+@pytest.mark.parametrize("name", ["elman-tanh", "gru", "lstm"])
+def test_four_oracles_acceptance(name):
+    """Issue 6's acceptance, float64, H=8, T=50: autodiff and RTRL <= 1e-12, complex step <= 1e-13, finite
+    differences <= 1e-8, relative; with lengths so that padding is covered too."""
+    cell = CELLS[name](8)
+    params, xs, carry = random_problem(cell, jax.random.key(3), 3, 50, 4)
+    report = rj.gradcheck(cell, params, xs, carry=carry, lengths=jnp.array([50, 29, 1]))
+    assert report.oracles == rj.GRADCHECK_ORACLES
+    assert report.passed, report
+    assert report.max_autodiff_error <= 1e-12
+    assert report.max_rtrl_error <= 1e-12
+    assert report.max_complex_error <= 1e-13
+    assert report.max_fd_error <= 1e-8
+
+
+@pytest.mark.parametrize("oracle", ["autodiff", "rtrl", "complex_step", "finite_differences"])
+def test_every_oracle_alone_catches_the_planted_bug(oracle, key):
+    cell = _planted_bug_cell(3)
+    params, xs, _ = random_problem(cell, key, 2, 5, 2)
+    report = rj.gradcheck(cell, params, xs, oracles=(oracle,))
+    assert report.oracles == (oracle,)
+    assert not report.passed
+    bad = {r.leaf for r in report.rows if not r.passed}
+    assert {"params.w_ih", "xs"} <= bad
+    row = report.rows[0]
+    ran = {
+        "autodiff": row.manual_vs_autodiff,
+        "rtrl": row.manual_vs_rtrl,
+        "complex_step": row.manual_vs_complex,
+        "finite_differences": row.manual_vs_fd,
+    }
+    assert [k for k, v in ran.items() if v is not None] == [oracle]
 
 
 def test_argument_errors(key):
@@ -141,5 +182,9 @@ def test_argument_errors(key):
         rj.gradcheck(lambda x, grad: x, xs)
     with pytest.raises(ValueError, match=r"n_directions must be an int >= 1, got 0"):
         rj.gradcheck(cell, params, xs, n_directions=0)
+    with pytest.raises(ValueError, match=r"oracles must be a non-empty tuple of \('autodiff', 'rtrl'"):
+        rj.gradcheck(cell, params, xs, oracles=("jax",))
+    with pytest.raises(ValueError, match="complex_step must be > 0, got 0"):
+        rj.gradcheck(cell, params, xs, complex_step=0)
     with pytest.raises(TypeError, match=r"target must be a Cell or a loss function, got int"):
         rj.gradcheck(3, params, xs)
