@@ -49,6 +49,31 @@ ORACLES: tuple[str, ...] = ("autodiff", "rtrl", "complex_step", "finite_differen
 
 
 @dataclasses.dataclass(frozen=True)
+class Localisation:
+    """Where a cell's hand-derived backward first parts from autodiff.
+
+    The backward visits the steps from ``T−1`` down to 0 (forward RNN; the other way for ``reverse``); up
+    to the faulty step every per-step gradient agrees, so the first disagreeing step and, there, the gate
+    blocks that disagree point at the bug. For built-in-style cells (``gates``/``gates_bwd``) the per-step
+    gradient is each gate's ``Σ_batch ∂L/∂z_t`` (read off an extra one-hot input per step whose weights are
+    zero); for other cells it is ``∂L/∂x_t``.
+    """
+
+    leaves: tuple[str, ...]  # the input leaves whose gradients disagree
+    first_step: int | None  # the first disagreeing step, in the backward's order
+    gates: tuple[str, ...]  # the gate blocks (cell.gate_names) that disagree at that step
+    quantity: str  # the per-step gradient compared
+
+    def __str__(self) -> str:
+        where = "no single step" if self.first_step is None else f"first at step t={self.first_step}"
+        gates = f", gate {', '.join(self.gates)}" if self.gates else ""
+        return (
+            f"localised: {', '.join(self.leaves)} disagree; per-step {self.quantity}: {where}{gates} "
+            "(steps in the backward's order)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class GradcheckRow:
     """The check of one input leaf."""
 
@@ -73,6 +98,7 @@ class GradcheckReport:
     n_directions: int
     oracles: tuple[str, ...] = ("autodiff", "finite_differences")
     notes: tuple[str, ...] = ()  # why an oracle that was asked for did not run
+    localisation: Localisation | None = None  # where manual and autodiff part, when they do (cells only)
 
     @property
     def passed(self) -> bool:
@@ -128,6 +154,7 @@ class GradcheckReport:
                 line(tuple("-" * w for w in widths)),
                 *(line(row) for row in body),
                 *self.notes,
+                *([str(self.localisation)] if self.localisation else []),
                 f"tolerances: autodiff, RTRL and complex step <= {self.rtol_autodiff:g}, "
                 f"finite differences <= {self.rtol_fd:g}: {verdict}",
             ]
@@ -219,7 +246,7 @@ def gradcheck(
             oracles = tuple(o for o in oracles if o != "complex_step")
         else:
             raise TypeError(f"target must be a Cell or a loss function, got {type(target).__name__}")
-        rows, notes = _compare(
+        rows, notes, grads = _compare(
             loss_fn,
             complex_fn,
             args,
@@ -232,7 +259,18 @@ def gradcheck(
             oracles,
             complex_step,
         )
-    return GradcheckReport(title, rows, rtol_autodiff, rtol_fd, eps, n_directions, oracles, notes)
+        localisation = None
+        if isinstance(target, Cell) and "autodiff" in oracles:
+            failing = {
+                r.leaf
+                for r in rows
+                if r.manual_vs_autodiff is not None and r.manual_vs_autodiff > rtol_autodiff
+            }
+            if failing:
+                localisation = _localise(target, loss_fn, args, grads, failing, reverse, rtol_autodiff)
+    return GradcheckReport(
+        title, rows, rtol_autodiff, rtol_fd, eps, n_directions, oracles, notes, localisation
+    )
 
 
 def _to_float64(tree: PyTree) -> PyTree:
@@ -279,8 +317,8 @@ def _cell_readout(
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     weights = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)]
 
-    def loss(params: PyTree, xs: Array, carry: PyTree, *, grad: str) -> Array:
-        out = unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad)
+    def loss(params: PyTree, xs: Array, carry: PyTree, *, grad: str, probe: Array | None = None) -> Array:
+        out = unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, probe=probe)
         return sum(jnp.sum(a * w) for a, w in zip(jax.tree.leaves(out), weights, strict=True))
 
     def complex_loss(params: PyTree, xs: Array, carry: PyTree) -> Array:
@@ -309,7 +347,7 @@ def _compare(
     rtol_fd: float,
     oracles: tuple[str, ...],
     h: float,
-) -> tuple[tuple[GradcheckRow, ...], tuple[str, ...]]:
+) -> tuple[tuple[GradcheckRow, ...], tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray | None]]]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(list(args))
     leaves = [leaf for _, leaf in paths_leaves]
     diff_idx = [
@@ -345,11 +383,12 @@ def _compare(
         to_c = lambda xs: [x.astype(jnp.complex128) for x in xs]  # noqa: E731
         complex_value = jax.jit(lambda xs: complex_fn(*with_leaves(xs)))
 
-    rows = []
+    rows, grads = [], {}
     for n, i in enumerate(diff_idx):
         path, a = paths_leaves[i]
         leaf_name = names[path[0].idx] + jax.tree_util.keystr(path[1:])
         gm = np.asarray(g_manual[n])
+        grads[leaf_name] = (gm, None if g_auto is None else np.asarray(g_auto[n]))
         g_norm = float(np.linalg.norm(gm))
         err_auto = _sup_error(gm, g_auto[n]) if g_auto is not None else None
         err_rtrl = _sup_error(gm, g_rtrl[n]) if g_rtrl is not None else None
@@ -385,7 +424,48 @@ def _compare(
                 manual_vs_complex=err_cs,
             )
         )
-    return tuple(rows), tuple(notes)
+    return tuple(rows), tuple(notes), grads
+
+
+def _localise(
+    cell: Cell,
+    loss_fn: Callable[..., Array],
+    args: tuple,
+    grads: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    failing: set[str],
+    reverse: bool,
+    rtol: float,
+) -> Localisation:
+    """The first time step (backward order) and the gate blocks where manual and autodiff part."""
+    params, xs, carry = args
+    T = xs.shape[-2]
+    G, H = len(cell.gate_names), cell.hidden_size
+    if cell.is_builtin and G and H and hasattr(params, "w_ih"):
+        # one extra input per step, a one-hot of t, with zero weights: the forward is unchanged, and the
+        # gradient of those weights' row t is Σ_batch ∂L/∂z_t, every gate block of step t apart
+        onehot = jnp.broadcast_to(jnp.eye(T, dtype=xs.dtype), (*xs.shape[:-2], T, T))
+        xs_aug = jnp.concatenate([xs, onehot], axis=-1)
+
+        def per_step(grad: str) -> np.ndarray:
+            def f(w_t: Array) -> Array:
+                p = params._replace(w_ih=jnp.concatenate([params.w_ih, w_t], axis=0))
+                return loss_fn(p, xs_aug, carry, grad=grad)
+
+            return np.asarray(jax.grad(f)(jnp.zeros((T, G * H), xs.dtype))).reshape(T, G, H)
+
+        m, a = per_step("manual"), per_step("autodiff")
+        quantity, names = "Σ_batch ∂L/∂z_t per gate", cell.gate_names
+    else:
+        gm, ga = grads["xs"]
+        m, a = np.moveaxis(gm, -2, 0).reshape(T, 1, -1), np.moveaxis(ga, -2, 0).reshape(T, 1, -1)
+        quantity, names = "∂L/∂x_t", ()
+    scale = max(float(np.max(np.abs(a), initial=0.0)), np.finfo(np.float64).tiny)
+    err = np.max(np.abs(m - a), axis=-1, initial=0.0) / scale  # [T, G]
+    for t in range(T) if reverse else range(T - 1, -1, -1):
+        if np.any(err[t] > rtol):
+            gates = tuple(names[g] for g in range(len(names)) if err[t, g] > rtol)
+            return Localisation(tuple(sorted(failing)), t, gates, quantity)
+    return Localisation(tuple(sorted(failing)), None, (), quantity)
 
 
 def _sup_error(g: np.ndarray, reference: Array) -> float:

@@ -188,3 +188,39 @@ def test_argument_errors(key):
         rj.gradcheck(cell, params, xs, complex_step=0)
     with pytest.raises(TypeError, match=r"target must be a Cell or a loss function, got int"):
         rj.gradcheck(3, params, xs)
+
+
+def _lstm_with_bug(H, where):
+    """An LSTM whose hand-written backward flips the sign of the f gate, or of the cell-state path."""
+    good = rj.lstm(H)
+
+    def gates_bwd(params, res, prev, new, d_new):
+        dzx, dzh, d_prev = good.gates_bwd(params, res, prev, new, d_new)
+        if where == "f":
+            flip = jnp.concatenate([jnp.ones(H), -jnp.ones(H), jnp.ones(2 * H)]).astype(dzx.dtype)
+            return dzx * flip[None], None if dzh is None else dzh * flip[None], d_prev
+        return dzx, dzh, d_prev._replace(c=-d_prev.c)
+
+    return good._replace(gates_bwd=gates_bwd, name=f"lstm-bug-{where}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_localises_the_gate_and_the_first_step(reverse):
+    """A sign error in one gate shows first at the step the backward visits first, in that gate only; an
+    error in the cell-state path shows one step later, in the gates that the cell-state gradient feeds."""
+    H, T = 8, 50
+    first, second = (0, 1) if reverse else (T - 1, T - 2)
+    for where, step, gates in (("f", first, ("f",)), ("c", second, ("i", "f", "g"))):
+        cell = _lstm_with_bug(H, where)
+        params, xs, _ = random_problem(cell, jax.random.key(0), 3, T, 4)
+        report = rj.gradcheck(cell, params, xs, reverse=reverse, oracles=("autodiff",))
+        assert not report.passed
+        loc = report.localisation
+        assert (loc.first_step, loc.gates) == (step, gates), (where, loc)
+        assert "params.w_ih" in loc.leaves and "xs" in loc.leaves
+        assert f"first at step t={step}, gate {', '.join(gates)}" in str(report)
+    gru = _planted_bug_cell(3)  # the GRU with the z gate's sign flipped
+    params, xs, _ = random_problem(gru, jax.random.key(1), 2, 6, 2)
+    loc = rj.gradcheck(gru, params, xs, lengths=jnp.array([6, 4])).localisation
+    assert (loc.first_step, loc.gates) == (5, ("z",))
+    assert rj.gradcheck(rj.gru(3), params, xs).localisation is None  # nothing to localise when it passes

@@ -57,6 +57,8 @@ class Cell(NamedTuple):
         fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's ``b_hn``), or None.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
+      gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
+        ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
 
     A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
 
@@ -72,6 +74,7 @@ class Cell(NamedTuple):
     gates_bwd: Callable[..., tuple[Array, Array | None, PyTree]] | None = None
     extra_grads: Callable[[Array], dict[str, Array]] | None = None
     check_params: Callable[..., None] | None = None
+    gate_names: tuple[str, ...] = ()
 
     @property
     def is_builtin(self) -> bool:

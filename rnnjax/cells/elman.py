@@ -147,4 +147,5 @@ def elman(
         gates_bwd=gates_bwd,
         extra_grads=None,
         check_params=check_params,
+        gate_names=("z",),
     )

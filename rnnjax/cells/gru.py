@@ -169,4 +169,5 @@ def gru(
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
         check_params=check_params,
+        gate_names=("r", "z", "n"),
     )

@@ -163,4 +163,5 @@ def lstm(
         gates_bwd=gates_bwd,
         extra_grads=None,
         check_params=check_params,
+        gate_names=("i", "f", "g", "o"),
     )
