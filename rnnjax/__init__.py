@@ -43,6 +43,7 @@ from rnnjax.layers import (
     stack,
     time_major,
 )
+from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
 
 __version__ = "0.1.0"
@@ -80,6 +81,7 @@ __all__ = [
     "losses",
     "lstm",
     "rnn",
+    "rtrl_value_and_grad",
     "save",
     "seq2seq",
     "stack",
