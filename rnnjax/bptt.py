@@ -107,7 +107,7 @@ def _backward(
     """The reverse-time recursion; with ``emit_dh`` also ``∂L/∂h_t [T, B, H]`` (0 at masked steps)."""
     params, xs, mask, prevs, res, final = saved  # prevs: the carry entering each step, [T, B, H] leaves
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
-    w_hh_t = params.w_hh.T  # [G, H]
+    w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
 
     def body(state: tuple[PyTree, PyTree], inp: tuple) -> tuple[tuple[PyTree, PyTree], tuple]:
         # new_t, the carry leaving step t, is the carry entering the step the loop visited before
@@ -119,7 +119,8 @@ def _backward(
         # through the gates, by the cell's hand-derived derivative
         dzx, dzh, d_prev = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
-        d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
+        if w_hh_t is not None:
+            d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
@@ -137,9 +138,9 @@ def _backward(
     # the weight and input gradients, once over all T and B (plain GEMMs: see rnnjax.scan.project)
     d_params = params._replace(
         w_ih=jnp.einsum("tbi,tbg->ig", jnp.swapaxes(xs, 0, 1), dzx),
-        w_hh=jnp.einsum("tbh,tbg->hg", prevs.h, dzh),
         b=jnp.sum(dzx, axis=(0, 1)),
-        **(cell.extra_grads(jnp.sum(dzh, axis=(0, 1))) if cell.extra_grads else {}),
+        **({"w_hh": jnp.einsum("tbh,tbg->hg", prevs.h, dzh)} if w_hh_t is not None else {}),
+        **(cell.extra_grads(dzx, dzh, prevs, res) if cell.extra_grads else {}),
     )
     d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)
     return d_params, d_xs, d_carry0, None, d_hs

@@ -92,11 +92,11 @@ def scan_gates(
       ``residuals`` the cell's per-step residuals; the hidden states after each step are then
       `next_hs` of it.
     """
-    w_hh = params.w_hh
+    w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
 
     def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Any]:
         zx_t, m_t = inp
-        new, res = cell.gates(params, zx_t, carry.h @ w_hh, carry)
+        new, res = cell.gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
         new = select(m_t, new, carry)
         return new, ((carry, res) if save else new.h)
 

@@ -15,6 +15,9 @@ CELLS: dict[str, Any] = {
     **{f"elman-{a}": (lambda H, a=a: rj.elman(H, a)) for a in rj.ACTIVATIONS},
     "lstm": rj.lstm,
     "gru": rj.gru,
+    "indrnn-relu": rj.indrnn,
+    "indrnn-tanh": lambda H: rj.indrnn(H, "tanh"),
+    "mingru": rj.mingru,
 }
 
 

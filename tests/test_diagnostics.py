@@ -251,3 +251,18 @@ def test_jacobian_spectrum_equals_jacfwd_of_the_unroll(name, key):
 
         sv = np.linalg.svd(np.asarray(jax.jacfwd(final_state)(flat0)), compute_uv=False)
         np.testing.assert_allclose(spec.singular_values[0, k - 1], sv, rtol=1e-10, atol=1e-14)
+
+
+def test_indrnn_closed_form():
+    """IndRNN, identity activation: ∂h_T/∂h_{T−k} = diag(u^k), so its singular values are |u_j|^k and the
+    Lyapunov exponent is log max |u_j|."""
+    H, T = 4, 12
+    cell = rj.indrnn(H, "identity")
+    params = cell.init(jax.random.key(0), 2, jnp.float64)._replace(u=jnp.array([0.5, -0.9, 1.1, 0.2]))
+    xs = jax.random.normal(jax.random.key(1), (2, T, 2), jnp.float64)
+    spec = rj.diagnostics.jacobian_spectrum(cell, params, xs)
+    k = np.arange(1, T + 1)[:, None]
+    expected = -np.sort(-(np.abs(np.array([0.5, 0.9, 1.1, 0.2]))[None] ** k), axis=-1)  # largest first
+    np.testing.assert_allclose(spec.singular_values[0], expected, rtol=1e-12)
+    lam = rj.diagnostics.lyapunov_exponent(cell, params, xs, discard=T // 2)
+    assert abs(float(lam[0]) - np.log(1.1)) < 1e-2  # the tangent vector aligns with the largest |u_j|

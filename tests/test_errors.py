@@ -147,7 +147,9 @@ def test_cell_constructors():
         ValueError, match=r"activation must be one of \('tanh', 'relu', 'sigmoid', 'identity'\), got 'gelu'"
     ):
         rj.elman(4, activation="gelu")
-    for make in (rj.elman, rj.lstm, rj.gru):
+    with pytest.raises(ValueError, match=r"activation must be one of \('tanh', 'relu', .*\), got 'gelu'"):
+        rj.indrnn(4, activation="gelu")
+    for make in (rj.elman, rj.lstm, rj.gru, rj.indrnn, rj.mingru):
         with pytest.raises(ValueError, match=r"hidden_size must be >= 1, got 0"):
             make(0)
         with pytest.raises(TypeError, match=r"hidden_size must be an int >= 1, got 4.0 of type float"):
@@ -156,6 +158,30 @@ def test_cell_constructors():
         rj.lstm(4).init(jax.random.key(0), 0)
     with pytest.raises(TypeError, match=r"dtype must be a floating-point dtype, got int32"):
         rj.gru(4).init(jax.random.key(0), 3, jnp.int32)
+
+
+def test_diagonal_and_gateless_cells_check_their_params():
+    xs = jnp.ones((2, 3, 5), jnp.float32)
+    cell = rj.indrnn(4)
+    params = cell.init(jax.random.key(0), 5)
+    with pytest.raises(
+        ValueError,
+        match=r"params.u of indrnn\(activation='relu'\) \(hidden_size=4\) must have shape \[4\], got \(3,\)",
+    ):
+        rj.unroll(cell, params._replace(u=jnp.ones(3)), xs)
+    with pytest.raises(ValueError, match=r"xs has feature size I=2 but params.w_ih has shape \(5, 4\)"):
+        rj.unroll(cell, params, xs[..., :2])
+    mingru = rj.mingru(4)
+    mp = mingru.init(jax.random.key(0), 5)
+    with pytest.raises(
+        ValueError, match=r"params.b of mingru \(hidden_size=4\) must have shape \[2H\] = \[8\], got \(4,\)"
+    ):
+        rj.unroll(mingru, mp._replace(b=jnp.ones(4)), xs)
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_ih of mingru \(hidden_size=4\) must have shape \[I, 2H\] = \[5, 8\], got \(5, 4\)",
+    ):
+        rj.unroll(mingru, params, xs)  # IndRNN's params given to a minGRU
 
 
 def test_forward_mode_through_manual_points_to_autodiff(lstm_setup):

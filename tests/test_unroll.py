@@ -47,7 +47,14 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
                 )
                 c = f * c + i * g
                 h = o * np.tanh(c)
+            elif name.startswith("indrnn"):  # Li et al. 2018, eq. 2
+                h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + p["u"] * h + p["b"])
+            elif name == "mingru":  # Feng et al. 2024, §3.1
+                zx = x @ p["w_ih"] + p["b"]
+                z = _sigmoid(zx[:H])
+                h = (1 - z) * h + z * zx[H:]
             else:
+                assert name == "gru"
                 zx, zh = x @ p["w_ih"] + p["b"], h @ p["w_hh"]
                 r = _sigmoid(zx[:H] + zh[:H])
                 zz = _sigmoid(zx[H : 2 * H] + zh[H : 2 * H])

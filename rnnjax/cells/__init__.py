@@ -3,7 +3,9 @@
 from rnnjax.cells.base import Cell, HCarry, LSTMCarry
 from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
+from rnnjax.cells.indrnn import IndRNNParams, indrnn
 from rnnjax.cells.lstm import LSTMParams, lstm
+from rnnjax.cells.mingru import MinGRUParams, mingru
 
 __all__ = [
     "ACTIVATIONS",
@@ -11,9 +13,13 @@ __all__ = [
     "ElmanParams",
     "GRUParams",
     "HCarry",
+    "IndRNNParams",
     "LSTMCarry",
     "LSTMParams",
+    "MinGRUParams",
     "elman",
     "gru",
+    "indrnn",
     "lstm",
+    "mingru",
 ]

@@ -12,7 +12,9 @@ recurrent projection and an elementwise "gates" function,
     zh_t = h_{t-1} w_hh          [B, G]   (the only GEMM inside the loop)
     carry_t, res_t = gates(params, zx_t, zh_t, carry_{t-1})
 
-and `gates_bwd` is the hand-derived derivative of `gates` (see each cell's module).
+and `gates_bwd` is the hand-derived derivative of `gates` (see each cell's module). A cell whose params have
+no ``w_hh`` (a diagonal recurrence like `indrnn`, or none at all like `mingru`) gets ``zh_t = None`` and
+does its recurrence inside ``gates``.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ class Cell(NamedTuple):
       gates_bwd: built-ins only. ``gates_bwd(params, res, carry_prev, carry_new, d_carry_new)
         -> (dzx [B, G], dzh [B, G] or None, d_carry_prev)``; ``dzh=None`` means ``dzh == dzx``, and
         ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``).
-      extra_grads: built-ins only. ``extra_grads(dzh_sum [G]) -> dict`` of gradients of the parameter
-        fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's ``b_hn``), or None.
+      extra_grads: built-ins only. ``extra_grads(dzx [T, B, G], dzh [T, B, G], prevs, res) -> dict`` of
+        gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's ``b_hn``,
+        IndRNN's ``u``), from every step's gate gradients, the carries entering the steps (leaves
+        ``[T, B, H]``) and the residuals, once over all T after the backward loop; or None.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
@@ -130,7 +134,7 @@ def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
 
     def step(params: PyTree, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
         zx = add_bias(x @ params.w_ih, params.b)
-        zh = carry.h @ params.w_hh
+        zh = carry.h @ params.w_hh if hasattr(params, "w_hh") else None
         new, _ = gates(params, zx, zh, carry)
         return new, new.h
 
@@ -166,6 +170,8 @@ def check_projection_params(
         "w_hh": ((H, G), f"[H, {gl}H] = [{H}, {G}]"),
         "b": ((G,), f"[{gl}H] = [{G}]"),
     }
+    if "w_hh" not in fields:  # a cell with a diagonal recurrence, or none
+        del expected["w_hh"]
     for field, shape in (extra_shapes or {}).items():
         expected[field] = (shape, f"{list(shape)}")
     for field, (shape, text) in expected.items():

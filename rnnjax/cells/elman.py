@@ -53,14 +53,14 @@ class ElmanParams(NamedTuple):
 
 # Each activation with its derivative written from its *output* h = f(z), so that the backward needs only
 # the hidden states that the forward keeps anyway.
-_ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
+ACTIVATION_FUNCTIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
     "tanh": (jnp.tanh, lambda h: 1 - h * h),
     "relu": (jax.nn.relu, lambda h: (h > 0).astype(h.dtype)),
     "sigmoid": (jax.nn.sigmoid, lambda h: h * (1 - h)),
     "identity": (lambda z: z, jnp.ones_like),
 }
 
-ACTIVATIONS: tuple[str, ...] = tuple(_ACTIVATIONS)
+ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_FUNCTIONS)
 
 
 def elman(
@@ -92,9 +92,9 @@ def elman(
       (2, 5, 8)
     """
     H = check_hidden_size(hidden_size)
-    if activation not in _ACTIVATIONS:
+    if activation not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    act, act_grad = _ACTIVATIONS[activation]
+    act, act_grad = ACTIVATION_FUNCTIONS[activation]
     default = uniform_init(1.0 / H**0.5)
 
     def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> ElmanParams:

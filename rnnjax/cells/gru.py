@@ -143,9 +143,9 @@ def gru(
         dzh = jnp.concatenate([dar, daz, dhn], axis=-1)
         return dzx, dzh, HCarry(h=dh_prev)
 
-    def extra_grads(dzh_sum: Array) -> dict[str, Array]:
+    def extra_grads(dzx: Array, dzh: Array, prevs: HCarry, res: Array) -> dict[str, Array]:
         # hn = zh_n + b_hn, so d b_hn is the n block of dzh summed over time and batch
-        return {"b_hn": dzh_sum[2 * H : 3 * H]}
+        return {"b_hn": jnp.sum(dzh[..., 2 * H : 3 * H], axis=(0, 1))}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
