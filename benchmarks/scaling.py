@@ -74,6 +74,42 @@ def long_sequence(B: int, T: int, I: int, H: int) -> dict[str, Any]:
     return result
 
 
+def budget(B: int, T: int, I: int, H: int, rounds: int) -> dict[str, Any]:
+    """Issue 6's acceptance for memory-budgeted BPTT: plain manual BPTT against √T checkpoints, timed.
+
+    Many-to-one (the loss reads the final state), as the long-sequence case; the compiled memory of a loss on
+    every output is recorded too (its outputs and their gradients are O(T) whatever the backward keeps).
+    """
+    cell = rj.lstm(H)
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    result: dict[str, Any] = {"B": B, "T": T, "I": I, "H": H}
+    grads = {}
+    for name, ck in (("plain", None), ("sqrt", "sqrt")):
+        for loss_name, read in (
+            ("last", lambda c, ys: jnp.sum(c.h**2)),
+            ("all", lambda c, ys: jnp.sum(ys**2)),
+        ):
+            step = jax.jit(
+                jax.value_and_grad(lambda p, x, ck=ck, read=read: read(*rj.unroll(cell, p, x, checkpoint=ck)))
+            )
+            mem = step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes / 2**20
+            result[f"{name}_{loss_name}_temp_mib"] = mem
+            if loss_name == "last":
+                grads[name] = jax.block_until_ready(step(params, xs))[1]
+                times = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(step(params, xs))
+                    times.append(time.perf_counter() - t0)
+                result[f"{name}_s"] = statistics.median(times)
+    result["grad_rel_diff"] = max(
+        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        for a, b in zip(jax.tree.leaves(grads["sqrt"]), jax.tree.leaves(grads["plain"]), strict=True)
+    )
+    return result
+
+
 def markdown(record: dict[str, Any]) -> str:
     modes = list(MODES)
     lines = [
@@ -104,6 +140,25 @@ def markdown(record: dict[str, Any]) -> str:
         f"plain BPTT would need {L['plain_temp_mib']:.0f} MiB.",
         "",
     ]
+    if "budget" in record:
+        b = record["budget"]
+        lines += [
+            f"**Memory-budgeted BPTT** (issue 6; LSTM B={b['B']}, T={b['T']:,}, I={b['I']}, H={b['H']}, "
+            "many-to-one):",
+            "",
+            "| | plain manual BPTT | √T checkpoints | ratio |",
+            "|---|---|---|---|",
+            f"| compiled temp memory | {b['plain_last_temp_mib']:.0f} MiB | "
+            f"{b['sqrt_last_temp_mib']:.0f} MiB | {b['sqrt_last_temp_mib'] / b['plain_last_temp_mib']:.3f} |",
+            f"| training step (median) | {b['plain_s']:.2f} s | {b['sqrt_s']:.2f} s | "
+            f"{b['sqrt_s'] / b['plain_s']:.2f} |",
+            f"| same, loss on every output | {b['plain_all_temp_mib']:.0f} MiB | "
+            f"{b['sqrt_all_temp_mib']:.0f} MiB | {b['sqrt_all_temp_mib'] / b['plain_all_temp_mib']:.3f} |",
+            "",
+            "Largest relative difference between the two modes' gradients (float32): "
+            f"{b['grad_rel_diff']:.1e}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -161,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         record["by_H"]["rows"].append({"x": h, "results": measure(Bh, Th, h, h, rounds)})
     print("long sequence ...", flush=True)
     record["long"] = long_sequence(*((2, 200, 4, 8) if args.quick else (8, 100_000, 32, 128)))
+    print("memory-budgeted BPTT ...", flush=True)
+    record["budget"] = budget(
+        *((2, 100, 4, 8) if args.quick else (32, 10_000, 256, 256)), 1 if args.quick else 3
+    )
     save_results("scaling", args.quick, record, markdown(record), plot, args.out, args.plot_dir)
     return 0
 

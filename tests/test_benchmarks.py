@@ -44,4 +44,8 @@ def test_scaling_quick(tmp_path):
     assert [row["x"] for row in record["by_T"]["rows"]] == [16, 64]
     assert record["long"]["finite"] and record["long"]["T"] == 200
     assert "manual + sqrt checkpoints" in (tmp_path / "scaling_quick.md").read_text()
+    budget = record["budget"]
+    assert budget["T"] == 100 and budget["sqrt_last_temp_mib"] < budget["plain_last_temp_mib"]
+    assert budget["grad_rel_diff"] < 1e-5
+    assert "Memory-budgeted BPTT" in (tmp_path / "scaling_quick.md").read_text()
     assert (tmp_path / "scaling_quick.png").stat().st_size > 0
