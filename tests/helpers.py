@@ -18,6 +18,8 @@ CELLS: dict[str, Any] = {
     "indrnn-relu": rj.indrnn,
     "indrnn-tanh": lambda H: rj.indrnn(H, "tanh"),
     "mingru": rj.mingru,
+    "minlstm": rj.minlstm,
+    "mgu": rj.mgu,
 }
 
 

@@ -53,6 +53,14 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
                 zx = x @ p["w_ih"] + p["b"]
                 z = _sigmoid(zx[:H])
                 h = (1 - z) * h + z * zx[H:]
+            elif name == "minlstm":  # Feng et al. 2024, §3.2
+                zx = x @ p["w_ih"] + p["b"]
+                f, i = _sigmoid(zx[:H]), _sigmoid(zx[H : 2 * H])
+                h = f / (f + i) * h + i / (f + i) * zx[2 * H :]
+            elif name == "mgu":  # Zhou et al. 2016, eq. 8
+                zx = x @ p["w_ih"] + p["b"]
+                f = _sigmoid(zx[:H] + h @ p["w_hh"])
+                h = (1 - f) * h + f * np.tanh(zx[H:] + (f * h) @ p["u_h"])
             else:
                 assert name == "gru"
                 zx, zh = x @ p["w_ih"] + p["b"], h @ p["w_hh"]

@@ -5,7 +5,9 @@ from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
 from rnnjax.cells.indrnn import IndRNNParams, indrnn
 from rnnjax.cells.lstm import LSTMParams, lstm
+from rnnjax.cells.mgu import MGUParams, mgu
 from rnnjax.cells.mingru import MinGRUParams, mingru
+from rnnjax.cells.minlstm import MinLSTMParams, minlstm
 
 __all__ = [
     "ACTIVATIONS",
@@ -16,10 +18,14 @@ __all__ = [
     "IndRNNParams",
     "LSTMCarry",
     "LSTMParams",
+    "MGUParams",
     "MinGRUParams",
+    "MinLSTMParams",
     "elman",
     "gru",
     "indrnn",
     "lstm",
+    "mgu",
     "mingru",
+    "minlstm",
 ]

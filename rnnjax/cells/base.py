@@ -151,10 +151,13 @@ def check_projection_params(
     input_size: int,
     dtype: Any,
     extra_shapes: dict[str, tuple[int, ...]] | None = None,
+    recurrent_gate_count: int | None = None,
 ) -> None:
-    """Checks a built-in cell's params: fields, shapes ``w_ih [I, G]``, ``w_hh [H, G]``, ``b [G]``, dtype.
+    """Checks a built-in cell's params: fields, shapes ``w_ih [I, G]``, ``w_hh [H, G_h]``, ``b [G]``, dtype.
 
-    Errors name the field, the expected shape (in I, H, G letters and numbers) and the actual shape.
+    ``G = gate_count · H``; ``G_h = recurrent_gate_count · H`` (default: ``G``) for a cell whose recurrent
+    GEMM feeds only some of its gates. Errors name the field, the expected shape (in I, H, G letters and
+    numbers) and the actual shape.
     """
     missing = [f for f in fields if not hasattr(params, f)]
     if missing:
@@ -165,9 +168,11 @@ def check_projection_params(
     H, I = hidden_size, input_size
     G = gate_count * H
     gl = "" if gate_count == 1 else f"{gate_count}"
+    rg = gate_count if recurrent_gate_count is None else recurrent_gate_count
+    rgl = "" if rg == 1 else f"{rg}"
     expected = {
         "w_ih": ((I, G), f"[I, {gl}H] = [{I}, {G}]"),
-        "w_hh": ((H, G), f"[H, {gl}H] = [{H}, {G}]"),
+        "w_hh": ((H, rg * H), f"[H, {rgl}H] = [{H}, {rg * H}]"),
         "b": ((G,), f"[{gl}H] = [{G}]"),
     }
     if "w_hh" not in fields:  # a cell with a diagonal recurrence, or none
