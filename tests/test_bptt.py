@@ -2,7 +2,9 @@
 
 The full matrix: every cell × activation × {no lengths, lengths with 0 and T} × {forward, reverse} ×
 {zero initial carry, given initial carry}, gradients to params, xs and the carry, through `rj.gradcheck`
-(which compares `jax.grad` of ``grad="manual"`` and ``grad="autodiff"`` and central differences).
+(which compares `jax.grad` of ``grad="manual"`` and ``grad="autodiff"`` and central differences). Then every
+cell once more against all four oracles (with RTRL and the complex step) on the hardest corner of the
+matrix: lengths with 0 and T, reverse, a given initial carry.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ def test_manual_equals_autodiff_and_finite_differences(name, with_carry, lengths
     cell = CELLS[name](H)
     params, xs, carry = random_problem(cell, key, B, T, I)
     report = rj.gradcheck(
-        cell, params, xs, carry=carry if with_carry else None, lengths=lengths, reverse=reverse
+        cell,
+        params,
+        xs,
+        carry=carry if with_carry else None,
+        lengths=lengths,
+        reverse=reverse,
+        oracles=("autodiff", "finite_differences"),
     )
     assert report.passed, str(report)
     assert [r.leaf for r in report.rows][:1] == ["params.w_ih"]
@@ -40,6 +48,17 @@ def test_manual_equals_autodiff_and_finite_differences(name, with_carry, lengths
     loss = readout_loss(cell, jax.random.key(7), lengths=lengths, reverse=reverse)
     g = jax.grad(loss, (0, 1, 2))(params, xs, carry, "manual")
     assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_four_oracles_agree_on_every_cell(name, key):
+    cell = CELLS[name](H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    report = rj.gradcheck(cell, params, xs, carry=carry, lengths=LENGTHS, reverse=True)
+    assert report.oracles == rj.GRADCHECK_ORACLES
+    assert report.passed, str(report)
+    assert max(report.max_autodiff_error, report.max_rtrl_error, report.max_complex_error) <= 1e-12
+    assert report.max_fd_error <= 1e-8
 
 
 def test_gradients_respect_lengths(key):
