@@ -451,7 +451,7 @@ def _localise(
                 p = params._replace(w_ih=jnp.concatenate([params.w_ih, w_t], axis=0))
                 return loss_fn(p, xs_aug, carry, grad=grad)
 
-            return np.asarray(jax.grad(f)(jnp.zeros((T, G * H), xs.dtype))).reshape(T, G, H)
+            return np.asarray(jax.jit(jax.grad(f))(jnp.zeros((T, G * H), xs.dtype))).reshape(T, G, H)
 
         m, a = per_step("manual"), per_step("autodiff")
         quantity, names = "Σ_batch ∂L/∂z_t per gate", cell.gate_names
