@@ -24,6 +24,7 @@ from rnnjax.cells import (
     MGUParams,
     MinGRUParams,
     MinLSTMParams,
+    PeepholeLSTMParams,
     elman,
     gru,
     indrnn,
@@ -31,6 +32,7 @@ from rnnjax.cells import (
     mgu,
     mingru,
     minlstm,
+    peephole_lstm,
 )
 from rnnjax.checkpoint import load, save
 from rnnjax.driver import GRAD_MODES, unroll
@@ -78,6 +80,7 @@ __all__ = [
     "MGUParams",
     "MinGRUParams",
     "MinLSTMParams",
+    "PeepholeLSTMParams",
     "bidirectional",
     "carry_from_torch",
     "carry_to_torch",
@@ -96,6 +99,7 @@ __all__ = [
     "mgu",
     "mingru",
     "minlstm",
+    "peephole_lstm",
     "rnn",
     "rtrl_value_and_grad",
     "save",

@@ -20,6 +20,7 @@ CELLS: dict[str, Any] = {
     "mingru": rj.mingru,
     "minlstm": rj.minlstm,
     "mgu": rj.mgu,
+    "lstm-peephole": rj.peephole_lstm,
 }
 
 

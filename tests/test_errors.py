@@ -149,7 +149,7 @@ def test_cell_constructors():
         rj.elman(4, activation="gelu")
     with pytest.raises(ValueError, match=r"activation must be one of \('tanh', 'relu', .*\), got 'gelu'"):
         rj.indrnn(4, activation="gelu")
-    for make in (rj.elman, rj.lstm, rj.gru, rj.indrnn, rj.mingru, rj.minlstm, rj.mgu):
+    for make in (rj.elman, rj.lstm, rj.gru, rj.indrnn, rj.mingru, rj.minlstm, rj.mgu, rj.peephole_lstm):
         with pytest.raises(ValueError, match=r"hidden_size must be >= 1, got 0"):
             make(0)
         with pytest.raises(TypeError, match=r"hidden_size must be an int >= 1, got 4.0 of type float"):

@@ -26,7 +26,7 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
     p = {k: np.asarray(v) for k, v in params._asdict().items()}
     xs = np.asarray(xs)
     h_all = np.asarray(carry.h).copy()
-    c_all = np.asarray(carry.c).copy() if name == "lstm" else None
+    c_all = np.asarray(carry.c).copy() if name.startswith("lstm") else None
     ys = np.zeros((xs.shape[0], xs.shape[1], H))
     for b in range(xs.shape[0]):
         n = xs.shape[1] if lengths is None else int(lengths[b])
@@ -57,6 +57,12 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
                 zx = x @ p["w_ih"] + p["b"]
                 f, i = _sigmoid(zx[:H]), _sigmoid(zx[H : 2 * H])
                 h = f / (f + i) * h + i / (f + i) * zx[2 * H :]
+            elif name == "lstm-peephole":  # Graves 2013, eqs. 7-11
+                z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
+                pi, pf, po = p["p"][:H], p["p"][H : 2 * H], p["p"][2 * H :]
+                i, f = _sigmoid(z[:H] + pi * c), _sigmoid(z[H : 2 * H] + pf * c)
+                c = f * c + i * np.tanh(z[2 * H : 3 * H])
+                h = _sigmoid(z[3 * H :] + po * c) * np.tanh(c)
             elif name == "mgu":  # Zhou et al. 2016, eq. 8
                 zx = x @ p["w_ih"] + p["b"]
                 f = _sigmoid(zx[:H] + h @ p["w_hh"])

@@ -8,6 +8,7 @@ from rnnjax.cells.lstm import LSTMParams, lstm
 from rnnjax.cells.mgu import MGUParams, mgu
 from rnnjax.cells.mingru import MinGRUParams, mingru
 from rnnjax.cells.minlstm import MinLSTMParams, minlstm
+from rnnjax.cells.peephole_lstm import PeepholeLSTMParams, peephole_lstm
 
 __all__ = [
     "ACTIVATIONS",
@@ -21,6 +22,7 @@ __all__ = [
     "MGUParams",
     "MinGRUParams",
     "MinLSTMParams",
+    "PeepholeLSTMParams",
     "elman",
     "gru",
     "indrnn",
@@ -28,4 +30,5 @@ __all__ = [
     "mgu",
     "mingru",
     "minlstm",
+    "peephole_lstm",
 ]
