@@ -25,6 +25,7 @@ from rnnjax.cells import (
     MinGRUParams,
     MinLSTMParams,
     PeepholeLSTMParams,
+    ProjectedLSTMParams,
     elman,
     gru,
     indrnn,
@@ -33,6 +34,7 @@ from rnnjax.cells import (
     mingru,
     minlstm,
     peephole_lstm,
+    projected_lstm,
 )
 from rnnjax.checkpoint import load, save
 from rnnjax.driver import GRAD_MODES, unroll
@@ -81,6 +83,7 @@ __all__ = [
     "MinGRUParams",
     "MinLSTMParams",
     "PeepholeLSTMParams",
+    "ProjectedLSTMParams",
     "bidirectional",
     "carry_from_torch",
     "carry_to_torch",
@@ -100,6 +103,7 @@ __all__ = [
     "mingru",
     "minlstm",
     "peephole_lstm",
+    "projected_lstm",
     "rnn",
     "rtrl_value_and_grad",
     "save",

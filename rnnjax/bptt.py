@@ -11,11 +11,12 @@ and the backward, a reverse-time `jax.lax.scan`, is::
     for t in reverse:
         g      = d_carry, with dy_t added to g.h         only where step t is valid; masked steps pass
                                                           d_carry straight through to step t-1
-        dzx_t, dzh_t, d_prev = gates_bwd(res_t, carry_{t-1}, carry_t, g)
+        dzx_t, dzh_t, d_prev[, aux_t] = gates_bwd(res_t, carry_{t-1}, carry_t, g)
         d_carry = d_prev + (dzh_t w_hhᵀ in the h slot)  the one GEMM inside the backward loop
     after the loop, once over all T (large GEMMs, fast):
         d w_ih = Σ_t x_tᵀ dzx_t      d b = Σ_t Σ_b dzx_t      d xs = dzx w_ihᵀ
-        d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra bias gradients, e.g. the GRU's d b_hn)
+        d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra gradients, e.g. the GRU's d b_hn, from the
+                                      stacked dzx, dzh, carries, residuals and aux)
 
 The forward keeps only ``xs`` (the caller's own array), the carry entering each step and each cell's minimal
 residuals (none for Elman, four gate activations for LSTM, ``[r, z, n, hn]`` for GRU).
@@ -117,16 +118,16 @@ def _backward(
         g = d_carry._replace(h=d_carry.h + dy_t)
         g_valid = zero_where_not(m_t, g)
         # through the gates, by the cell's hand-derived derivative
-        dzx, dzh, d_prev = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
+        dzx, dzh, d_prev, *aux = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
         if w_hh_t is not None:
             d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
-        return (d_prev, prev_t), (dzx, dzh, g_valid.h if emit_dh else None)
+        return (d_prev, prev_t), (dzx, dzh, g_valid.h if emit_dh else None, aux)
 
-    (d_carry0, _), (dzx, dzh, d_hs) = jax.lax.scan(
+    (d_carry0, _), (dzx, dzh, d_hs, aux) = jax.lax.scan(
         body,
         (d_final, final),
         (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs),
@@ -138,9 +139,9 @@ def _backward(
     # the weight and input gradients, once over all T and B (plain GEMMs: see rnnjax.scan.project)
     d_params = params._replace(
         w_ih=jnp.einsum("tbi,tbg->ig", jnp.swapaxes(xs, 0, 1), dzx),
-        b=jnp.sum(dzx, axis=(0, 1)),
+        **({"b": jnp.sum(dzx, axis=(0, 1))} if hasattr(params, "b") else {}),
         **({"w_hh": jnp.einsum("tbh,tbg->hg", prevs.h, dzh)} if w_hh_t is not None else {}),
-        **(cell.extra_grads(dzx, dzh, prevs, res) if cell.extra_grads else {}),
+        **(cell.extra_grads(dzx, dzh, prevs, res, *aux) if cell.extra_grads else {}),
     )
     d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)
     return d_params, d_xs, d_carry0, None, d_hs

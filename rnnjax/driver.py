@@ -238,7 +238,7 @@ def _check_probe(
         )
     if checkpoint is not None:
         raise ValueError("probe cannot be combined with checkpoint: pass checkpoint=None")
-    H = cell.hidden_size
+    H = cell.output_size
     shape = tuple(getattr(probe, "shape", ()))
     if shape != (*batch_shape, T, H):
         raise ValueError(f"probe must have shape [B, T, H] = {(*batch_shape, T, H)}, got {shape}")

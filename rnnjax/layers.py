@@ -88,7 +88,7 @@ def _output_size(cell: Cell) -> int:
             f"cell {cell.name!r} has no hidden_size; give rj.Cell(..., hidden_size=H) so the layer knows "
             "its output size"
         )
-    return cell.hidden_size
+    return cell.output_size
 
 
 def _check_cell(cell: Any, what: str) -> Cell:

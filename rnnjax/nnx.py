@@ -75,10 +75,10 @@ class Bidirectional(nnx.Module):
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         cell_bw = cell_fw if cell_bw is None else cell_bw
-        if merge == "sum" and cell_fw.hidden_size != cell_bw.hidden_size:
+        if merge == "sum" and cell_fw.output_size != cell_bw.output_size:
             raise ValueError(
                 "merge='sum' needs equal hidden sizes in both directions, "
-                f"got H_fw={cell_fw.hidden_size} and H_bw={cell_bw.hidden_size}"
+                f"got H_fw={cell_fw.output_size} and H_bw={cell_bw.output_size}"
             )
         self.merge = merge
         self.fw = RNN(cell_fw, input_size, rngs=rngs, dtype=dtype)

@@ -21,6 +21,8 @@ CELLS: dict[str, Any] = {
     "minlstm": rj.minlstm,
     "mgu": rj.mgu,
     "lstm-peephole": rj.peephole_lstm,
+    # outputs of width H (like every cell here) from a state one wider: proj_size < hidden_size
+    "lstm-projected": lambda H: rj.projected_lstm(H + 1, proj_size=H),
 }
 
 

@@ -160,6 +160,30 @@ def test_cell_constructors():
         rj.gru(4).init(jax.random.key(0), 3, jnp.int32)
 
 
+def test_projected_lstm_checks_its_sizes_and_params():
+    with pytest.raises(
+        ValueError, match=r"proj_size must be smaller than hidden_size \(P < H\), got P=4 and H=4"
+    ):
+        rj.projected_lstm(4, 4)
+    with pytest.raises(ValueError, match=r"proj_size must be >= 1, got 0"):
+        rj.projected_lstm(4, proj_size=0)
+    cell = rj.projected_lstm(4, 2)
+    params = cell.init(jax.random.key(0), 5)
+    xs = jnp.ones((2, 3, 5), jnp.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_hr of projected_lstm \(hidden_size=4\) must have shape \[4, 2\], got \(2, 4\)",
+    ):
+        rj.unroll(cell, params._replace(w_hr=params.w_hr.T), xs)
+    with pytest.raises(
+        ValueError,
+        match=r"params.w_hh of projected_lstm \(hidden_size=4\) must have shape \[2, 16\], got \(4, 16\)",
+    ):
+        rj.unroll(cell, params._replace(w_hh=rj.lstm(4).init(jax.random.key(0), 5).w_hh), xs)
+    with pytest.raises(ValueError, match=r"carry\.h must have shape \(2, 2\)"):
+        rj.unroll(cell, params, xs, carry=rj.LSTMCarry(jnp.zeros((2, 4)), jnp.zeros((2, 4))))
+
+
 def test_diagonal_and_gateless_cells_check_their_params():
     xs = jnp.ones((2, 3, 5), jnp.float32)
     cell = rj.indrnn(4)

@@ -14,6 +14,7 @@ import rnnjax as rj
 torch = pytest.importorskip("torch")
 
 B, T, I, H, L = 3, 5, 4, 3, 2
+P = 2  # proj_size of the projected LSTM
 
 
 def torch_module(kind, bidirectional, batch_first):
@@ -21,6 +22,8 @@ def torch_module(kind, bidirectional, batch_first):
     kw = dict(num_layers=L, bidirectional=bidirectional, batch_first=batch_first, dropout=0.25)
     if kind == "lstm":
         return torch.nn.LSTM(I, H, **kw).double().eval()
+    if kind == "lstm-proj":
+        return torch.nn.LSTM(I, H, proj_size=P, **kw).double().eval()
     if kind == "gru":
         return torch.nn.GRU(I, H, **kw).double().eval()
     return torch.nn.RNN(I, H, nonlinearity=kind.split("-")[1], **kw).double().eval()
@@ -32,7 +35,7 @@ CONFIGS = [(True, True, True), (True, False, False), (False, True, False), (Fals
 @pytest.mark.parametrize(
     "bidirectional, batch_first, packed", CONFIGS, ids=["bi-bf-packed", "bi-tm", "uni-bf", "uni-tm-packed"]
 )
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman-tanh", "elman-relu"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm-proj", "gru", "elman-tanh", "elman-relu"])
 def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, packed):
     module = torch_module(kind, bidirectional, batch_first)
     layer, params = rj.from_torch(module)
@@ -40,12 +43,14 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
     assert (layer.kind, inner.kind) == ("stack" if batch_first else "time_major", "stack")
     assert inner.option("dropout") == 0.25 and len(inner.children) == L
     D = 2 if bidirectional else 1
+    is_lstm, Hout = kind.startswith("lstm"), P if kind == "lstm-proj" else H
+    assert layer.output_size == D * Hout
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(B, T, I) if batch_first else (T, B, I))
     lengths = np.array([5, 2, 3]) if packed else None
-    h0, c0 = rng.normal(size=(L * D, B, H)), rng.normal(size=(L * D, B, H))
-    w_y = rng.normal(size=(B, T, D * H) if batch_first else (T, B, D * H))
-    w_h, w_c = rng.normal(size=(L * D, B, H)), rng.normal(size=(L * D, B, H))
+    h0, c0 = rng.normal(size=(L * D, B, Hout)), rng.normal(size=(L * D, B, H))
+    w_y = rng.normal(size=(B, T, D * Hout) if batch_first else (T, B, D * Hout))
+    w_h, w_c = rng.normal(size=(L * D, B, Hout)), rng.normal(size=(L * D, B, H))
 
     # PyTorch
     x = torch.tensor(xs, requires_grad=True)
@@ -56,10 +61,10 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
         inp = torch.nn.utils.rnn.pack_padded_sequence(
             x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False
         )
-    out, state = module(inp, (h, c) if kind == "lstm" else h)
+    out, state = module(inp, (h, c) if is_lstm else h)
     if packed:
         out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=T)
-    h_n, c_n = state if kind == "lstm" else (state, None)
+    h_n, c_n = state if is_lstm else (state, None)
     loss = (out * torch.tensor(w_y)).sum() + (h_n * torch.tensor(w_h)).sum()
     if c_n is not None:
         loss = loss + (c_n * torch.tensor(w_c)).sum()
@@ -67,7 +72,7 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
 
     # rnnjax
     def our_loss(params, xs, h0, c0):
-        carry = rj.carry_from_torch(layer, h0, c0 if kind == "lstm" else None)
+        carry = rj.carry_from_torch(layer, h0, c0 if is_lstm else None)
         carries, ys = layer.apply(
             params, xs, carry=carry, lengths=None if lengths is None else jnp.asarray(lengths)
         )
@@ -82,16 +87,17 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
     )
     assert rel_err(ys, out.detach().numpy()) <= 1e-10
     assert rel_err(hn, h_n.detach().numpy()) <= 1e-10
-    if kind == "lstm":
+    if is_lstm:
         assert rel_err(cn, c_n.detach().numpy()) <= 1e-10
     np.testing.assert_allclose(float(value), float(loss.detach()), rtol=1e-10)
     d_params, d_xs, d_h0, d_c0 = grads
     assert rel_err(d_xs, x.grad.numpy()) <= 1e-10
     assert rel_err(d_h0, h.grad.numpy()) <= 1e-10
-    if kind == "lstm":
+    if is_lstm:
         assert rel_err(d_c0, c.grad.numpy()) <= 1e-10
     # our weight gradients, written in PyTorch's layout, against PyTorch's
     ours = rj.to_torch(layer, d_params).state_dict()
+    assert set(ours) == {name for name, _ in module.named_parameters()}
     for name, p in module.named_parameters():
         g = p.grad.numpy()
         if name.startswith("bias_hh") and kind != "gru":
@@ -103,17 +109,17 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
         assert rel_err(ours[name].numpy(), g) <= 1e-10, name
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "elman-relu"])
+ROUND_TRIP_CELLS = {
+    "lstm": lambda: rj.lstm(H),
+    "lstm-proj": lambda: rj.projected_lstm(H, P),
+    "gru": lambda: rj.gru(H),
+    "elman-relu": lambda: rj.elman(H, "relu"),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIP_CELLS))
 def test_to_torch_round_trip(kind):
-    layer = rj.stack(
-        *[
-            rj.bidirectional(
-                rj.lstm(H) if kind == "lstm" else rj.gru(H) if kind == "gru" else rj.elman(H, "relu")
-            )
-        ]
-        * 2,
-        dropout=0.1,
-    )
+    layer = rj.stack(*[rj.bidirectional(ROUND_TRIP_CELLS[kind]())] * 2, dropout=0.1)
     params = layer.init(jax.random.key(0), I, jnp.float64)
     module = rj.to_torch(layer, params)
     assert module.num_layers == 2 and module.bidirectional and module.batch_first and module.dropout == 0.1
@@ -127,8 +133,6 @@ def test_to_torch_round_trip(kind):
 def test_torch_errors():
     with pytest.raises(TypeError, match=r"module must be a torch.nn.RNN, nn.LSTM or nn.GRU, got Linear"):
         rj.from_torch(torch.nn.Linear(2, 3))
-    with pytest.raises(ValueError, match=r"LSTM with proj_size=2 is not supported yet"):
-        rj.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
     with pytest.raises(ValueError, match=r"to_torch needs one cell kind, hidden size and direction count"):
         layer = rj.stack(rj.lstm(3), rj.gru(3))
         rj.to_torch(layer, layer.init(jax.random.key(0), 2))

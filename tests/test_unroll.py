@@ -27,7 +27,7 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
     xs = np.asarray(xs)
     h_all = np.asarray(carry.h).copy()
     c_all = np.asarray(carry.c).copy() if name.startswith("lstm") else None
-    ys = np.zeros((xs.shape[0], xs.shape[1], H))
+    ys = np.zeros((xs.shape[0], xs.shape[1], h_all.shape[-1]))
     for b in range(xs.shape[0]):
         n = xs.shape[1] if lengths is None else int(lengths[b])
         order = range(n - 1, -1, -1) if reverse else range(n)
@@ -37,16 +37,19 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
             x = xs[b, t]
             if name.startswith("elman"):
                 h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + h @ p["w_hh"] + p["b"])
-            elif name == "lstm":
+            elif name in ("lstm", "lstm-projected"):
                 z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
+                n = z.shape[-1] // 4  # the cell state's width: H, or H + 1 for the projected LSTM
                 i, f, g, o = (
-                    _sigmoid(z[:H]),
-                    _sigmoid(z[H : 2 * H]),
-                    np.tanh(z[2 * H : 3 * H]),
-                    _sigmoid(z[3 * H :]),
+                    _sigmoid(z[:n]),
+                    _sigmoid(z[n : 2 * n]),
+                    np.tanh(z[2 * n : 3 * n]),
+                    _sigmoid(z[3 * n :]),
                 )
                 c = f * c + i * g
                 h = o * np.tanh(c)
+                if name == "lstm-projected":  # Sak et al. 2014, §2.2: h_t = (o ⊙ tanh(c_t)) w_hr
+                    h = h @ p["w_hr"]
             elif name.startswith("indrnn"):  # Li et al. 2018, eq. 2
                 h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + p["u"] * h + p["b"])
             elif name == "mingru":  # Feng et al. 2024, §3.1

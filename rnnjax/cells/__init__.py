@@ -9,6 +9,7 @@ from rnnjax.cells.mgu import MGUParams, mgu
 from rnnjax.cells.mingru import MinGRUParams, mingru
 from rnnjax.cells.minlstm import MinLSTMParams, minlstm
 from rnnjax.cells.peephole_lstm import PeepholeLSTMParams, peephole_lstm
+from rnnjax.cells.projected_lstm import ProjectedLSTMParams, projected_lstm
 
 __all__ = [
     "ACTIVATIONS",
@@ -23,6 +24,7 @@ __all__ = [
     "MinGRUParams",
     "MinLSTMParams",
     "PeepholeLSTMParams",
+    "ProjectedLSTMParams",
     "elman",
     "gru",
     "indrnn",
@@ -31,4 +33,5 @@ __all__ = [
     "mingru",
     "minlstm",
     "peephole_lstm",
+    "projected_lstm",
 ]

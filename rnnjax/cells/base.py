@@ -54,13 +54,18 @@ class Cell(NamedTuple):
       gates: built-ins only. ``gates(params, zx [B, G], zh [B, G], carry) -> (carry, res)``.
       gates_bwd: built-ins only. ``gates_bwd(params, res, carry_prev, carry_new, d_carry_new)
         -> (dzx [B, G], dzh [B, G] or None, d_carry_prev)``; ``dzh=None`` means ``dzh == dzx``, and
-        ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``).
-      extra_grads: built-ins only. ``extra_grads(dzx [T, B, G], dzh [T, B, G], prevs, res) -> dict`` of
-        gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's ``b_hn``,
-        IndRNN's ``u``), from every step's gate gradients, the carries entering the steps (leaves
-        ``[T, B, H]``) and the residuals, once over all T after the backward loop; or None.
+        ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``). It may return
+        a fourth element, ``aux``: any per-step pytree that `extra_grads` needs besides the gate gradients
+        (e.g. ``dh_t`` for a projection's weight, the normalised gates' gradient for layer norm gains).
+      extra_grads: built-ins only. ``extra_grads(dzx [T, B, G], dzh [T, B, G], prevs, res[, aux]) -> dict``
+        of gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's
+        ``b_hn``, IndRNN's ``u``), from every step's gate gradients, the carries entering the steps (leaves
+        ``[T, B, H]``), the residuals and, when ``gates_bwd`` returns one, every step's ``aux`` (leaves
+        ``[T, ...]``), once over all T after the backward loop; or None.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
+      proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
+        (`projected_lstm`); None otherwise. See `output_size`.
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
         ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
 
@@ -79,6 +84,12 @@ class Cell(NamedTuple):
     extra_grads: Callable[[Array], dict[str, Array]] | None = None
     check_params: Callable[..., None] | None = None
     gate_names: tuple[str, ...] = ()
+    proj_size: int | None = None
+
+    @property
+    def output_size(self) -> int | None:
+        """The width of ``h`` and of every output ``y_t``: ``proj_size`` if set, else ``hidden_size``."""
+        return self.hidden_size if self.proj_size is None else self.proj_size
 
     @property
     def is_builtin(self) -> bool:
@@ -86,14 +97,14 @@ class Cell(NamedTuple):
         return self.gates is not None and self.gates_bwd is not None
 
 
-def check_hidden_size(hidden_size: Any) -> int:
-    """Validates a cell's ``hidden_size`` (an int >= 1) and returns it."""
+def check_hidden_size(hidden_size: Any, what: str = "hidden_size") -> int:
+    """Validates a cell's ``hidden_size`` (or another width named ``what``: an int >= 1) and returns it."""
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
         raise TypeError(
-            f"hidden_size must be an int >= 1, got {hidden_size!r} of type {type(hidden_size).__name__}"
+            f"{what} must be an int >= 1, got {hidden_size!r} of type {type(hidden_size).__name__}"
         )
     if hidden_size < 1:
-        raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        raise ValueError(f"{what} must be >= 1, got {hidden_size}")
     return hidden_size
 
 
@@ -126,6 +137,16 @@ def add_bias(z: Array, b: Array) -> Array:
     return z + b.reshape((1,) * (z.ndim - b.ndim) + b.shape)
 
 
+def input_projection(params: PyTree, x: Array) -> Array:
+    """``zx = x w_ih + b`` of a built-in cell, ``x [..., I] -> [..., G]``; ``x w_ih`` alone without ``b``.
+
+    A cell whose params have no ``b`` (`layer_norm_lstm`, which normalises ``x w_ih`` before any shift)
+    gets the bare product.
+    """
+    z = x @ params.w_ih
+    return add_bias(z, params.b) if hasattr(params, "b") else z
+
+
 def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
     """The one-step function of a built-in cell, written from its ``gates``.
 
@@ -133,7 +154,7 @@ def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
     """
 
     def step(params: PyTree, carry: PyTree, x: Array) -> tuple[PyTree, Array]:
-        zx = add_bias(x @ params.w_ih, params.b)
+        zx = input_projection(params, x)
         zh = carry.h @ params.w_hh if hasattr(params, "w_hh") else None
         new, _ = gates(params, zx, zh, carry)
         return new, new.h
@@ -177,6 +198,8 @@ def check_projection_params(
     }
     if "w_hh" not in fields:  # a cell with a diagonal recurrence, or none
         del expected["w_hh"]
+    if "b" not in fields:  # a cell that shifts its gates after normalising them
+        del expected["b"]
     for field, shape in (extra_shapes or {}).items():
         expected[field] = (shape, f"{list(shape)}")
     for field, (shape, text) in expected.items():

@@ -5,6 +5,7 @@ Per layer k and direction (``suffix`` "" or "_reverse")::
     w_ih = weight_ih_l{k}{suffix}ᵀ            w_hh = weight_hh_l{k}{suffix}ᵀ
     b    = bias_ih + bias_hh                  (GRU: the r, z blocks; the n block is bias_ih's alone)
     b_hn = bias_hh[2H:]                       (GRU only)
+    w_hr = weight_hr_l{k}{suffix}ᵀ            (LSTM with proj_size > 0: `rj.projected_lstm`)
 
 `from_torch` returns a `rj.stack` of one `rj.rnn` or `rj.bidirectional` per PyTorch layer (wrapped in
 `rj.time_major` when ``batch_first=False``), with PyTorch's inter-layer dropout. PyTorch's ``h_0``/``c_0``
@@ -19,7 +20,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cells import ElmanParams, GRUParams, LSTMParams, elman, gru, lstm
+from rnnjax.cells import (
+    ElmanParams,
+    GRUParams,
+    LSTMParams,
+    ProjectedLSTMParams,
+    elman,
+    gru,
+    lstm,
+    projected_lstm,
+)
 from rnnjax.cells.base import Cell, HCarry, LSTMCarry
 from rnnjax.layers import (
     BidirectionalCarry,
@@ -53,9 +63,9 @@ def _kind(module: Any) -> str:
     raise TypeError(f"module must be a torch.nn.RNN, nn.LSTM or nn.GRU, got {type(module).__name__}")
 
 
-def _cell(kind: str, H: int) -> Cell:
+def _cell(kind: str, H: int, P: int = 0) -> Cell:
     if kind == "lstm":
-        return lstm(H)
+        return projected_lstm(H, P) if P else lstm(H)
     if kind == "gru":
         return gru(H)
     return elman(H, kind.split("-", 1)[1])
@@ -77,6 +87,8 @@ def _direction_params(module: Any, kind: str, k: int, suffix: str) -> PyTree:
         b = np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
         return GRUParams(w_ih, w_hh, jnp.asarray(b), jnp.asarray(b_hh[2 * H :]))
     b = jnp.asarray(b_ih + b_hh)
+    if kind == "lstm" and getattr(module, "proj_size", 0):
+        return ProjectedLSTMParams(w_ih, w_hh, b, jnp.asarray(get("weight_hr").T))
     return (LSTMParams if kind == "lstm" else ElmanParams)(w_ih, w_hh, b)
 
 
@@ -95,17 +107,15 @@ def from_torch(module: Any) -> tuple[Layer, tuple]:
       16
     """
     kind = _kind(module)
-    if getattr(module, "proj_size", 0):
-        raise ValueError(f"LSTM with proj_size={module.proj_size} is not supported yet (proj_size must be 0)")
-    H = module.hidden_size
+    H, P = module.hidden_size, getattr(module, "proj_size", 0)
     layers, params = [], []
     for k in range(module.num_layers):
         fw = _direction_params(module, kind, k, "")
         if module.bidirectional:
-            layers.append(bidirectional(_cell(kind, H), _cell(kind, H)))
+            layers.append(bidirectional(_cell(kind, H, P), _cell(kind, H, P)))
             params.append(BidirectionalParams(fw, _direction_params(module, kind, k, "_reverse")))
         else:
-            layers.append(rnn(_cell(kind, H)))
+            layers.append(rnn(_cell(kind, H, P)))
             params.append(fw)
     layer = stack(*layers, dropout=float(module.dropout))
     if not module.batch_first:
@@ -142,16 +152,16 @@ def to_torch(layer: Layer, params: PyTree) -> Any:
         params = (params,)
     cells = [c for sub in layers for c in sub.children]
     names = {c.name for c in cells}
-    sizes = {c.hidden_size for c in cells}
+    sizes = {(c.hidden_size, c.proj_size) for c in cells}
     bidir = {sub.kind == "bidirectional" for sub in layers}
     if len(names) != 1 or len(sizes) != 1 or len(bidir) != 1:
         raise ValueError(
             f"to_torch needs one cell kind, hidden size and direction count throughout; got {sorted(names)}, "
-            f"hidden sizes {sorted(sizes)}"
+            f"(hidden, proj) sizes {sorted(sizes, key=str)}"
         )
     if any(sub.kind == "bidirectional" and sub.option("merge") != "concat" for sub in layers):
         raise ValueError("to_torch needs merge='concat' in bidirectional layers (PyTorch concatenates)")
-    (name,), (H,), (is_bidir,) = names, sizes, bidir
+    (name,), ((H, P),), (is_bidir,) = names, sizes, bidir
     first = params[0].fw if is_bidir else params[0]
     I = first.w_ih.shape[0]
     dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[
@@ -160,8 +170,8 @@ def to_torch(layer: Layer, params: PyTree) -> Any:
     kwargs = dict(num_layers=len(layers), batch_first=batch_first, bidirectional=is_bidir, dtype=dtype)
     if len(layers) > 1:
         kwargs["dropout"] = inner.option("dropout")
-    if name == "lstm":
-        module = torch.nn.LSTM(I, H, **kwargs)
+    if name in ("lstm", "projected_lstm"):
+        module = torch.nn.LSTM(I, H, proj_size=P or 0, **kwargs)
     elif name == "gru":
         module = torch.nn.GRU(I, H, **kwargs)
     else:
@@ -177,6 +187,8 @@ def to_torch(layer: Layer, params: PyTree) -> Any:
             state[f"weight_hh_l{k}{suffix}"] = np.asarray(q.w_hh).T
             state[f"bias_ih_l{k}{suffix}"] = b
             state[f"bias_hh_l{k}{suffix}"] = b_hh
+            if P:
+                state[f"weight_hr_l{k}{suffix}"] = np.asarray(q.w_hr).T
     module.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()})
     return module
 
@@ -200,7 +212,8 @@ def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
     for sub in layers:
         per_dir = []
         for cell in sub.children:
-            per_dir.append(LSTMCarry(h[i], c[i]) if cell.name == "lstm" else HCarry(h[i]))
+            lstm_like = cell.name in ("lstm", "projected_lstm")
+            per_dir.append(LSTMCarry(h[i], c[i]) if lstm_like else HCarry(h[i]))
             i += 1
         carries.append(BidirectionalCarry(*per_dir) if sub.kind == "bidirectional" else per_dir[0])
     if i != h.shape[0]:
