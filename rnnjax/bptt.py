@@ -141,7 +141,7 @@ def _backward(
         w_ih=jnp.einsum("tbi,tbg->ig", jnp.swapaxes(xs, 0, 1), dzx),
         **({"b": jnp.sum(dzx, axis=(0, 1))} if hasattr(params, "b") else {}),
         **({"w_hh": jnp.einsum("tbh,tbg->hg", prevs.h, dzh)} if w_hh_t is not None else {}),
-        **(cell.extra_grads(dzx, dzh, prevs, res, *aux) if cell.extra_grads else {}),
+        **(cell.extra_grads(params, dzx, dzh, prevs, res, *aux) if cell.extra_grads else {}),
     )
     d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)
     return d_params, d_xs, d_carry0, None, d_hs

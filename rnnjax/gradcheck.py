@@ -439,8 +439,9 @@ def _localise(
     """The first time step (backward order) and the gate blocks where manual and autodiff part."""
     params, xs, carry = args
     T = xs.shape[-2]
-    G, H = len(cell.gate_names), cell.hidden_size
-    if cell.is_builtin and G and H and hasattr(params, "w_ih"):
+    G = len(cell.gate_names)
+    if cell.is_builtin and G and hasattr(params, "w_ih"):
+        H = params.w_ih.shape[-1] // G  # the width of one gate block
         # one extra input per step, a one-hot of t, with zero weights: the forward is unchanged, and the
         # gradient of those weights' row t is Σ_batch ∂L/∂z_t, every gate block of step t apart
         onehot = jnp.broadcast_to(jnp.eye(T, dtype=xs.dtype), (*xs.shape[:-2], T, T))

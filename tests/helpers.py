@@ -21,7 +21,18 @@ CELLS: dict[str, Any] = {
     "minlstm": rj.minlstm,
     "mgu": rj.mgu,
     "lstm-peephole": rj.peephole_lstm,
+    # gains and shifts drawn away from 1 and 0, so that a backward that drops one of them is caught; ε
+    # raised from 1e-5 because at a zero carry LN(h w_hh) sits where its third derivative is ~ε^(-3/2),
+    # beyond central differences (test_bptt checks the default ε there with the exact oracles)
+    "lstm-layernorm": lambda H: rj.layer_norm_lstm(
+        H,
+        eps=1e-3,
+        gain_init=lambda k, s, d: 1 + 0.5 * jax.random.normal(k, s, d),
+        shift_init=lambda k, s, d: 0.5 * jax.random.normal(k, s, d),
+    ),
     # outputs of width H (like every cell here) from a state one wider: proj_size < hidden_size
+    # N = H complex units (2H real features), eigenvalues in a ring away from 0 and the phase spread wide
+    "lru": lambda H: rj.lru(H, r_min=0.4, r_max=0.95, max_phase=3.0),
     "lstm-projected": lambda H: rj.projected_lstm(H + 1, proj_size=H),
 }
 

@@ -68,6 +68,18 @@ def test_four_oracles_agree_on_every_cell(name, key):
     assert report.max_fd_error <= 1e-8
 
 
+def test_layer_norm_at_a_zero_carry_with_the_default_eps(key):
+    """LN(0 · w_hh) is LN's most curved point: the exact oracles agree to round-off, central differences
+    at their usual step do not (why the shared layer-norm test cell uses ε = 1e-3)."""
+    cell = rj.layer_norm_lstm(H, gain_init=lambda k, s, d: 1 + 0.5 * jax.random.normal(k, s, d))
+    params, xs, _ = random_problem(cell, key, B, T, I)
+    exact = rj.gradcheck(cell, params, xs, oracles=("autodiff", "rtrl", "complex_step"))
+    assert exact.passed, str(exact)
+    assert max(exact.max_autodiff_error, exact.max_rtrl_error, exact.max_complex_error) <= 1e-12
+    fd = rj.gradcheck(cell, params, xs, oracles=("finite_differences",))
+    assert 1e-8 < fd.max_fd_error < 1e-3  # truncation error, worst at carry.h
+
+
 def test_gradients_respect_lengths(key):
     """Inputs past a sequence's length get exactly zero gradient; an empty sequence passes dcarry through."""
     cell = rj.lstm(H)

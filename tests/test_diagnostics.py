@@ -73,7 +73,7 @@ def test_probe_gradient_is_dl_dh_in_every_mode(problem):
     cell = CELLS[name](H)
     params, xs, carry = random_problem(cell, jax.random.key(seed), B, T, I)
     L = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    probe = jnp.zeros((B, T, H), xs.dtype)
+    probe = jnp.zeros((B, T, cell.output_size), xs.dtype)
     loss = _probe_loss(cell, jax.random.key(seed + 1), L, reverse)
     manual = jax.grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "manual")
     autodiff = jax.grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "autodiff")

@@ -149,7 +149,10 @@ def test_cell_constructors():
         rj.elman(4, activation="gelu")
     with pytest.raises(ValueError, match=r"activation must be one of \('tanh', 'relu', .*\), got 'gelu'"):
         rj.indrnn(4, activation="gelu")
-    for make in (rj.elman, rj.lstm, rj.gru, rj.indrnn, rj.mingru, rj.minlstm, rj.mgu, rj.peephole_lstm):
+    with pytest.raises(ValueError, match=r"eps must be > 0, got 0.0"):
+        rj.layer_norm_lstm(4, eps=0.0)
+    cells = (rj.elman, rj.lstm, rj.gru, rj.indrnn, rj.mingru, rj.minlstm, rj.mgu, rj.peephole_lstm)
+    for make in (*cells, rj.layer_norm_lstm):
         with pytest.raises(ValueError, match=r"hidden_size must be >= 1, got 0"):
             make(0)
         with pytest.raises(TypeError, match=r"hidden_size must be an int >= 1, got 4.0 of type float"):
@@ -160,7 +163,7 @@ def test_cell_constructors():
         rj.gru(4).init(jax.random.key(0), 3, jnp.int32)
 
 
-def test_projected_lstm_checks_its_sizes_and_params():
+def test_projected_and_layer_norm_lstms_check_their_params():
     with pytest.raises(
         ValueError, match=r"proj_size must be smaller than hidden_size \(P < H\), got P=4 and H=4"
     ):
@@ -180,8 +183,38 @@ def test_projected_lstm_checks_its_sizes_and_params():
         match=r"params.w_hh of projected_lstm \(hidden_size=4\) must have shape \[2, 16\], got \(4, 16\)",
     ):
         rj.unroll(cell, params._replace(w_hh=rj.lstm(4).init(jax.random.key(0), 5).w_hh), xs)
+    ln = rj.layer_norm_lstm(4)
+    with pytest.raises(
+        TypeError, match=r"params for layer_norm_lstm must be a NamedTuple with fields .* without"
+    ):
+        rj.unroll(ln, rj.lstm(4).init(jax.random.key(0), 5), xs)
+    ln_params = ln.init(jax.random.key(0), 5)
+    with pytest.raises(
+        ValueError, match=r"params.gamma_c of layer_norm_lstm \(hidden_size=4\) must have shape \[4\]"
+    ):
+        rj.unroll(ln, ln_params._replace(gamma_c=jnp.ones(16)), xs)
     with pytest.raises(ValueError, match=r"carry\.h must have shape \(2, 2\)"):
         rj.unroll(cell, params, xs, carry=rj.LSTMCarry(jnp.zeros((2, 4)), jnp.zeros((2, 4))))
+
+
+def test_lru_checks_its_arguments_and_params():
+    with pytest.raises(ValueError, match=r"state_size must be >= 1, got 0"):
+        rj.lru(0)
+    with pytest.raises(
+        ValueError, match=r"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got 0.9 and 0.5"
+    ):
+        rj.lru(4, r_min=0.9, r_max=0.5)
+    with pytest.raises(ValueError, match=r"max_phase must be > 0, got 0"):
+        rj.lru(4, max_phase=0)
+    cell = rj.lru(4)
+    params = cell.init(jax.random.key(0), 5)
+    xs = jnp.ones((2, 3, 5), jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"params.theta_log of lru \(state_size=4\) must have shape \[4\], got \(8,\)"
+    ):
+        rj.unroll(cell, params._replace(theta_log=jnp.ones(8)), xs)
+    with pytest.raises(ValueError, match=r"carry\.h must have shape \(2, 8\)"):
+        rj.unroll(cell, params, xs, carry=rj.HCarry(jnp.zeros((2, 4))))
 
 
 def test_diagonal_and_gateless_cells_check_their_params():

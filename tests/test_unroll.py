@@ -18,6 +18,10 @@ def _sigmoid(z):
     return 1 / (1 + np.exp(-z))
 
 
+def _layer_norm(v, eps=1e-3):  # the ε of helpers.CELLS["lstm-layernorm"]
+    return (v - v.mean()) / np.sqrt(v.var() + eps)
+
+
 NP_ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0), "sigmoid": _sigmoid, "identity": lambda z: z}
 
 
@@ -50,6 +54,26 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
                 h = o * np.tanh(c)
                 if name == "lstm-projected":  # Sak et al. 2014, §2.2: h_t = (o ⊙ tanh(c_t)) w_hr
                     h = h @ p["w_hr"]
+            elif name == "lstm-layernorm":  # Ba et al. 2016, §A eqs. 20-22
+                z = (
+                    p["gamma_ih"] * _layer_norm(x @ p["w_ih"])
+                    + p["gamma_hh"] * _layer_norm(h @ p["w_hh"])
+                    + p["beta"]
+                )
+                i, f, g, o = (
+                    _sigmoid(z[:H]),
+                    _sigmoid(z[H : 2 * H]),
+                    np.tanh(z[2 * H : 3 * H]),
+                    _sigmoid(z[3 * H :]),
+                )
+                c = f * c + i * g
+                h = o * np.tanh(p["gamma_c"] * _layer_norm(c) + p["beta_c"])
+            elif name == "lru":  # Orvieto et al. 2023, eq. 1, in complex numbers
+                N = p["nu_log"].shape[0]
+                lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
+                u = x @ p["w_ih"] + p["b"]
+                s = (h[:N] + 1j * h[N:]) * lam + np.exp(p["gamma_log"]) * (u[:N] + 1j * u[N:])
+                h = np.concatenate([s.real, s.imag])
             elif name.startswith("indrnn"):  # Li et al. 2018, eq. 2
                 h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + p["u"] * h + p["b"])
             elif name == "mingru":  # Feng et al. 2024, §3.1
@@ -244,3 +268,33 @@ def test_init_options(key):
     assert p.w_ih.dtype == jnp.float64 and float(p.w_hh.min()) == 1 and float(p.b_hn.min()) == 1
     assert jax.tree.map(jnp.shape, rj.elman(4).init(key, 3)) == rj.ElmanParams((3, 4), (4, 4), (4,))
     assert rj.elman(4).init(key, 3).w_ih.dtype == jnp.float32  # float32 unless told otherwise
+
+
+def test_lru_with_a_dense_read_out_is_the_papers_layer(key):
+    """Orvieto et al.'s y_t = Re(C s_t) + D ⊙ x_t, in complex numpy, equals rj.lru + rj.dense + the skip."""
+    N, O, I_ = 3, 4, 4  # the skip D ⊙ x_t keeps the width: O = I
+    cell = rj.lru(N, r_min=0.5, r_max=0.99)
+    params, xs, _ = random_problem(cell, key, 2, 6, I_)
+    rng = np.random.default_rng(0)
+    C = rng.normal(size=(O, N)) + 1j * rng.normal(size=(O, N))
+    D = rng.normal(size=(I_,))
+    # the paper's layer, one sequence at a time, s_0 = 0
+    p = {k: np.asarray(v) for k, v in params._asdict().items()}
+    lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
+    B_ = (p["w_ih"][:, :N] + 1j * p["w_ih"][:, N:]).T  # [N, I]
+    expected = np.zeros((2, 6, O))
+    for b in range(2):
+        s = np.zeros(N, complex)
+        for t in range(6):
+            u = np.asarray(xs[b, t])
+            s = lam * s + np.exp(p["gamma_log"]) * (B_ @ u)
+            expected[b, t] = (C @ s).real + D * u
+    # rnnjax: the cell, a dense read-out without bias over [Re s, Im s], and the skip
+    head = rj.dense(O)
+    head_params = rj.DenseParams(w=jnp.asarray(np.concatenate([C.real.T, -C.imag.T])), b=jnp.zeros(O))
+    _, hs = rj.unroll(cell, params, xs)
+    ours = head.apply(head_params, hs) + xs * jnp.asarray(D)[None, None]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-13)
+    # every eigenvalue inside the ring it was drawn from, and γ the paper's normalisation at init
+    assert np.all((np.abs(lam) >= 0.5) & (np.abs(lam) < 0.99))
+    np.testing.assert_allclose(np.exp(p["gamma_log"]), np.sqrt(1 - np.abs(lam) ** 2), rtol=1e-12)

@@ -4,6 +4,8 @@ from rnnjax.cells.base import Cell, HCarry, LSTMCarry
 from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
 from rnnjax.cells.indrnn import IndRNNParams, indrnn
+from rnnjax.cells.layer_norm_lstm import LayerNormLSTMParams, layer_norm_lstm
+from rnnjax.cells.lru import LRUParams, lru
 from rnnjax.cells.lstm import LSTMParams, lstm
 from rnnjax.cells.mgu import MGUParams, mgu
 from rnnjax.cells.mingru import MinGRUParams, mingru
@@ -18,8 +20,10 @@ __all__ = [
     "GRUParams",
     "HCarry",
     "IndRNNParams",
+    "LRUParams",
     "LSTMCarry",
     "LSTMParams",
+    "LayerNormLSTMParams",
     "MGUParams",
     "MinGRUParams",
     "MinLSTMParams",
@@ -28,6 +32,8 @@ __all__ = [
     "elman",
     "gru",
     "indrnn",
+    "layer_norm_lstm",
+    "lru",
     "lstm",
     "mgu",
     "mingru",

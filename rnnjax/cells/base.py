@@ -57,8 +57,8 @@ class Cell(NamedTuple):
         ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``). It may return
         a fourth element, ``aux``: any per-step pytree that `extra_grads` needs besides the gate gradients
         (e.g. ``dh_t`` for a projection's weight, the normalised gates' gradient for layer norm gains).
-      extra_grads: built-ins only. ``extra_grads(dzx [T, B, G], dzh [T, B, G], prevs, res[, aux]) -> dict``
-        of gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's
+      extra_grads: built-ins only. ``extra_grads(params, dzx [T, B, G], dzh [T, B, G], prevs, res[, aux])
+        -> dict`` of gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's
         ``b_hn``, IndRNN's ``u``), from every step's gate gradients, the carries entering the steps (leaves
         ``[T, B, H]``), the residuals and, when ``gates_bwd`` returns one, every step's ``aux`` (leaves
         ``[T, ...]``), once over all T after the backward loop; or None.
@@ -173,12 +173,13 @@ def check_projection_params(
     dtype: Any,
     extra_shapes: dict[str, tuple[int, ...]] | None = None,
     recurrent_gate_count: int | None = None,
+    size_label: str = "hidden_size",
 ) -> None:
     """Checks a built-in cell's params: fields, shapes ``w_ih [I, G]``, ``w_hh [H, G_h]``, ``b [G]``, dtype.
 
     ``G = gate_count · H``; ``G_h = recurrent_gate_count · H`` (default: ``G``) for a cell whose recurrent
     GEMM feeds only some of its gates. Errors name the field, the expected shape (in I, H, G letters and
-    numbers) and the actual shape.
+    numbers) and the actual shape; ``size_label`` names H in them (e.g. ``"state_size"`` for the LRU).
     """
     missing = [f for f in fields if not hasattr(params, f)]
     if missing:
@@ -212,7 +213,7 @@ def check_projection_params(
             )
         if actual != shape:
             raise ValueError(
-                f"params.{field} of {name} (hidden_size={H}) must have shape {text}, got {actual}"
+                f"params.{field} of {name} ({size_label}={H}) must have shape {text}, got {actual}"
             )
         leaf_dtype = jnp.dtype(getattr(leaf, "dtype", None))
         if leaf_dtype != jnp.dtype(dtype):

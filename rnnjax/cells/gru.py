@@ -143,7 +143,7 @@ def gru(
         dzh = jnp.concatenate([dar, daz, dhn], axis=-1)
         return dzx, dzh, HCarry(h=dh_prev)
 
-    def extra_grads(dzx: Array, dzh: Array, prevs: HCarry, res: Array) -> dict[str, Array]:
+    def extra_grads(params: GRUParams, dzx: Array, dzh: Array, prevs: HCarry, res: Array) -> dict[str, Array]:
         # hn = zh_n + b_hn, so d b_hn is the n block of dzh summed over time and batch
         return {"b_hn": jnp.sum(dzh[..., 2 * H : 3 * H], axis=(0, 1))}
 

@@ -107,7 +107,9 @@ def indrnn(
         dz = d_new.h * act_grad(new.h)
         return dz, None, HCarry(h=dz * params.u[None])
 
-    def extra_grads(dzx: Array, dzh: Array, prevs: HCarry, res: tuple) -> dict[str, Array]:
+    def extra_grads(
+        params: IndRNNParams, dzx: Array, dzh: Array, prevs: HCarry, res: tuple
+    ) -> dict[str, Array]:
         # z_t ∋ u ⊙ h_{t-1}: d u = Σ_t Σ_b dz_t ⊙ h_{t-1}, once over all T
         return {"u": jnp.sum(dzx * prevs.h, axis=(0, 1))}
 

@@ -134,7 +134,9 @@ def peephole_lstm(
         dz = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
         return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev)
 
-    def extra_grads(dzx: Array, dzh: Array, prevs: LSTMCarry, act: Array) -> dict[str, Array]:
+    def extra_grads(
+        params: PeepholeLSTMParams, dzx: Array, dzh: Array, prevs: LSTMCarry, act: Array
+    ) -> dict[str, Array]:
         # c_t, which the output gate reads, is rebuilt from the stored gates and c_{t-1}
         c_prev = prevs.c
         c_new = act[..., H : 2 * H] * c_prev + act[..., :H] * act[..., 2 * H : 3 * H]

@@ -161,7 +161,12 @@ def projected_lstm(
         return dz, None, LSTMCarry(h=jnp.zeros_like(d_new.h), c=dc_prev), d_new.h
 
     def extra_grads(
-        dzx: Array, dzh: Array, prevs: LSTMCarry, res: tuple[Array, Array], dhs: Array
+        params: ProjectedLSTMParams,
+        dzx: Array,
+        dzh: Array,
+        prevs: LSTMCarry,
+        res: tuple[Array, Array],
+        dhs: Array,
     ) -> dict[str, Array]:
         act, tc = res
         r = act[..., 3 * H :] * tc  # [T, B, H]

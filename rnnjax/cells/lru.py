@@ -1,0 +1,195 @@
+r"""Linear recurrent unit (LRU, Orvieto et al. 2023): a diagonal complex recurrence in real arithmetic.
+
+Equations (one step; B batch, I input, N complex state units; the state ``s_t ∈ ℂ^N`` is carried as its
+real and imaginary parts, ``h_t = [Re s_t, Im s_t]`` [B, 2N], so every array is real)::
+
+    λ = exp(−exp(ν) + i exp(θ)) = a + i b          ν, θ [N] (``nu_log``, ``theta_log``): |λ| < 1 always
+    γ = exp(γ_log)                                  γ_log [N]: input normalisation, √(1 − |λ|²) at init
+    zx_t = x_t w_ih + b = [zr, zi]                  w_ih [I, 2N] = [Re B | Im B] (the paper's B, transposed)
+    s_t = λ ⊙ s_{t-1} + γ ⊙ (zr + i zi), i.e.
+    h_t = [a ⊙ s_re − b ⊙ s_im + γ ⊙ zr ,  b ⊙ s_re + a ⊙ s_im + γ ⊙ zi]
+    y_t = h_t
+
+The paper's read-out ``y_t = Re(C s_t) + D ⊙ x_t`` is linear in ``h_t``: ``Re(C s) = [Re s, Im s]
+[Re Cᵀ; −Im Cᵀ]``, an `rj.dense` over the outputs (no bias), plus the skip ``D ⊙ x_t``; the tests compose
+them and compare with the paper's complex equations. ``b`` (zero at init; the paper has none) shifts the
+input before the normalisation.
+
+Hand-derived backward, given ``dh_t = [dr, di]`` (there is no recurrent GEMM: the loop is elementwise)::
+
+    dzx_t = [γ ⊙ dr, γ ⊙ di]
+    dh_{t-1} = [a ⊙ dr + b ⊙ di ,  −b ⊙ dr + a ⊙ di]               (λ̄ times the complex gradient)
+    once over all T, from every step's dh_t (aux), h_{t-1} and zx_t:
+    d a = Σ dr ⊙ s_re + di ⊙ s_im ;  d b = Σ di ⊙ s_re − dr ⊙ s_im ;  d γ = Σ dr ⊙ zr + di ⊙ zi
+    with m = |λ| = exp(−exp(ν)), φ = exp(θ) (a = m cos φ, b = m sin φ):
+    d ν = −exp(ν) m (d a cos φ + d b sin φ) ;  d θ = φ m (d b cos φ − d a sin φ) ;  d γ_log = γ d γ
+
+The forward keeps, per step, ``zx_t`` ([B, 2N]) and the carries.
+
+Reference: A. Orvieto, S. L. Smith, A. Gu, A. Fernando, C. Gulcehre, R. Pascanu and S. De, "Resurrecting
+recurrent neural networks for long sequences", ICML 2023, §3 and Appendix A (init: ring
+``r_min ≤ |λ| ≤ r_max``, phase ``[0, max_phase]``, ``B ~ N(0, 1/(2I))``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import (
+    Cell,
+    HCarry,
+    check_float_dtype,
+    check_hidden_size,
+    check_input_size,
+    check_projection_params,
+    projection_step,
+)
+
+Array = jax.Array
+Initializer = Callable[[Array, tuple[int, ...], Any], Array]
+
+
+class LRUParams(NamedTuple):
+    """Parameters of the LRU; ``w_ih`` and ``b`` in two blocks of N: real part, imaginary part."""
+
+    w_ih: Array  # [I, 2N]
+    b: Array  # [2N]
+    nu_log: Array  # [N]: |λ| = exp(−exp(nu_log))
+    theta_log: Array  # [N]: arg λ = exp(theta_log)
+    gamma_log: Array  # [N]: the input normalisation γ = exp(gamma_log)
+
+
+def _eigenvalues(params: LRUParams, like: Array) -> tuple[Array, Array, Array]:
+    """``(a, b, γ)`` [N] each, reshaped to broadcast against ``like [..., N]``: λ = a + i b."""
+    m = jnp.exp(-jnp.exp(params.nu_log))
+    phi = jnp.exp(params.theta_log)
+    lift = lambda v: v.reshape((1,) * (like.ndim - 1) + v.shape)  # noqa: E731
+    return lift(m * jnp.cos(phi)), lift(m * jnp.sin(phi)), lift(jnp.exp(params.gamma_log))
+
+
+def lru(
+    state_size: int,
+    *,
+    r_min: float = 0.0,
+    r_max: float = 1.0,
+    max_phase: float = 2 * math.pi,
+    w_ih_init: Initializer | None = None,
+) -> Cell:
+    """A linear recurrent unit with ``state_size`` complex units, carried as ``h = [Re s, Im s]``.
+
+    Args:
+      state_size: N (>= 1), the number of complex state units; ``h`` and the outputs have 2N features.
+      r_min, r_max: the ring ``r_min ≤ |λ| < r_max`` the eigenvalues are drawn from (uniformly in area);
+        the paper uses r_min = 0.9 or more for long-range tasks.
+      max_phase: eigenvalue phases are drawn from ``[0, max_phase]``.
+      w_ih_init: optional initializer ``(key, shape, dtype) -> array`` of ``w_ih [I, 2N]``; by default
+        N(0, 1/(2I)), the paper's B.
+
+    Returns:
+      A `Cell` whose params are `LRUParams` and whose carry is ``HCarry(h [B, 2N])``; ``cell.hidden_size``
+      is 2N.
+
+    Example:
+      >>> import jax, rnnjax as rj
+      >>> cell = rj.lru(8, r_min=0.9, r_max=0.999)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> carry, ys = rj.unroll(cell, params, jax.numpy.ones((2, 100, 3)))
+      >>> ys.shape                     # [B, T, 2N]: real parts, then imaginary parts
+      (2, 100, 16)
+    """
+    N = check_hidden_size(state_size, "state_size")
+    if not 0.0 <= r_min < r_max <= 1.0:
+        raise ValueError(f"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got {r_min} and {r_max}")
+    if not max_phase > 0:
+        raise ValueError(f"max_phase must be > 0, got {max_phase}")
+
+    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> LRUParams:
+        I = check_input_size(input_size)
+        dtype = check_float_dtype(dtype)
+        k_w, k_r, k_p = jax.random.split(key, 3)
+        # |λ|² uniform on [r_min², r_max²] (uniform in the ring's area), written as ν = log(−log|λ|)
+        u1 = jax.random.uniform(k_r, (N,), dtype, minval=1e-6)
+        nu_log = jnp.log(-0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        theta_log = jnp.log(max_phase * jax.random.uniform(k_p, (N,), dtype, minval=1e-6))
+        modulus_sq = jnp.exp(-2 * jnp.exp(nu_log))
+        if w_ih_init is None:
+            w_ih = jax.random.normal(k_w, (I, 2 * N), dtype) / jnp.sqrt(jnp.asarray(2 * I, dtype))
+        else:
+            w_ih = w_ih_init(k_w, (I, 2 * N), dtype)
+        return LRUParams(
+            w_ih=w_ih,
+            b=jnp.zeros((2 * N,), dtype),
+            nu_log=nu_log,
+            theta_log=theta_log,
+            gamma_log=0.5 * jnp.log(1 - modulus_sq),
+        )
+
+    def initial_carry(params: LRUParams, batch_shape: tuple[int, ...] = ()) -> HCarry:
+        return HCarry(h=jnp.zeros((*tuple(batch_shape), 2 * N), params.w_ih.dtype))
+
+    def gates(params: LRUParams, zx: Array, zh: None, carry: HCarry) -> tuple[HCarry, Array]:
+        del zh  # no w_hh: the recurrence is the elementwise complex product below
+        a, b, gamma = _eigenvalues(params, zx[..., :N])
+        s_re, s_im = carry.h[..., :N], carry.h[..., N:]
+        h = jnp.concatenate(
+            [a * s_re - b * s_im + gamma * zx[..., :N], b * s_re + a * s_im + gamma * zx[..., N:]], axis=-1
+        )
+        return HCarry(h=h), zx
+
+    def gates_bwd(
+        params: LRUParams, zx: Array, prev: HCarry, new: HCarry, d_new: HCarry
+    ) -> tuple[Array, None, HCarry, Array]:
+        a, b, gamma = _eigenvalues(params, zx[..., :N])
+        dr, di = d_new.h[..., :N], d_new.h[..., N:]
+        dzx = jnp.concatenate([gamma * dr, gamma * di], axis=-1)
+        dh_prev = jnp.concatenate([a * dr + b * di, a * di - b * dr], axis=-1)
+        return dzx, None, HCarry(h=dh_prev), d_new.h
+
+    def extra_grads(
+        params: LRUParams, dzx: Array, dzh: Array, prevs: HCarry, zx: Array, dhs: Array
+    ) -> dict[str, Array]:
+        s_re, s_im = prevs.h[..., :N], prevs.h[..., N:]  # s_{t-1}, [T, B, N]
+        dr, di = dhs[..., :N], dhs[..., N:]  # dh_t, zero at masked steps
+        total = lambda v: jnp.sum(v, axis=(0, 1))  # noqa: E731
+        d_a = total(dr * s_re + di * s_im)
+        d_b = total(di * s_re - dr * s_im)
+        d_gamma = total(dr * zx[..., :N] + di * zx[..., N:])
+        # through a = m cos φ, b = m sin φ with m = exp(−exp(ν)), φ = exp(θ); γ = exp(γ_log)
+        m, phi = jnp.exp(-jnp.exp(params.nu_log)), jnp.exp(params.theta_log)
+        cos, sin = jnp.cos(phi), jnp.sin(phi)
+        return {
+            "nu_log": -jnp.exp(params.nu_log) * m * (d_a * cos + d_b * sin),
+            "theta_log": phi * m * (d_b * cos - d_a * sin),
+            "gamma_log": jnp.exp(params.gamma_log) * d_gamma,
+        }
+
+    def check_params(params: Any, input_size: int, dtype: Any) -> None:
+        check_projection_params(
+            params,
+            name="lru",
+            fields=LRUParams._fields,
+            gate_count=2,
+            hidden_size=N,
+            input_size=input_size,
+            dtype=dtype,
+            extra_shapes={"nu_log": (N,), "theta_log": (N,), "gamma_log": (N,)},
+            size_label="state_size",
+        )
+
+    return Cell(
+        init=init,
+        initial_carry=initial_carry,
+        step=projection_step(gates),
+        hidden_size=2 * N,
+        name="lru",
+        gates=gates,
+        gates_bwd=gates_bwd,
+        extra_grads=extra_grads,
+        check_params=check_params,
+        gate_names=("re", "im"),
+    )
