@@ -17,7 +17,13 @@ import numpy as np
 from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
-from rnnjax.remat import checkpointed_unroll, segment_length
+from rnnjax.remat import (
+    budget_schedule,
+    checkpointed_unroll,
+    nested_checkpointed_unroll,
+    segment_length,
+    step_sizes,
+)
 from rnnjax.scan import mask_from_lengths
 
 Array = jax.Array
@@ -37,6 +43,7 @@ def unroll(
     unroll: int | bool = 1,
     checkpoint: int | str | None = None,
     probe: Array | None = None,
+    budget: int | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -71,6 +78,10 @@ def unroll(
       checkpoint: None (default) keeps every step's residuals for the backward. An int K keeps only the
         carry every K steps and recomputes each segment in the backward (`rnnjax.remat`); ``"sqrt"`` uses
         K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass. Gradients are unchanged.
+      budget: instead of ``checkpoint``: at most this many bytes of state kept for the backward (carries
+        at checkpoints, one segment's residuals and output cotangents per level, sized from the cell's own
+        shapes), nesting checkpointed segments as deep as needed, each level one more forward pass
+        (`rnnjax.remat.budget_schedule`). A budget that holds every step's residuals is plain BPTT.
       probe: built-in cells only, without ``checkpoint``: an array ``[B, T, H]`` (pass zeros; its value is
         never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
         (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
@@ -102,6 +113,12 @@ def unroll(
     _check_unroll(unroll)
     if checkpoint is not None:
         segment_length(checkpoint, 1)  # validates
+    if budget is not None:
+        if checkpoint is not None:
+            raise ValueError(
+                f"pass checkpoint or budget, not both; got checkpoint={checkpoint!r}, budget={budget!r}"
+            )
+        budget_schedule(1, budget)  # validates the type; the size is checked against T below
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
     reverse = bool(reverse)
@@ -112,10 +129,14 @@ def unroll(
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
     if probe is not None:
-        probe = _check_probe(cell, params, probe, checkpoint, batch_shape, T, xs.dtype)
+        probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
 
     B = math.prod(batch_shape)
     flat_carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
+    schedule = ()
+    if budget is not None:
+        sizes = step_sizes(cell, params, flat_carry0, xs.reshape(B, T, I))
+        schedule = budget_schedule(T, budget, sizes)
     if T == 0:
         final, ys = flat_carry0, _empty_outputs(cell, params, flat_carry0, xs.reshape(B, 0, I))
     else:
@@ -128,7 +149,9 @@ def unroll(
             impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
             args = (*args, probe.reshape(B, T, -1))
         try:
-            if checkpoint is None:
+            if schedule:
+                final, ys = nested_checkpointed_unroll(impl, schedule, *args)
+            elif checkpoint is None:
                 final, ys = impl(*args)
             else:
                 final, ys = checkpointed_unroll(impl, segment_length(checkpoint, T), *args)
@@ -237,7 +260,7 @@ def _check_probe(
             f"got the user-written cell {cell.name!r}"
         )
     if checkpoint is not None:
-        raise ValueError("probe cannot be combined with checkpoint: pass checkpoint=None")
+        raise ValueError("probe cannot be combined with checkpoint or budget: pass neither")
     H = cell.output_size
     shape = tuple(getattr(probe, "shape", ()))
     if shape != (*batch_shape, T, H):

@@ -7,20 +7,28 @@ residual memory falls from O(T) to O(T/K + K) steps — O(√T) for K = √T —
 (Chen et al., "Training deep nets with sublinear memory cost", 2016; Gruslys et al., "Memory-efficient
 backpropagation through time", NeurIPS 2016, §3). Inputs, outputs and their gradients are O(T) as always.
 
+With ``rj.unroll(..., budget=M)`` (bytes) the segments nest, L levels deep, for L extra forward passes, and
+`budget_schedule` takes the fewest levels whose peak (carries, residuals and output cotangents, sized from
+the cell's own shapes) fits in M.
+This is the recursive schedule of Chen et al. (§4), not the time-optimal binomial one (Griewank's Revolve,
+Gruslys et al.'s dynamic programme), which would recompute less at the same budget.
+
 Each segment is sliced out of ``xs`` inside the loop, so no copy of the inputs is made, and an input
 gradient nobody asked for is never accumulated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, input_projection
 
 Array = jax.Array
 PyTree = Any
@@ -35,6 +43,110 @@ def segment_length(checkpoint: int | str, T: int) -> int:
             f"checkpoint must be None, 'sqrt' or an int >= 1 (steps per segment), got {checkpoint!r}"
         )
     return checkpoint
+
+
+class StepSizes(NamedTuple):
+    """Bytes: a carry, what the backward holds per step (carry, residuals, gate pre-activations and their
+    gradients), an output, and each nesting level's own (the parameter-gradient accumulator of its scan)."""
+
+    carry: int
+    residual: int
+    output: int
+    level: int = 0
+
+
+def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSizes:
+    """The `StepSizes` of ``cell`` on ``xs [B, T, I]`` from ``carry0`` (leaves ``[B, ...]``), from shapes.
+
+    A built-in cell keeps the carry entering a step and its gates' residuals, and its segment's backward
+    holds the hoisted ``zx`` and ``dzx`` ([B, G] per step); a user-written cell keeps the carry (its backward
+    recomputes each step's VJP). A model, not a measurement: tests/test_remat.py holds compiled memory
+    within 2x of it.
+    """
+    nbytes = lambda tree: sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))  # noqa: E731
+    x_t = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[-1]), xs.dtype)
+    carry = nbytes(carry0)
+    _, y = jax.eval_shape(cell.step, params, carry0, x_t)
+    residual = carry
+    if cell.is_builtin:
+
+        def gates(p: PyTree, c: PyTree, x: Array) -> PyTree:
+            zx = input_projection(p, x)
+            return cell.gates(p, zx, c.h @ p.w_hh if hasattr(p, "w_hh") else None, c)[1]
+
+        zx = jax.eval_shape(input_projection, params, x_t)
+        residual += nbytes(jax.eval_shape(gates, params, carry0, x_t)) + 2 * nbytes(zx)
+    return StepSizes(carry, residual, nbytes(y), 2 * nbytes(params))
+
+
+STEPS = StepSizes(1, 1, 1, 0)  # count steps instead of bytes
+
+
+def budget_schedule(T: int, budget: int, sizes: StepSizes = STEPS) -> tuple[int, ...]:
+    """Nested segment lengths ``(K_1, ..., K_L)``, outermost first, that keep at most ``budget`` bytes.
+
+    The peak of a schedule (`peak_bytes`): while the backward recomputes one segment at every level, it holds
+    the ``⌈T/K_1⌉`` carries of the outer level, the ``⌈K_i/K_{i+1}⌉`` carries of each inner level, the
+    innermost segment's ``K_L`` steps of residuals, every live segment's ``K_i`` output cotangents (JAX's
+    scan materialises them even when they are zero) and each level's own, at the `StepSizes` (the default,
+    `STEPS`, counts steps). Each level costs one more forward pass, so the schedule takes the fewest levels
+    that fit, and among their segment lengths the lowest peak; ``()`` when plain BPTT fits.
+
+    Raises:
+      ValueError: if ``budget`` is not an int >= 1, or is below the lowest peak of any schedule for T.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1 (bytes kept for the backward), got {budget!r}")
+    if T * sizes.residual <= budget:
+        return ()
+    best = T * sizes.residual
+    for levels in range(1, _MAX_LEVELS + 1):
+        peak, ks = _best_nesting(T, levels, sizes)
+        best = min(best, peak)
+        if peak <= budget:
+            return ks
+    raise ValueError(
+        f"budget={budget} bytes is too small for T={T} steps of {sizes}: the leanest schedule keeps "
+        f"{best} bytes; pass budget >= {best}"
+    )
+
+
+_MAX_LEVELS = 4  # past this, each level saves little memory for one more forward pass
+
+
+def peak_bytes(T: int, ks: tuple[int, ...], sizes: StepSizes = STEPS) -> int:
+    """The peak state a nested schedule ``ks`` keeps in the backward (see `budget_schedule`)."""
+    if not ks:
+        return T * sizes.residual
+    spans = (T, *ks)
+    carries = sum(-(-spans[i] // spans[i + 1]) for i in range(len(ks)))
+    return carries * sizes.carry + ks[-1] * sizes.residual + sum(ks) * sizes.output + len(ks) * sizes.level
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_nesting(span: int, levels: int, sizes: StepSizes) -> tuple[int, tuple[int, ...]]:
+    """``(peak, ks)`` minimising `peak_bytes` over ``levels`` nested segment lengths for ``span`` steps.
+
+    Segment lengths are searched on a geometric grid (ratio ~1.1, plus every length up to 16).
+    """
+    best: tuple[int, tuple[int, ...]] | None = None
+    for K in _grid(span):
+        inner_peak, inner = _best_nesting(K, levels - 1, sizes) if levels > 1 else (K * sizes.residual, ())
+        # the outer carries, this segment's output cotangents, and what recomputing the segment holds
+        peak = -(-span // K) * sizes.carry + K * sizes.output + sizes.level + inner_peak
+        if best is None or peak < best[0]:
+            best = (peak, (K, *inner))
+    assert best is not None
+    return best
+
+
+def _grid(span: int) -> list[int]:
+    """Candidate segment lengths in ``[1, span - 1]``: all up to 16, then ~10% apart."""
+    ks, k = [], 1
+    while k < span:
+        ks.append(k)
+        k = k + 1 if k < 16 else int(k * 1.1) + 1
+    return ks or [1]
 
 
 def checkpointed_unroll(
@@ -86,3 +198,12 @@ def checkpointed_unroll(
         outs.reverse()
     ys = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *outs)
     return carry, ys
+
+
+def nested_checkpointed_unroll(
+    impl: Callable[..., tuple[PyTree, PyTree]], ks: tuple[int, ...], *args: Any
+) -> tuple[PyTree, PyTree]:
+    """`checkpointed_unroll` nested: segments of ``ks[0]`` steps, recomputed in segments of ``ks[1]``, ..."""
+    for K in reversed(ks[1:]):
+        impl = partial(checkpointed_unroll, impl, K)
+    return checkpointed_unroll(impl, ks[0], *args)

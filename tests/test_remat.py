@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -55,12 +57,14 @@ def test_checkpointed_user_cell(key):
     )
 
 
-def _temp_memory(T: int, checkpoint) -> int:
+def _temp_memory(T: int, checkpoint, budget=None) -> int:
     cell = rj.lstm(32)
     params = cell.init(jax.random.key(0), 16)
     xs = jnp.ones((4, T, 16), jnp.float32)
     # many-to-one: the loss needs no O(T) outputs, so what grows with T is what BPTT keeps
-    step = jax.jit(jax.grad(lambda p: jnp.sum(rj.unroll(cell, p, xs, checkpoint=checkpoint)[0].h ** 2)))
+    step = jax.jit(
+        jax.grad(lambda p: jnp.sum(rj.unroll(cell, p, xs, checkpoint=checkpoint, budget=budget)[0].h ** 2))
+    )
     return step.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -70,6 +74,59 @@ def test_residual_memory_grows_as_sqrt_t():
     assert plain[1] / plain[0] > 3.5  # linear in T
     assert saving[1] / saving[0] < 2.5  # ~2 = √4
     assert saving[1] < 0.1 * plain[1]
+
+
+def test_budget_schedule_fits_with_the_fewest_levels():
+    from rnnjax.remat import STEPS, StepSizes, _best_nesting, budget_schedule, peak_bytes
+
+    lstm_like = StepSizes(carry=2, residual=7, output=1, level=40)
+    for sizes in (STEPS, lstm_like):
+        for T in (10, 1000, 4096, 100_000):
+            plain = T * sizes.residual
+            leanest = min(_best_nesting(T, levels, sizes)[0] for levels in range(1, 5))
+            for budget in (leanest, leanest + (plain - leanest) // 100, leanest + (plain - leanest) // 3):
+                ks = budget_schedule(T, budget, sizes)
+                assert 1 <= len(ks) and all(a > b for a, b in itertools.pairwise(ks))
+                assert peak_bytes(T, ks, sizes) <= budget < plain
+                if len(ks) > 1:  # one level fewer would not fit
+                    assert _best_nesting(T, len(ks) - 1, sizes)[0] > budget
+            with pytest.raises(ValueError, match=f"pass budget >= {leanest}"):
+                budget_schedule(T, leanest - 1, sizes)
+    assert budget_schedule(50, 50) == () and budget_schedule(50, 350, lstm_like) == ()
+    # the model, against a hand count: T=100, K=(20, 5) holds 5 + 4 carries, 5 steps of residuals, 20 + 5
+    # output cotangents and two levels' own
+    assert peak_bytes(100, (20, 5), lstm_like) == 9 * 2 + 5 * 7 + 25 * 1 + 2 * 40
+
+
+def test_budget_gradients_equal_plain_two_levels_deep(key):
+    from rnnjax.remat import budget_schedule, step_sizes
+
+    T_ = 60
+    L = jnp.array([60, 0, 41])
+    for name, budget in (("lstm", 9_000), ("gru", 6_100)):  # bytes (float64, B=3, H=4): two levels
+        cell = CELLS[name](H)
+        params, xs, carry = random_problem(cell, key, B, T_, I)
+        assert len(budget_schedule(T_, budget, step_sizes(cell, params, carry, xs))) == 2
+        plain = readout_loss(cell, jax.random.key(2), lengths=L, reverse=True)
+        saving = readout_loss(cell, jax.random.key(2), lengths=L, reverse=True, budget=budget)
+        g_plain = jax.grad(plain, (0, 1, 2))(params, xs, carry, "manual")
+        for grad in rj.GRAD_MODES:
+            assert rel_err(jax.grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
+
+
+def test_budget_bounds_compiled_memory_and_beats_sqrt():
+    """At T=4096 the two-level schedule that a budget picks holds its compiled temporary memory within 2x of
+    the budget, and under half of what ⌈√T⌉ segments hold."""
+    from rnnjax.remat import _best_nesting, budget_schedule, step_sizes
+
+    cell = rj.lstm(32)
+    params = cell.init(jax.random.key(0), 16)
+    sizes = step_sizes(cell, params, cell.initial_carry(params, (4,)), jnp.ones((4, 1, 16), jnp.float32))
+    budget, ks = _best_nesting(4096, 2, sizes)
+    assert budget_schedule(4096, budget, sizes) == ks and len(ks) == 2
+    used = _temp_memory(4096, None, budget=budget)
+    assert used <= 2 * budget
+    assert used < 0.5 * _temp_memory(4096, "sqrt")
 
 
 def test_checkpoint_errors(key):
@@ -83,3 +140,13 @@ def test_checkpoint_errors(key):
         ValueError, match=r"checkpoint must be None, 'sqrt' or an int >= 1 \(steps per segment\), got 'log'"
     ):
         rj.unroll(cell, params, xs, checkpoint="log")
+    with pytest.raises(
+        ValueError, match=r"budget must be an int >= 1 \(bytes kept for the backward\), got 0"
+    ):
+        rj.unroll(cell, params, xs, budget=0)
+    with pytest.raises(
+        ValueError, match=r"budget=500 bytes is too small for T=10 steps of StepSizes\(carry=96,"
+    ):
+        rj.unroll(cell, params, xs, budget=500)
+    with pytest.raises(ValueError, match=r"pass checkpoint or budget, not both"):
+        rj.unroll(cell, params, xs, checkpoint="sqrt", budget=9)
