@@ -14,6 +14,19 @@ per sequence, with the two Jacobians of each step from `jax.jacfwd`. The cost is
 sequence (O(H⁴) for a dense cell), which is why RTRL is for small networks; the memory is O(B S P) whatever
 T is. The gradient is the same number BPTT computes, to round-off, and the tests check it against the
 hand-derived BPTT to 1e-10 in float64.
+
+**Diagonal cells** (``cell.diagonal``: `indrnn`, `mingru`, `minlstm`, whose unit j reads only its own past
+and its own parameter entries) need no ``[S, P]`` matrix: each parameter moves one unit, so its sensitivity
+is one number per sequence, and with ``zx = x w_ih + b``::
+
+    D_t = ∂h_t/∂h_{t−1} (a diagonal, [B, H])       J_t = ∂h_t/∂zx_t (one entry per gate column, [B, G])
+    m_w[i, g] ← D_t[u(g)] m_w[i, g] + x_t[i] J_t[g]        m_b[g] ← D_t[u(g)] m_b[g] + J_t[g]
+    m_u[j]    ← D_t[j] m_u[j] + ∂h_t[j]/∂u[j]             (every per-unit leaf u [H], e.g. IndRNN's)
+
+with u(g) the unit of gate column g. ``D``, ``J`` and ``∂h/∂u`` come from `jax.jvp` of the cell's own
+``gates`` (one per gate block and per leaf). Memory and time per step are O(B P) instead of O(B H P) and
+O(B H² P): exact online learning at the cost of a forward pass (Zucchet et al., "Online learning of
+long-range dependencies", NeurIPS 2023, for the same idea in diagonal linear recurrences).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, HCarry, input_projection
 from rnnjax.driver import _check_carry, _check_cell, _check_lengths, _check_xs
 from rnnjax.scan import mask_from_lengths
 
@@ -43,6 +56,7 @@ def rtrl_value_and_grad(
     step_loss: StepLoss,
     carry: PyTree | None = None,
     lengths: Array | None = None,
+    structure: str = "auto",
 ) -> tuple[Array, tuple[PyTree, PyTree], PyTree]:
     """The loss ``L = Σ_t Σ_b ℓ_t[b]`` and its exact gradient by RTRL, forward in time.
 
@@ -56,6 +70,8 @@ def rtrl_value_and_grad(
       carry: the initial carry (a constant); None means zeros.
       lengths: ``[B]`` valid steps; steps ``t >= lengths[b]`` add no loss and keep the carry, as in
         `rnnjax.unroll`.
+      structure: ``"auto"`` (default) carries one sensitivity per parameter for a diagonal cell
+        (``cell.diagonal``) and the full ``[S, P]`` matrix otherwise; ``"dense"`` always the full matrix.
 
     Returns:
       ``(loss, (d_params, d_readout_params), final_carry)``. ``d_params`` equals
@@ -76,6 +92,10 @@ def rtrl_value_and_grad(
     lengths = _check_lengths(lengths, (B,), T)
     carry0 = _check_carry(cell, params, carry, (B,), xs.dtype)
     mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
+    if structure not in ("auto", "dense"):
+        raise ValueError(f"structure must be 'auto' or 'dense', got {structure!r}")
+    if structure == "auto" and cell.diagonal and cell.is_builtin:
+        return _diagonal_rtrl(cell, params, readout_params, xs, targets, step_loss, carry0, mask)
 
     theta, unravel_params = ravel_pytree(params)
     P = theta.shape[0]
@@ -100,15 +120,7 @@ def rtrl_value_and_grad(
 
     batched = jax.vmap(step_and_jacobians, in_axes=(0, None, 0))
 
-    def per_example_loss(ro: PyTree, y: Array, tgt: PyTree, valid: Array) -> Array:
-        losses = step_loss(ro, y, tgt)
-        if jnp.shape(losses) != (B,):
-            raise ValueError(
-                f"step_loss must return per-sequence losses of shape [B] = ({B},), got {jnp.shape(losses)}"
-            )
-        return jnp.sum(jnp.where(valid, losses, jnp.zeros_like(losses)))
-
-    loss_grads = jax.value_and_grad(per_example_loss, argnums=(0, 1))
+    loss_grads = _loss_grads(step_loss, B)
 
     def body(state: tuple, t: Array) -> tuple[tuple, None]:
         s, M, total, g_theta, g_ro = state  # s [B, S], M [B, S, P]
@@ -138,3 +150,104 @@ def rtrl_value_and_grad(
     (s, _, total, g_theta, g_ro), _ = jax.lax.scan(body, init, jnp.arange(T))
     final = jax.vmap(unravel_state)(s)
     return total, (unravel_params(g_theta), g_ro), final
+
+
+def _loss_grads(step_loss: StepLoss, B: int) -> Callable:
+    """``(readout_params, y [B, H], targets_t, valid [B]) -> (Σ valid losses, (d readout, d y))``."""
+
+    def per_example_loss(ro: PyTree, y: Array, tgt: PyTree, valid: Array) -> Array:
+        losses = step_loss(ro, y, tgt)
+        if jnp.shape(losses) != (B,):
+            raise ValueError(
+                f"step_loss must return per-sequence losses of shape [B] = ({B},), got {jnp.shape(losses)}"
+            )
+        return jnp.sum(jnp.where(valid, losses, jnp.zeros_like(losses)))
+
+    return jax.value_and_grad(per_example_loss, argnums=(0, 1))
+
+
+def _diagonal_rtrl(
+    cell: Cell,
+    params: PyTree,
+    readout_params: PyTree,
+    xs: Array,
+    targets: PyTree,
+    step_loss: StepLoss,
+    carry0: HCarry,
+    mask: Array | None,
+) -> tuple[Array, tuple[PyTree, PyTree], HCarry]:
+    """`rtrl_value_and_grad` for a diagonal cell: one sensitivity per parameter and sequence (see above)."""
+    B, T, I = xs.shape
+    H = cell.hidden_size
+    G = params.w_ih.shape[-1]
+    k = G // H  # gate blocks; gate column g belongs to unit g mod H
+    unit_leaves = [f for f in params._fields if f not in ("w_ih", "b")]  # each [H]: one entry per unit
+    loss_grads = _loss_grads(step_loss, B)
+
+    def new_h(p: PyTree, zx: Array, h: Array) -> Array:
+        return cell.gates(p, zx, None, HCarry(h=h))[0].h
+
+    def local_derivatives(zx: Array, h: Array) -> tuple[Array, Array, Array, dict[str, Array]]:
+        """``(h_t, D [B, H], J [B, G], {leaf: ∂h_t/∂leaf [B, H]})``, each a jvp of the gates."""
+        h_new, D = jax.jvp(lambda v: new_h(params, zx, v), (h,), (jnp.ones_like(h),))
+        blocks = [
+            jax.jvp(
+                lambda z: new_h(params, z, h),
+                (zx,),
+                (jnp.zeros_like(zx).at[..., j * H : (j + 1) * H].set(1),),
+            )[1]
+            for j in range(k)
+        ]
+        by_leaf = {
+            f: jax.jvp(
+                lambda v, f=f: new_h(params._replace(**{f: v}), zx, h),
+                (getattr(params, f),),
+                (jnp.ones_like(getattr(params, f)),),
+            )[1]
+            for f in unit_leaves
+        }
+        return h_new, D, jnp.concatenate(blocks, axis=-1), by_leaf
+
+    def per_gate(a: Array) -> Array:
+        """``[B, H] -> [B, G]``: unit j's value in every gate column of unit j."""
+        return jnp.concatenate([a] * k, axis=-1)
+
+    def body(state: tuple, t: Array) -> tuple[tuple, None]:
+        h, m_w, m_b, m_u, total, g_w, g_b, g_u, g_ro = state
+        x_t = jax.lax.dynamic_index_in_dim(xs, t, axis=1, keepdims=False)  # [B, I]
+        tgt_t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), targets)
+        valid = jnp.ones((B,), bool) if mask is None else mask[t]
+        h_new, D, J, dh_du = local_derivatives(input_projection(params, x_t), h)
+        Dg = per_gate(D)
+        # each sensitivity decays through its own unit's recurrence and gains this step's direct effect
+        new_m_w = Dg[:, None, :] * m_w + x_t[:, :, None] * J[:, None, :]  # [B, I, G]
+        new_m_b = Dg * m_b + J  # [B, G]
+        new_m_u = {f: D * m_u[f] + dh_du[f] for f in unit_leaves}  # [B, H] each
+        value, (d_ro, d_y) = loss_grads(readout_params, h_new, tgt_t, valid)  # y_t = h_t
+        dyg = per_gate(d_y)
+        g_w = g_w + jnp.einsum("bg,big->ig", dyg, new_m_w)
+        g_b = g_b + jnp.sum(dyg * new_m_b, axis=0)
+        g_u = {f: g_u[f] + jnp.sum(d_y * new_m_u[f], axis=0) for f in unit_leaves}
+        keep = valid[:, None]
+        h = jnp.where(keep, h_new, h)
+        m_w = jnp.where(keep[..., None], new_m_w, m_w)
+        m_b = jnp.where(keep, new_m_b, m_b)
+        m_u = {f: jnp.where(keep, new_m_u[f], m_u[f]) for f in unit_leaves}
+        g_ro = jax.tree.map(jnp.add, g_ro, d_ro)
+        return (h, m_w, m_b, m_u, total + value, g_w, g_b, g_u, g_ro), None
+
+    dtype = xs.dtype
+    init = (
+        carry0.h,
+        jnp.zeros((B, I, G), dtype),
+        jnp.zeros((B, G), dtype),
+        {f: jnp.zeros((B, H), dtype) for f in unit_leaves},
+        jnp.zeros((), dtype),
+        jnp.zeros((I, G), dtype),
+        jnp.zeros((G,), dtype),
+        {f: jnp.zeros((H,), dtype) for f in unit_leaves},
+        jax.tree.map(jnp.zeros_like, readout_params),
+    )
+    (h, _, _, _, total, g_w, g_b, g_u, g_ro), _ = jax.lax.scan(body, init, jnp.arange(T))
+    d_params = params._replace(w_ih=g_w, b=g_b, **g_u)
+    return total, (d_params, g_ro), carry0._replace(h=h)

@@ -16,7 +16,7 @@ def _problem(name, key, B=3, T=9, I=2, H=4, K=3):
     cell = CELLS[name](H)
     params, xs, carry = random_problem(cell, key, B, T, I)
     head = rj.dense(K)
-    ro = head.init(jax.random.fold_in(key, 1), H, jnp.float64)
+    ro = head.init(jax.random.fold_in(key, 1), cell.output_size, jnp.float64)
     targets = jax.random.randint(jax.random.fold_in(key, 2), (B, T), 0, K)
 
     def step_loss(ro, y, target):  # cross-entropy of a dense read-out, per sequence
@@ -39,9 +39,12 @@ def _bptt(cell, params, ro, xs, targets, step_loss, carry, lengths):
     return value, grads, final
 
 
-@pytest.mark.parametrize("name", ["elman-tanh", "elman-relu", "lstm", "gru"])
-@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize(
+    "name, with_lengths",
+    [(n, w) for n in ("elman-tanh", "elman-relu", "lstm", "gru") for w in (False, True)] + [("lru", True)],
+)
 def test_rtrl_equals_bptt(name, with_lengths, key):
+    """Also the LRU: a diagonal (complex) recurrence, the online-learning case of Zucchet et al. 2023."""
     cell, params, xs, carry, ro, targets, step_loss = _problem(name, key)
     lengths = jnp.array([9, 4, 0]) if with_lengths else None
     value, grads, final = jax.jit(
@@ -51,6 +54,37 @@ def test_rtrl_equals_bptt(name, with_lengths, key):
     assert abs(float(value) - float(v_ref)) <= 1e-12 * abs(float(v_ref))
     assert rel_err(grads, g_ref) <= 1e-10
     assert rel_err(final, f_ref) <= 1e-14
+
+
+@pytest.mark.parametrize("name", ["indrnn-tanh", "mingru", "minlstm"])
+def test_diagonal_rtrl_equals_bptt_and_the_dense_path(name, key):
+    """A diagonal cell keeps one sensitivity per parameter; the gradient is BPTT's and the dense RTRL's."""
+    cell, params, xs, carry, ro, targets, step_loss = _problem(name, key)
+    assert cell.diagonal
+    lengths = jnp.array([9, 4, 0])
+    run = lambda structure: rj.rtrl_value_and_grad(  # noqa: E731
+        cell, params, ro, xs, targets, step_loss, carry, lengths, structure=structure
+    )
+    value, grads, final = run("auto")
+    v_ref, g_ref, f_ref = _bptt(cell, params, ro, xs, targets, step_loss, carry, lengths)
+    assert abs(float(value) - float(v_ref)) <= 1e-12 * abs(float(v_ref))
+    assert rel_err(grads, g_ref) <= 1e-10 and rel_err(final, f_ref) <= 1e-14
+    assert rel_err(grads, run("dense")[1]) <= 1e-10
+
+
+def test_diagonal_rtrl_keeps_one_sensitivity_per_parameter(key):
+    """Compiled memory: the diagonal path holds [B, P] sensitivities, the dense one [B, H, P] (H = 32)."""
+    cell, params, xs, carry, ro, targets, step_loss = _problem("mingru", key, H=32)
+
+    def temp(structure):
+        def fn(p, r):
+            return rj.rtrl_value_and_grad(cell, p, r, xs, targets, step_loss, carry, structure=structure)[:2]
+
+        return jax.jit(fn).lower(params, ro).compile().memory_analysis().temp_size_in_bytes
+
+    B, (I, G) = xs.shape[0], params.w_ih.shape
+    dense_m = B * 32 * (I * G + G) * 8  # bytes of the dense path's [B, S, P] float64 sensitivity matrix
+    assert temp("dense") >= dense_m > 8 * temp("auto")
 
 
 def test_rtrl_memory_does_not_grow_with_t(key):
@@ -100,3 +134,5 @@ def test_rtrl_user_cell_and_errors(key):
     with pytest.raises(ValueError, match="lengths must lie in"):
         rj.rtrl_value_and_grad(cell, params, ro, xs, targets, step_loss, carry, jnp.array([1, 2, 10]))
     assert np.isfinite(float(rj.rtrl_value_and_grad(cell, params, ro, xs, targets, step_loss)[0]))
+    with pytest.raises(ValueError, match=r"structure must be 'auto' or 'dense', got 'sparse'"):
+        rj.rtrl_value_and_grad(cell, params, ro, xs, targets, step_loss, structure="sparse")

@@ -64,6 +64,9 @@ class Cell(NamedTuple):
         ``[T, ...]``), once over all T after the backward loop; or None.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
+      diagonal: built-ins only: the recurrence is elementwise (unit j's next state reads only its own past,
+        ``∂h_t/∂h_{t-1}`` is diagonal), the carry is `HCarry`, and every parameter besides ``w_ih`` and ``b``
+        has one entry per unit. `rnnjax.rtrl_value_and_grad` then keeps one sensitivity per parameter.
       proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
         (`projected_lstm`); None otherwise. See `output_size`.
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
@@ -85,6 +88,7 @@ class Cell(NamedTuple):
     check_params: Callable[..., None] | None = None
     gate_names: tuple[str, ...] = ()
     proj_size: int | None = None
+    diagonal: bool = False
 
     @property
     def output_size(self) -> int | None:
