@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print("1. Every built-in cell, with variable lengths, run in reverse:\n")
     cells = every_cell(H)
     if args.quick:
-        cells = [cells[0], cells[4], cells[5]]  # tanh Elman, LSTM, GRU
+        cells = [cells[4]]  # the LSTM (the table covers the others)
     ok = True
     for cell in cells:
         report = rj.gradcheck(cell, cell.init(k_p, cfg.input_size), xs, lengths=lengths, reverse=True)

@@ -15,18 +15,19 @@ sequence (O(H⁴) for a dense cell), which is why RTRL is for small networks; th
 T is. The gradient is the same number BPTT computes, to round-off, and the tests check it against the
 hand-derived BPTT to 1e-10 in float64.
 
-**Diagonal cells** (``cell.diagonal``: `indrnn`, `mingru`, `minlstm`, whose unit j reads only its own past
-and its own parameter entries) need no ``[S, P]`` matrix: each parameter moves one unit, so its sensitivity
-is one number per sequence, and with ``zx = x w_ih + b``::
+**Diagonal cells** (``cell.diagonal = r``: `indrnn`, `mingru`, `minlstm` with r = 1, the `lru` with r = 2,
+whose N units of r state entries each read only their own past and their own parameter entries) need no
+``[S, P]`` matrix: each parameter moves one unit, so its sensitivity is r numbers per sequence, and with
+``zx = x w_ih + b``::
 
-    D_t = ∂h_t/∂h_{t−1} (a diagonal, [B, H])       J_t = ∂h_t/∂zx_t (one entry per gate column, [B, G])
+    D_t = ∂h_t/∂h_{t−1} (r x r per unit)           J_t = ∂h_t/∂zx_t (r entries per gate column)
     m_w[i, g] ← D_t[u(g)] m_w[i, g] + x_t[i] J_t[g]        m_b[g] ← D_t[u(g)] m_b[g] + J_t[g]
-    m_u[j]    ← D_t[j] m_u[j] + ∂h_t[j]/∂u[j]             (every per-unit leaf u [H], e.g. IndRNN's)
+    m_u[j]    ← D_t[j] m_u[j] + ∂h_t[j]/∂u[j]             (every per-unit leaf u [N], e.g. IndRNN's)
 
 with u(g) the unit of gate column g. ``D``, ``J`` and ``∂h/∂u`` come from `jax.jvp` of the cell's own
-``gates`` (one per gate block and per leaf). Memory and time per step are O(B P) instead of O(B H P) and
-O(B H² P): exact online learning at the cost of a forward pass (Zucchet et al., "Online learning of
-long-range dependencies", NeurIPS 2023, for the same idea in diagonal linear recurrences).
+``gates`` (r + G/N + one per leaf). Memory per step is O(B r P) instead of O(B S P), time O(B r² P) instead
+of O(B S² P): exact online learning for a few forward passes' cost (Zucchet et al., "Online learning of
+long-range dependencies", NeurIPS 2023, for the LRU).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def rtrl_value_and_grad(
     mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
     if structure not in ("auto", "dense"):
         raise ValueError(f"structure must be 'auto' or 'dense', got {structure!r}")
-    if structure == "auto" and cell.diagonal and cell.is_builtin:
+    if structure == "auto" and cell.diagonal and cell.is_builtin:  # see "Diagonal cells" above
         return _diagonal_rtrl(cell, params, readout_params, xs, targets, step_loss, carry0, mask)
 
     theta, unravel_params = ravel_pytree(params)
@@ -176,40 +177,59 @@ def _diagonal_rtrl(
     carry0: HCarry,
     mask: Array | None,
 ) -> tuple[Array, tuple[PyTree, PyTree], HCarry]:
-    """`rtrl_value_and_grad` for a diagonal cell: one sensitivity per parameter and sequence (see above)."""
+    """`rtrl_value_and_grad` for a (block-)diagonal cell: r sensitivities per parameter and sequence.
+
+    The state ``h [B, S]`` is N = S / r units of r entries (``h[:, a·N + j]`` is unit j's entry a); gate
+    column g and entry j of a per-unit leaf belong to unit ``g mod N`` and j. Sensitivities keep a leading
+    axis of r: ``m_w [B, r, I, G]``, ``m_b [B, r, G]``, ``m_u [B, r, N]``.
+    """
     B, T, I = xs.shape
-    H = cell.hidden_size
+    r = int(cell.diagonal)
+    S = carry0.h.shape[-1]
+    N = S // r
     G = params.w_ih.shape[-1]
-    k = G // H  # gate blocks; gate column g belongs to unit g mod H
-    unit_leaves = [f for f in params._fields if f not in ("w_ih", "b")]  # each [H]: one entry per unit
+    k = G // N  # gate blocks of N columns
+    unit_leaves = [f for f in params._fields if f not in ("w_ih", "b")]  # each [N]: one entry per unit
     loss_grads = _loss_grads(step_loss, B)
 
     def new_h(p: PyTree, zx: Array, h: Array) -> Array:
         return cell.gates(p, zx, None, HCarry(h=h))[0].h
 
+    def blocks(v: Array) -> Array:
+        """``[B, S] -> [B, r, N]``: entry a of unit j at ``[:, a, j]``."""
+        return v.reshape(B, r, N)
+
+    def slot(n: int, j: int) -> Array:
+        """A tangent over ``[B, n·N]`` that is 1 in block j (of N entries) and 0 elsewhere."""
+        return jnp.zeros((B, n * N), xs.dtype).at[:, j * N : (j + 1) * N].set(1)
+
     def local_derivatives(zx: Array, h: Array) -> tuple[Array, Array, Array, dict[str, Array]]:
-        """``(h_t, D [B, H], J [B, G], {leaf: ∂h_t/∂leaf [B, H]})``, each a jvp of the gates."""
-        h_new, D = jax.jvp(lambda v: new_h(params, zx, v), (h,), (jnp.ones_like(h),))
-        blocks = [
-            jax.jvp(
-                lambda z: new_h(params, z, h),
-                (zx,),
-                (jnp.zeros_like(zx).at[..., j * H : (j + 1) * H].set(1),),
-            )[1]
-            for j in range(k)
-        ]
+        """``(h_t, D [B, r, r, N], J [B, r, G], {leaf: ∂h_t/∂leaf [B, r, N]})`` from jvps of the gates."""
+        h_new = new_h(params, zx, h)
+        # D[:, a, c, j] = ∂h_t[a·N + j] / ∂h_{t-1}[c·N + j]: one jvp per entry c of every unit
+        D = jnp.stack(
+            [blocks(jax.jvp(lambda v: new_h(params, zx, v), (h,), (slot(r, c),))[1]) for c in range(r)],
+            axis=2,
+        )
+        # J[:, a, q·N + j] = ∂h_t[a·N + j] / ∂zx_t[q·N + j]: one jvp per gate block q
+        J = jnp.concatenate(
+            [blocks(jax.jvp(lambda z: new_h(params, z, h), (zx,), (slot(k, q),))[1]) for q in range(k)],
+            axis=-1,
+        )
         by_leaf = {
-            f: jax.jvp(
-                lambda v, f=f: new_h(params._replace(**{f: v}), zx, h),
-                (getattr(params, f),),
-                (jnp.ones_like(getattr(params, f)),),
-            )[1]
+            f: blocks(
+                jax.jvp(
+                    lambda v, f=f: new_h(params._replace(**{f: v}), zx, h),
+                    (getattr(params, f),),
+                    (jnp.ones_like(getattr(params, f)),),
+                )[1]
+            )
             for f in unit_leaves
         }
-        return h_new, D, jnp.concatenate(blocks, axis=-1), by_leaf
+        return h_new, D, J, by_leaf
 
     def per_gate(a: Array) -> Array:
-        """``[B, H] -> [B, G]``: unit j's value in every gate column of unit j."""
+        """``[..., N] -> [..., G]``: unit j's value in every gate column of unit j."""
         return jnp.concatenate([a] * k, axis=-1)
 
     def body(state: tuple, t: Array) -> tuple[tuple, None]:
@@ -218,34 +238,35 @@ def _diagonal_rtrl(
         tgt_t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), targets)
         valid = jnp.ones((B,), bool) if mask is None else mask[t]
         h_new, D, J, dh_du = local_derivatives(input_projection(params, x_t), h)
-        Dg = per_gate(D)
-        # each sensitivity decays through its own unit's recurrence and gains this step's direct effect
-        new_m_w = Dg[:, None, :] * m_w + x_t[:, :, None] * J[:, None, :]  # [B, I, G]
-        new_m_b = Dg * m_b + J  # [B, G]
-        new_m_u = {f: D * m_u[f] + dh_du[f] for f in unit_leaves}  # [B, H] each
+        Dg = per_gate(D)  # [B, r, r, G]
+        # each sensitivity goes through its own unit's recurrence and gains this step's direct effect
+        new_m_w = jnp.einsum("bacg,bcig->baig", Dg, m_w) + x_t[:, None, :, None] * J[:, :, None, :]
+        new_m_b = jnp.einsum("bacg,bcg->bag", Dg, m_b) + J
+        new_m_u = {f: jnp.einsum("bacn,bcn->ban", D, m_u[f]) + dh_du[f] for f in unit_leaves}
         value, (d_ro, d_y) = loss_grads(readout_params, h_new, tgt_t, valid)  # y_t = h_t
-        dyg = per_gate(d_y)
-        g_w = g_w + jnp.einsum("bg,big->ig", dyg, new_m_w)
-        g_b = g_b + jnp.sum(dyg * new_m_b, axis=0)
-        g_u = {f: g_u[f] + jnp.sum(d_y * new_m_u[f], axis=0) for f in unit_leaves}
+        d_y = blocks(d_y)  # [B, r, N]
+        dyg = per_gate(d_y)  # [B, r, G]
+        g_w = g_w + jnp.einsum("bag,baig->ig", dyg, new_m_w)
+        g_b = g_b + jnp.einsum("bag,bag->g", dyg, new_m_b)
+        g_u = {f: g_u[f] + jnp.einsum("ban,ban->n", d_y, new_m_u[f]) for f in unit_leaves}
         keep = valid[:, None]
         h = jnp.where(keep, h_new, h)
-        m_w = jnp.where(keep[..., None], new_m_w, m_w)
-        m_b = jnp.where(keep, new_m_b, m_b)
-        m_u = {f: jnp.where(keep, new_m_u[f], m_u[f]) for f in unit_leaves}
+        m_w = jnp.where(keep[..., None, None], new_m_w, m_w)
+        m_b = jnp.where(keep[..., None], new_m_b, m_b)
+        m_u = {f: jnp.where(keep[..., None], new_m_u[f], m_u[f]) for f in unit_leaves}
         g_ro = jax.tree.map(jnp.add, g_ro, d_ro)
         return (h, m_w, m_b, m_u, total + value, g_w, g_b, g_u, g_ro), None
 
     dtype = xs.dtype
     init = (
         carry0.h,
-        jnp.zeros((B, I, G), dtype),
-        jnp.zeros((B, G), dtype),
-        {f: jnp.zeros((B, H), dtype) for f in unit_leaves},
+        jnp.zeros((B, r, I, G), dtype),
+        jnp.zeros((B, r, G), dtype),
+        {f: jnp.zeros((B, r, N), dtype) for f in unit_leaves},
         jnp.zeros((), dtype),
         jnp.zeros((I, G), dtype),
         jnp.zeros((G,), dtype),
-        {f: jnp.zeros((H,), dtype) for f in unit_leaves},
+        {f: jnp.zeros((N,), dtype) for f in unit_leaves},
         jax.tree.map(jnp.zeros_like, readout_params),
     )
     (h, _, _, _, total, g_w, g_b, g_u, g_ro), _ = jax.lax.scan(body, init, jnp.arange(T))

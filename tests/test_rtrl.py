@@ -41,10 +41,9 @@ def _bptt(cell, params, ro, xs, targets, step_loss, carry, lengths):
 
 @pytest.mark.parametrize(
     "name, with_lengths",
-    [(n, w) for n in ("elman-tanh", "elman-relu", "lstm", "gru") for w in (False, True)] + [("lru", True)],
+    [(n, w) for n in ("elman-tanh", "elman-relu", "lstm", "gru") for w in (False, True)],
 )
 def test_rtrl_equals_bptt(name, with_lengths, key):
-    """Also the LRU: a diagonal (complex) recurrence, the online-learning case of Zucchet et al. 2023."""
     cell, params, xs, carry, ro, targets, step_loss = _problem(name, key)
     lengths = jnp.array([9, 4, 0]) if with_lengths else None
     value, grads, final = jax.jit(
@@ -56,9 +55,10 @@ def test_rtrl_equals_bptt(name, with_lengths, key):
     assert rel_err(final, f_ref) <= 1e-14
 
 
-@pytest.mark.parametrize("name", ["indrnn-tanh", "mingru", "minlstm"])
+@pytest.mark.parametrize("name", ["indrnn-tanh", "mingru", "minlstm", "lru"])
 def test_diagonal_rtrl_equals_bptt_and_the_dense_path(name, key):
-    """A diagonal cell keeps one sensitivity per parameter; the gradient is BPTT's and the dense RTRL's."""
+    """A diagonal cell keeps r sensitivities per parameter (r = 2 for the LRU's real and imaginary parts,
+    the online-learning case of Zucchet et al. 2023); the gradient is BPTT's and the dense RTRL's."""
     cell, params, xs, carry, ro, targets, step_loss = _problem(name, key)
     assert cell.diagonal
     lengths = jnp.array([9, 4, 0])

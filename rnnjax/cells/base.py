@@ -64,9 +64,11 @@ class Cell(NamedTuple):
         ``[T, ...]``), once over all T after the backward loop; or None.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
-      diagonal: built-ins only: the recurrence is elementwise (unit j's next state reads only its own past,
-        ``∂h_t/∂h_{t-1}`` is diagonal), the carry is `HCarry`, and every parameter besides ``w_ih`` and ``b``
-        has one entry per unit. `rnnjax.rtrl_value_and_grad` then keeps one sensitivity per parameter.
+      diagonal: built-ins only: 0, or r for a cell whose carry is `HCarry(h [B, r·N])` made of N independent
+        units of r entries (``h[:, a·N + j]`` is unit j's entry a: ``∂h_t/∂h_{t-1}`` is block-diagonal),
+        whose gate column g feeds only unit ``g mod N``, and whose parameters besides ``w_ih`` and ``b``
+        have one entry per unit ([N]). `rnnjax.rtrl_value_and_grad` then keeps r sensitivities per
+        parameter. 1 for `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts).
       proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
         (`projected_lstm`); None otherwise. See `output_size`.
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
@@ -88,7 +90,7 @@ class Cell(NamedTuple):
     check_params: Callable[..., None] | None = None
     gate_names: tuple[str, ...] = ()
     proj_size: int | None = None
-    diagonal: bool = False
+    diagonal: int = 0
 
     @property
     def output_size(self) -> int | None:

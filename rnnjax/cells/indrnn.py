@@ -136,5 +136,5 @@ def indrnn(
         extra_grads=extra_grads,
         check_params=check_params,
         gate_names=("z",),
-        diagonal=True,
+        diagonal=1,
     )

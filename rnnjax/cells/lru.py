@@ -192,4 +192,5 @@ def lru(
         extra_grads=extra_grads,
         check_params=check_params,
         gate_names=("re", "im"),
+        diagonal=2,
     )

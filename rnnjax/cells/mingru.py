@@ -122,5 +122,5 @@ def mingru(
         extra_grads=None,
         check_params=check_params,
         gate_names=("z", "candidate"),
-        diagonal=True,
+        diagonal=1,
     )

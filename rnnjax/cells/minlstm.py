@@ -127,5 +127,5 @@ def minlstm(
         extra_grads=None,
         check_params=check_params,
         gate_names=("f", "i", "candidate"),
-        diagonal=True,
+        diagonal=1,
     )
