@@ -31,7 +31,7 @@ demo: $(STAMP_RUN)
 # conftest turns on float64 and strict promotion for the whole process); then the test suite.
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check $(SRC)

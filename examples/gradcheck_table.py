@@ -57,7 +57,7 @@ def cells(hidden_size: int) -> list[rj.Cell]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller shapes, two cells")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, the LSTM only")
     args = parser.parse_args(argv)
     cfg = Config(batch=3, time=5, n_directions=2) if args.quick else Config()
     key = jax.random.key(cfg.seed)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = jnp.array([cfg.time, 0, *range(1, cfg.batch - 1)], dtype=jnp.int32)[: cfg.batch]
     chosen = cells(cfg.hidden_size)
     if args.quick:
-        chosen = [chosen[0], chosen[4]]
+        chosen = [chosen[4]]
 
     lstm = next(c for c in chosen if c.name == "lstm")
     first = rj.gradcheck(lstm, lstm.init(k_p, cfg.input_size), xs, lengths=lengths)

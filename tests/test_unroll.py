@@ -108,9 +108,22 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
     return h_all, c_all, ys
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("lengths", [None, np.array([7, 0, 3, 1])], ids=["full", "lengths"])
-@pytest.mark.parametrize("name", list(CELLS))
+LENGTHS = np.array([7, 0, 3, 1])
+# the core's three cells in all four corners, the others full-forward and lengths-reverse
+REFERENCE_CASES = [
+    pytest.param(name, lengths, reverse, id=f"{name}-{'lengths' if lengths is not None else 'full'}-{d}")
+    for name in CELLS
+    for lengths, reverse, d in (
+        (None, False, "forward"),
+        (None, True, "reverse"),
+        (LENGTHS, False, "forward"),
+        (LENGTHS, True, "reverse"),
+    )
+    if name in ("elman-tanh", "lstm", "gru") or (lengths is None) != reverse
+]
+
+
+@pytest.mark.parametrize(("name", "lengths", "reverse"), REFERENCE_CASES)
 def test_matches_numpy_reference(name, lengths, reverse, key):
     cell = CELLS[name](H)
     params, xs, carry = random_problem(cell, key, B, T, I)
