@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds = 1 if args.quick else args.rounds
     Ts = [16, 64] if args.quick else [64, 256, 1024, 4096, 16384]
-    Hs = [8, 16] if args.quick else [64, 128, 256, 512, 1024]
+    Hs = [8] if args.quick else [64, 128, 256, 512, 1024]
     B, I, H = (2, 4, 8) if args.quick else (8, 32, 128)
     record: dict[str, Any] = {"device": device_info(), "dtype": "float32"}
     record["by_T"] = {"config": f"B={B}, I={I}, H={H}", "rows": []}
