@@ -48,6 +48,7 @@ from rnnjax.cells.base import (
     projection_step,
     uniform_init,
 )
+from rnnjax.cells.lstm import lstm_update, lstm_update_bwd
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -149,37 +150,21 @@ def layer_norm_lstm(
         ax, rx = _normalise(zx, eps)
         ah, rh = _normalise(zh, eps)
         z = _lift(params.gamma_ih, ax) * ax + _lift(params.gamma_hh, ah) * ah + _lift(params.beta, ax)
-        i = jax.nn.sigmoid(z[..., 0 * H : 1 * H])
-        f = jax.nn.sigmoid(z[..., 1 * H : 2 * H])
-        g = jnp.tanh(z[..., 2 * H : 3 * H])
-        o = jax.nn.sigmoid(z[..., 3 * H : 4 * H])
-        c = f * carry.c + i * g
+        c, act = lstm_update(z, carry.c)
         c_hat, rc = _normalise(c, eps)
-        h = o * jnp.tanh(_lift(params.gamma_c, c) * c_hat + _lift(params.beta_c, c))
-        act = jnp.concatenate([i, f, g, o], axis=-1)
+        h = act[..., 3 * H :] * jnp.tanh(_lift(params.gamma_c, c) * c_hat + _lift(params.beta_c, c))
         return LSTMCarry(h=h, c=c), (act, ax, ah, c_hat, jnp.concatenate([rx, rh, rc], axis=-1))
 
     def gates_bwd(
         params: LayerNormLSTMParams, res: tuple, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
     ) -> tuple[Array, Array, LSTMCarry, tuple[Array, Array]]:
         act, ax, ah, c_hat, r = res
-        i = act[..., 0 * H : 1 * H]
-        f = act[..., 1 * H : 2 * H]
-        g = act[..., 2 * H : 3 * H]
-        o = act[..., 3 * H : 4 * H]
+        o = act[..., 3 * H :]
         tn = jnp.tanh(_lift(params.gamma_c, c_hat) * c_hat + _lift(params.beta_c, c_hat))
-        # backprop through h_t = o tanh(γ_c ĉ + β_c), then ĉ = LN(c_t)
-        do = d_new.h * tn
+        # backprop through h_t = o tanh(γ_c ĉ + β_c), then ĉ = LN(c_t), then the cell update and gates
         dn = d_new.h * o * (1 - tn * tn)
         dc = d_new.c + _normalise_bwd(dn * _lift(params.gamma_c, dn), c_hat, r[..., 2:3])
-        # backprop through c_t = f c_{t-1} + i g and the gate nonlinearities
-        di = dc * g
-        df = dc * prev.c
-        dg = dc * i
-        dc_prev = dc * f
-        dz = jnp.concatenate(
-            [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=-1
-        )
+        dz, dc_prev = lstm_update_bwd(act, prev.c, d_new.h * tn, dc)
         # backprop through z = γ_ih LN(zx) + γ_hh LN(zh) + β
         dzx = _normalise_bwd(dz * _lift(params.gamma_ih, dz), ax, r[..., 0:1])
         dzh = _normalise_bwd(dz * _lift(params.gamma_hh, dz), ah, r[..., 1:2])

@@ -59,6 +59,37 @@ class LSTMParams(NamedTuple):
     b: Array  # [4H]
 
 
+def lstm_update(z: Array, c_prev: Array) -> tuple[Array, Array]:
+    """The LSTM's gates and cell update: ``(c_t [B, H], act = [i, f, g, o] [B, 4H])`` from ``z [B, 4H]``.
+
+    ``i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)`` and ``c_t = f ⊙ c_{t-1} + i ⊙ g``; shared by the LSTM
+    variants that read ``z`` or ``h_t`` differently (`projected_lstm`, `layer_norm_lstm`).
+    """
+    H = z.shape[-1] // 4
+    i = jax.nn.sigmoid(z[..., 0 * H : 1 * H])
+    f = jax.nn.sigmoid(z[..., 1 * H : 2 * H])
+    g = jnp.tanh(z[..., 2 * H : 3 * H])
+    o = jax.nn.sigmoid(z[..., 3 * H : 4 * H])
+    return f * c_prev + i * g, jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def lstm_update_bwd(act: Array, c_prev: Array, do: Array, dc: Array) -> tuple[Array, Array]:
+    """The derivative of `lstm_update`: ``(dz [B, 4H], dc_{t-1} [B, H])`` from ``do = ∂L/∂o`` and the whole
+    ``dc = ∂L/∂c_t``::
+
+        di = dc ⊙ g ;  df = dc ⊙ c_{t-1} ;  dg = dc ⊙ i ;  dc_{t-1} = dc ⊙ f
+        dz = [di ⊙ i(1−i), df ⊙ f(1−f), dg ⊙ (1−g²), do ⊙ o(1−o)]
+    """
+    H = act.shape[-1] // 4
+    i = act[..., 0 * H : 1 * H]
+    f = act[..., 1 * H : 2 * H]
+    g = act[..., 2 * H : 3 * H]
+    o = act[..., 3 * H : 4 * H]
+    di, df, dg = dc * g, dc * c_prev, dc * i
+    dz = jnp.concatenate([di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=-1)
+    return dz, dc * f
+
+
 def lstm(
     hidden_size: int,
     *,
@@ -111,35 +142,16 @@ def lstm(
         return LSTMCarry(h=zeros, c=zeros)
 
     def gates(params: LSTMParams, zx: Array, zh: Array, carry: LSTMCarry) -> tuple[LSTMCarry, Array]:
-        z = zx + zh
-        i = jax.nn.sigmoid(z[..., 0 * H : 1 * H])
-        f = jax.nn.sigmoid(z[..., 1 * H : 2 * H])
-        g = jnp.tanh(z[..., 2 * H : 3 * H])
-        o = jax.nn.sigmoid(z[..., 3 * H : 4 * H])
-        c = f * carry.c + i * g
-        h = o * jnp.tanh(c)
-        return LSTMCarry(h=h, c=c), jnp.concatenate([i, f, g, o], axis=-1)
+        c, act = lstm_update(zx + zh, carry.c)
+        return LSTMCarry(h=act[..., 3 * H :] * jnp.tanh(c), c=c), act
 
     def gates_bwd(
         params: LSTMParams, act: Array, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
     ) -> tuple[Array, None, LSTMCarry]:
-        i = act[..., 0 * H : 1 * H]
-        f = act[..., 1 * H : 2 * H]
-        g = act[..., 2 * H : 3 * H]
-        o = act[..., 3 * H : 4 * H]
+        o = act[..., 3 * H :]
         tc = jnp.tanh(new.c)
-        # backprop through h_t = o tanh(c_t)
-        do = d_new.h * tc
-        dc = d_new.c + d_new.h * o * (1 - tc * tc)
-        # backprop through c_t = f c_{t-1} + i g
-        di = dc * g
-        df = dc * prev.c
-        dg = dc * i
-        dc_prev = dc * f
-        # backprop through the gate nonlinearities
-        dz = jnp.concatenate(
-            [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=-1
-        )
+        # backprop through h_t = o tanh(c_t), then the cell update and the gates
+        dz, dc_prev = lstm_update_bwd(act, prev.c, d_new.h * tc, d_new.c + d_new.h * o * (1 - tc * tc))
         return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev)
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:

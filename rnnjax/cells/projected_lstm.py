@@ -47,6 +47,7 @@ from rnnjax.cells.base import (
     projection_step,
     uniform_init,
 )
+from rnnjax.cells.lstm import lstm_update, lstm_update_bwd
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -123,15 +124,9 @@ def projected_lstm(
     def gates(
         params: ProjectedLSTMParams, zx: Array, zh: Array, carry: LSTMCarry
     ) -> tuple[LSTMCarry, tuple[Array, Array]]:
-        z = zx + zh
-        i = jax.nn.sigmoid(z[..., 0 * H : 1 * H])
-        f = jax.nn.sigmoid(z[..., 1 * H : 2 * H])
-        g = jnp.tanh(z[..., 2 * H : 3 * H])
-        o = jax.nn.sigmoid(z[..., 3 * H : 4 * H])
-        c = f * carry.c + i * g
+        c, act = lstm_update(zx + zh, carry.c)
         tc = jnp.tanh(c)
-        h = (o * tc) @ params.w_hr
-        return LSTMCarry(h=h, c=c), (jnp.concatenate([i, f, g, o], axis=-1), tc)
+        return LSTMCarry(h=(act[..., 3 * H :] * tc) @ params.w_hr, c=c), (act, tc)
 
     def gates_bwd(
         params: ProjectedLSTMParams,
@@ -141,22 +136,10 @@ def projected_lstm(
         d_new: LSTMCarry,
     ) -> tuple[Array, None, LSTMCarry, Array]:
         act, tc = res
-        i = act[..., 0 * H : 1 * H]
-        f = act[..., 1 * H : 2 * H]
-        g = act[..., 2 * H : 3 * H]
-        o = act[..., 3 * H : 4 * H]
-        # backprop through h_t = r_t w_hr, then r_t = o tanh(c_t)
+        o = act[..., 3 * H :]
+        # backprop through h_t = r_t w_hr, then r_t = o tanh(c_t), then the LSTM's cell update and gates
         dr = d_new.h @ params.w_hr.T
-        do = dr * tc
-        dc = d_new.c + dr * o * (1 - tc * tc)
-        # backprop through c_t = f c_{t-1} + i g
-        di = dc * g
-        df = dc * prev.c
-        dg = dc * i
-        dc_prev = dc * f
-        dz = jnp.concatenate(
-            [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=-1
-        )
+        dz, dc_prev = lstm_update_bwd(act, prev.c, dr * tc, d_new.c + dr * o * (1 - tc * tc))
         # dh_t leaves as aux: d w_hr = Σ_t r_tᵀ dh_t is one GEMM after the loop
         return dz, None, LSTMCarry(h=jnp.zeros_like(d_new.h), c=dc_prev), d_new.h
 
