@@ -26,6 +26,7 @@ def problems(draw):
     return name, B, T, I, H, lengths, reverse, with_carry, seed
 
 
+@settings(max_examples=10)  # two gradients compiled per example
 @given(problems())
 def test_manual_equals_autodiff_everywhere(problem):
     name, B, T, I, H, lengths, reverse, with_carry, seed = problem
@@ -58,7 +59,7 @@ def test_each_row_is_its_own_sequence(problem):
             np.testing.assert_allclose(a[b], e[0], rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)  # a whole gradcheck per example
 @given(problems())
 def test_finite_differences_everywhere(problem):
     name, B, T, I, H, lengths, reverse, with_carry, seed = problem
