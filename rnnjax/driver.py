@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
+from rnnjax.binomial import binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
 from rnnjax.remat import (
@@ -30,6 +31,7 @@ Array = jax.Array
 PyTree = Any
 
 GRAD_MODES: tuple[str, ...] = ("manual", "autodiff")
+SCHEDULES: tuple[str, ...] = ("binomial", "nested")
 
 
 def unroll(
@@ -44,6 +46,7 @@ def unroll(
     checkpoint: int | str | None = None,
     probe: Array | None = None,
     budget: int | None = None,
+    schedule: str | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -79,9 +82,12 @@ def unroll(
         carry every K steps and recomputes each segment in the backward (`rnnjax.remat`); ``"sqrt"`` uses
         K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass. Gradients are unchanged.
       budget: instead of ``checkpoint``: at most this many bytes of state kept for the backward (carries
-        at checkpoints, one segment's residuals and output cotangents per level, sized from the cell's own
-        shapes), nesting checkpointed segments as deep as needed, each level one more forward pass
-        (`rnnjax.remat.budget_schedule`). A budget that holds every step's residuals is plain BPTT.
+        at checkpoints, one segment's residuals and output cotangents, the parameter-gradient accumulator,
+        sized from the cell's own shapes). A budget that holds every step's residuals is plain BPTT.
+        Otherwise the binomial schedule (Griewank's Revolve, `rnnjax.binomial`) recomputes the fewest
+        steps that fit. Gradients are unchanged.
+      schedule: with ``budget`` only: ``"binomial"`` (the default) or ``"nested"``, Chen et al.'s
+        recursive segments, each level one more forward pass (`rnnjax.remat.budget_schedule`).
       probe: built-in cells only, without ``checkpoint``: an array ``[B, T, H]`` (pass zeros; its value is
         never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
         (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
@@ -119,6 +125,11 @@ def unroll(
                 f"pass checkpoint or budget, not both; got checkpoint={checkpoint!r}, budget={budget!r}"
             )
         budget_schedule(1, budget)  # validates the type; the size is checked against T below
+        schedule = "binomial" if schedule is None else schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    elif schedule is not None:
+        raise ValueError(f"schedule={schedule!r} needs a budget: pass budget= (bytes) as well")
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
     reverse = bool(reverse)
@@ -133,10 +144,13 @@ def unroll(
 
     B = math.prod(batch_shape)
     flat_carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
-    schedule = ()
+    nesting, plan = (), None
     if budget is not None:
         sizes = step_sizes(cell, params, flat_carry0, xs.reshape(B, T, I))
-        schedule = budget_schedule(T, budget, sizes)
+        if schedule == "nested":
+            nesting = budget_schedule(T, budget, sizes)
+        elif T:
+            plan = binomial_schedule(T, budget, sizes)
     if T == 0:
         final, ys = flat_carry0, _empty_outputs(cell, params, flat_carry0, xs.reshape(B, 0, I))
     else:
@@ -149,13 +163,21 @@ def unroll(
             impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
             args = (*args, probe.reshape(B, T, -1))
         try:
-            if schedule:
-                final, ys = nested_checkpointed_unroll(impl, schedule, *args)
+            if plan is not None:
+                final, ys = binomial_unroll(impl, binomial_plan(T, *plan), *args)
+            elif nesting:
+                final, ys = nested_checkpointed_unroll(impl, nesting, *args)
             elif checkpoint is None:
                 final, ys = impl(*args)
             else:
                 final, ys = checkpointed_unroll(impl, segment_length(checkpoint, T), *args)
         except TypeError as e:
+            if plan is not None and "forward-mode" in str(e):
+                raise TypeError(
+                    "rj.unroll(..., budget=...) runs the binomial schedule's backward under jax.custom_vjp, "
+                    "which has no forward mode: for jax.jvp, jax.jacfwd or jax.linearize pass "
+                    "schedule='nested' and grad='autodiff'"
+                ) from e
             if grad == "manual" and "forward-mode" in str(e):
                 raise TypeError(
                     "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
