@@ -77,8 +77,12 @@ def long_sequence(B: int, T: int, I: int, H: int) -> dict[str, Any]:
     return result
 
 
+BUDGET_MODES = ("sqrt", "budget", "nested")  # compared with plain BPTT
+
+
 def budget(B: int, T: int, I: int, H: int, rounds: int, budget_bytes: int) -> dict[str, Any]:
-    """Issue 6's acceptance for memory-budgeted BPTT: plain BPTT, √T checkpoints and ``budget=``, timed.
+    """Issue 6's acceptance for memory-budgeted BPTT: plain BPTT, √T checkpoints and ``budget=`` on the
+    binomial schedule (the default) and on the nested one, timed.
 
     Many-to-one (the loss reads the final state), as the long-sequence case; the compiled memory of a loss on
     every output is recorded too (its outputs and their gradients are O(T) whatever the backward keeps).
@@ -89,8 +93,16 @@ def budget(B: int, T: int, I: int, H: int, rounds: int, budget_bytes: int) -> di
     result: dict[str, Any] = {"B": B, "T": T, "I": I, "H": H, "budget_bytes": budget_bytes}
     sizes = rj.remat.step_sizes(cell, params, cell.initial_carry(params, (B,)), xs)
     result["budget_schedule"] = list(rj.remat.budget_schedule(T, budget_bytes, sizes))
+    K, snapshots = rj.binomial.binomial_schedule(T, budget_bytes, sizes)
+    plan = rj.binomial.binomial_plan(T, K, snapshots)
+    result["binomial_plan"] = {"K": K, "snapshots": plan.snapshots, "recomputed_steps": plan.advances * K}
     grads = {}
-    modes = (("plain", {}), ("sqrt", {"checkpoint": "sqrt"}), ("budget", {"budget": budget_bytes}))
+    modes = (
+        ("plain", {}),
+        ("sqrt", {"checkpoint": "sqrt"}),
+        ("budget", {"budget": budget_bytes}),
+        ("nested", {"budget": budget_bytes, "schedule": "nested"}),
+    )
     for name, kw in modes:
         for loss_name, read in (
             ("last", lambda c, ys: jnp.sum(c.h**2)),
@@ -111,7 +123,7 @@ def budget(B: int, T: int, I: int, H: int, rounds: int, budget_bytes: int) -> di
                 result[f"{name}_s"] = statistics.median(times)
     result["grad_rel_diff"] = max(
         float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-        for mode in ("sqrt", "budget")
+        for mode in BUDGET_MODES
         for a, b in zip(jax.tree.leaves(grads[mode]), jax.tree.leaves(grads["plain"]), strict=True)
     )
     return result
@@ -149,13 +161,15 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     if "budget" in record:
         b = record["budget"]
+        plan = b["binomial_plan"]
         lines += [
             f"**Memory-budgeted BPTT** (issue 6; LSTM B={b['B']}, T={b['T']:,}, I={b['I']}, H={b['H']}, "
             "many-to-one):",
             "",
-            f"| | plain manual BPTT | √T checkpoints | ratio | `budget={b['budget_bytes'] / 2**20:.3g} MiB` "
-            f"(segments {b['budget_schedule']}) | ratio |",
-            "|---|---|---|---|---|---|",
+            f"| | plain manual BPTT | √T checkpoints | ratio | `budget={b['budget_bytes'] / 2**20:.3g} MiB`, "
+            f"binomial (leaves of {plan['K']} steps, {plan['snapshots']} snapshots) | ratio "
+            f"| same budget, `schedule=\"nested\"` (segments {b['budget_schedule']}) | ratio |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label, key, unit in (
             ("compiled temp memory", "last_temp_mib", "MiB"),
@@ -163,7 +177,7 @@ def markdown(record: dict[str, Any]) -> str:
             ("same, loss on every output", "all_temp_mib", "MiB"),
         ):
             cells = [f"{b['plain_' + key]:.2f} {unit}"]
-            for mode in ("sqrt", "budget"):
+            for mode in BUDGET_MODES:
                 cells += [
                     f"{b[mode + '_' + key]:.2f} {unit}",
                     f"{b[mode + '_' + key] / b['plain_' + key]:.3f}",
@@ -171,6 +185,9 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += [
             "",
+            f"The binomial schedule recomputes {plan['recomputed_steps']:,} steps on top of one more forward "
+            f"of every leaf; the nested one, {len(b['budget_schedule'])} more forward passes "
+            f"({len(b['budget_schedule']) * b['T']:,} steps). "
             "Largest relative difference between the checkpointed modes' gradients and plain BPTT's "
             f"(float32): {b['grad_rel_diff']:.1e}.",
             "",
