@@ -168,7 +168,7 @@ def markdown(record: dict[str, Any]) -> str:
             "",
             f"| | plain manual BPTT | √T checkpoints | ratio | `budget={b['budget_bytes'] / 2**20:.3g} MiB`, "
             f"binomial (leaves of {plan['K']} steps, {plan['snapshots']} snapshots) | ratio "
-            f"| same budget, `schedule=\"nested\"` (segments {b['budget_schedule']}) | ratio |",
+            f'| same budget, `schedule="nested"` (segments {b["budget_schedule"]}) | ratio |',
             "|---|---|---|---|---|---|---|---|",
         ]
         for label, key, unit in (

@@ -78,9 +78,10 @@ def unroll(
         mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
         forward scan, in either mode.
       unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward).
-      checkpoint: None (default) keeps every step's residuals for the backward. An int K keeps only the
-        carry every K steps and recomputes each segment in the backward (`rnnjax.remat`); ``"sqrt"`` uses
-        K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass. Gradients are unchanged.
+      checkpoint: None (default) or ``"none"`` keeps every step's residuals for the backward. An int K
+        keeps only the carry every K steps and recomputes each segment in the backward (`rnnjax.remat`);
+        ``"sqrt"`` uses K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass.
+        Gradients are unchanged.
       budget: instead of ``checkpoint``: at most this many bytes of state kept for the backward (carries
         at checkpoints, one segment's residuals and output cotangents, the parameter-gradient accumulator,
         sized from the cell's own shapes). A budget that holds every step's residuals is plain BPTT.
@@ -117,6 +118,8 @@ def unroll(
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     _check_unroll(unroll)
+    if isinstance(checkpoint, str) and checkpoint == "none":
+        checkpoint = None
     if checkpoint is not None:
         segment_length(checkpoint, 1)  # validates
     if budget is not None:

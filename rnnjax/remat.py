@@ -40,7 +40,7 @@ def segment_length(checkpoint: int | str, T: int) -> int:
         return max(1, math.isqrt(max(T - 1, 0)) + 1) if T > 1 else 1
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 1:
         raise ValueError(
-            f"checkpoint must be None, 'sqrt' or an int >= 1 (steps per segment), got {checkpoint!r}"
+            f"checkpoint must be None, 'none', 'sqrt' or an int >= 1 (steps per segment), got {checkpoint!r}"
         )
     return checkpoint
 

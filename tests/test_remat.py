@@ -136,11 +136,13 @@ def test_checkpoint_errors(key):
     cell = rj.lstm(2)
     params, xs, _ = random_problem(cell, key, B, T, I)
     with pytest.raises(
-        ValueError, match=r"checkpoint must be None, 'sqrt' or an int >= 1 \(steps per segment\), got 0"
+        ValueError,
+        match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 \(steps per segment\), got 0",
     ):
         rj.unroll(cell, params, xs, checkpoint=0)
     with pytest.raises(
-        ValueError, match=r"checkpoint must be None, 'sqrt' or an int >= 1 \(steps per segment\), got 'log'"
+        ValueError,
+        match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 \(steps per segment\), got 'log'",
     ):
         rj.unroll(cell, params, xs, checkpoint="log")
     with pytest.raises(
@@ -151,5 +153,6 @@ def test_checkpoint_errors(key):
         ValueError, match=r"budget=500 bytes is too small for T=10 steps of StepSizes\(carry=96,"
     ):
         rj.unroll(cell, params, xs, budget=500, schedule="nested")
+    assert rel_err(rj.unroll(cell, params, xs, checkpoint="none"), rj.unroll(cell, params, xs)) == 0
     with pytest.raises(ValueError, match=r"pass checkpoint or budget, not both"):
         rj.unroll(cell, params, xs, checkpoint="sqrt", budget=9)
