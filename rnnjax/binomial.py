@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from rnnjax.cells.base import Cell
-from rnnjax.remat import StepSizes, _grid
+from rnnjax.remat import StepSizes, _grid, run_in_time_order
 
 Array = jax.Array
 PyTree = Any
@@ -255,15 +255,7 @@ def binomial_unroll(
         return jax.checkpoint(run)(params, xs[:, split:], carry, None if mask is None else mask[split:])
 
     parts = [leaves] + ([tail] if split < T else [])
-    outs = []
-    carry = carry0
-    for part in reversed(parts) if reverse else parts:
-        carry, ys = part(carry)
-        outs.append(ys)
-    if reverse:
-        outs.reverse()
-    ys = outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *outs)
-    return carry, ys
+    return run_in_time_order(parts, carry0, reverse)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))

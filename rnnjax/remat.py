@@ -195,6 +195,14 @@ def checkpointed_unroll(
 
     # time order: the full segments cover [0, nK), the tail [nK, T); reverse visits the tail first
     parts = [p for p, size in ((full_segments, n), (tail, rest)) if size]
+    return run_in_time_order(parts, carry0, reverse)
+
+
+def run_in_time_order(
+    parts: list[Callable[[PyTree], tuple[PyTree, PyTree]]], carry0: PyTree, reverse: bool
+) -> tuple[PyTree, PyTree]:
+    """Chains ``parts`` (each ``carry -> (carry, ys [B, T_i, ...])``, listed in time order) from ``carry0``,
+    last part first when ``reverse``; returns the final carry and the outputs concatenated in time order."""
     outs = []
     carry = carry0
     for part in reversed(parts) if reverse else parts:
