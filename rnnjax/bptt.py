@@ -50,9 +50,11 @@ from rnnjax.scan import (
     outputs_from_hs,
     project,
     scan_gates,
+    scan_stacked_late,
     scan_steps,
     select,
     shift_carries,
+    time_gemm,
     zero_where_not,
 )
 
@@ -109,6 +111,7 @@ def _backward(
     params, xs, mask, prevs, res, final = saved  # prevs: the carry entering each step, [T, B, H] leaves
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
+    k = cell.dzh_shared  # dzh[:, :k] == dzx[:, :k]: only dzh's other columns are stored
 
     def body(state: tuple[PyTree, PyTree], inp: tuple) -> tuple[tuple[PyTree, PyTree], tuple]:
         # new_t, the carry leaving step t, is the carry entering the step the loop visited before
@@ -125,22 +128,34 @@ def _backward(
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
-        return (d_prev, prev_t), (dzx, dzh, g_valid.h if emit_dh else None, aux)
+        dzh_rest = dzh[..., k:] if dzh is not None else None
+        return (d_prev, prev_t), (dzx, dzh_rest, g_valid.h if emit_dh else None, aux)
 
-    (d_carry0, _), (dzx, dzh, d_hs, aux) = jax.lax.scan(
+    (d_carry0, _), (dzx, dzh_rest, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, final),
         (jnp.swapaxes(d_ys, 0, 1), mask, res, prevs),
-        reverse=not reverse,
-        unroll=unroll,
+        d_ys.shape[1],
+        not reverse,
+        unroll,
+        cotangents,
     )
-    if dzh is None:
+    rest = dzh_rest is not None and dzh_rest.shape[-1] > 0
+    if dzh_rest is None:
         dzh = dzx
+    elif k:
+        dzh = jnp.concatenate([dzx[..., :k], dzh_rest], axis=-1) if rest else dzx[..., :k]
+    else:
+        dzh = dzh_rest
     # the weight and input gradients, once over all T and B (plain GEMMs: see rnnjax.scan.project)
+    if w_hh_t is not None and k and rest:  # by column blocks: no [T, B, G] concatenation
+        d_w_hh = jnp.concatenate([time_gemm(prevs.h, dzx[..., :k]), time_gemm(prevs.h, dzh_rest)], axis=-1)
+    elif w_hh_t is not None:
+        d_w_hh = time_gemm(prevs.h, dzh)
     d_params = params._replace(
-        w_ih=jnp.einsum("tbi,tbg->ig", jnp.swapaxes(xs, 0, 1), dzx),
+        w_ih=time_gemm(jnp.swapaxes(xs, 0, 1), dzx),
         **({"b": jnp.sum(dzx, axis=(0, 1))} if hasattr(params, "b") else {}),
-        **({"w_hh": jnp.einsum("tbh,tbg->hg", prevs.h, dzh)} if w_hh_t is not None else {}),
+        **({"w_hh": d_w_hh} if w_hh_t is not None else {}),
         **(cell.extra_grads(params, dzx, dzh, prevs, res, *aux) if cell.extra_grads else {}),
     )
     d_xs = jnp.swapaxes(dzx @ params.w_ih.T, 0, 1)

@@ -65,6 +65,17 @@ def project(params: PyTree, xs: Array) -> Array:
     return jnp.swapaxes(xs, 0, 1) @ params.w_ih
 
 
+def time_gemm(a: Array, b: Array) -> Array:
+    """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
+
+    The weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
+    keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
+    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole
+    (16 MiB of the LSTM's training step at B=32, T=128, H=256).
+    """
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
 def scan_gates(
     cell: Cell,
     params: PyTree,
@@ -185,6 +196,50 @@ def scan_steps(
         body, carry0, (jnp.swapaxes(xs, 0, 1), mask), reverse=reverse, unroll=unroll
     )
     return final, carries, jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), ys)
+
+
+def scan_stacked_late(
+    body: Any,
+    init: PyTree,
+    xs: PyTree,
+    length: int,
+    reverse: bool,
+    unroll: int | bool,
+    trigger: PyTree,
+) -> tuple[PyTree, PyTree]:
+    """`jax.lax.scan` (``(final_carry, stacked_outputs)``) whose stacked outputs are allocated late.
+
+    ``jax.lax.scan`` fills its stacked outputs into zero-initialised ``[T, ...]`` buffers; the zeros do not
+    depend on anything, so XLA's scheduler may create them at the start of the whole program. For the
+    backward of a BPTT that means the gate gradients' buffer (the size of the forward's residuals) is held
+    through the entire forward pass, beside the projection ``zx`` and the residuals. Here each buffer is
+    filled from ``0 · trigger`` instead (the first element of every leaf of ``trigger``, the incoming
+    cotangents), so it cannot exist before the backward begins, and every step writes its slot in place.
+    Every slot is written, so the fill value never shows (even if ``trigger`` holds inf or NaN).
+
+    Args:
+      body: ``body(carry, x) -> (carry, y)``, as for `jax.lax.scan`.
+      init: the initial carry.
+      xs: the scanned inputs, leaves ``[length, ...]`` (None leaves allowed).
+      length: the number of steps.
+      reverse, unroll: as for `jax.lax.scan`.
+      trigger: a pytree of arrays, at least one non-empty, that the outputs' allocation waits for.
+    """
+    _, y_spec = jax.eval_shape(body, init, jax.tree.map(lambda a: a[0], xs))
+    seed = sum(leaf.reshape(-1)[0] for leaf in jax.tree.leaves(trigger) if leaf.size)
+    bufs = jax.tree.map(lambda s: jnp.broadcast_to((seed * 0).astype(s.dtype), (length, *s.shape)), y_spec)
+
+    def step(state: tuple[PyTree, PyTree], inp: tuple[PyTree, Array]) -> tuple[tuple[PyTree, PyTree], None]:
+        carry, bufs = state
+        x, t = inp
+        carry, y = body(carry, x)
+        bufs = jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, t, 0), bufs, y)
+        return (carry, bufs), None
+
+    (carry, bufs), _ = jax.lax.scan(
+        step, (init, bufs), (xs, jnp.arange(length, dtype=jnp.int32)), reverse=reverse, unroll=unroll
+    )
+    return carry, bufs
 
 
 def shift_carries(carry0: PyTree, carries: PyTree, reverse: bool) -> PyTree:

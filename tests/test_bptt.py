@@ -162,13 +162,19 @@ def test_higher_batch_dims(key):
     np.testing.assert_allclose(g.reshape(6, T, I), g_flat, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru"])
+@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru", "mgu"])
 def test_manual_is_leaner_than_autodiff(name):
-    """The hand-derived BPTT keeps less than autodiff: compiled temporary memory of a training step."""
+    """The hand-derived BPTT keeps at most 0.7x of autodiff's compiled temporary memory (issue 5's target;
+    0.6x for the LSTM, which measures 0.57x).
+
+    What it takes: the weight-gradient GEMMs flatten both operands in (t, b) order (no transposed copy of
+    the gate gradients), the backward's buffers are allocated only when its cotangents exist, and the GRU
+    and MGU store only the columns of dzh that differ from dzx's.
+    """
     cell = CELLS[name](32)
     params, xs, _ = random_problem(cell, jax.random.key(0), 8, 64, 32, jnp.float32)
     temp = {}
     for mode in rj.GRAD_MODES:
         step = jax.jit(jax.grad(lambda p, x, m=mode: jnp.sum(rj.unroll(cell, p, x, grad=m)[1] ** 2), (0, 1)))
         temp[mode] = step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes
-    assert temp["manual"] < temp["autodiff"], temp
+    assert temp["manual"] <= (0.6 if name == "lstm" else 0.7) * temp["autodiff"], temp

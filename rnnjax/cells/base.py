@@ -71,6 +71,9 @@ class Cell(NamedTuple):
         parameter. 1 for `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts).
       proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
         (`projected_lstm`); None otherwise. See `output_size`.
+      dzh_shared: built-ins only: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals
+        its ``dzx`` (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every
+        step (the GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
         ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
 
@@ -91,6 +94,7 @@ class Cell(NamedTuple):
     gate_names: tuple[str, ...] = ()
     proj_size: int | None = None
     diagonal: int = 0
+    dzh_shared: int = 0
 
     @property
     def output_size(self) -> int | None:

@@ -170,4 +170,5 @@ def gru(
         extra_grads=extra_grads,
         check_params=check_params,
         gate_names=("r", "z", "n"),
+        dzh_shared=2 * H,
     )

@@ -141,4 +141,5 @@ def mgu(
         extra_grads=extra_grads,
         check_params=check_params,
         gate_names=("f", "candidate"),
+        dzh_shared=H,
     )
