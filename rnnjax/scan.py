@@ -76,6 +76,23 @@ def time_gemm(a: Array, b: Array) -> Array:
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
+def _gate_step(cell: Cell, params: PyTree) -> Any:
+    """One step of a built-in cell from its projected input: ``step(carry, zx_t, m_t) -> (carry, res)``.
+
+    Adds the bias to ``zx_t``, runs the recurrent GEMM ``h_{t-1} w_hh`` and the gates, and keeps the carry
+    where ``m_t`` (``[B]`` bool or None) is False.
+    """
+    w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
+
+    def step(carry: PyTree, zx_t: Array, m_t: Array | None) -> tuple[PyTree, Any]:
+        if hasattr(params, "b"):
+            zx_t = add_bias(zx_t, params.b)
+        new, res = cell.gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
+        return select(m_t, new, carry), res
+
+    return step
+
+
 def scan_gates(
     cell: Cell,
     params: PyTree,
@@ -84,8 +101,7 @@ def scan_gates(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
-    save: bool,
-) -> tuple[PyTree, PyTree, PyTree]:
+) -> tuple[PyTree, Array]:
     """The time loop of a built-in cell: one ``[B, H] x [H, G]`` GEMM and the gates per step.
 
     Args:
@@ -96,40 +112,67 @@ def scan_gates(
       mask: ``[T, B]`` bool or None.
       reverse: run ``t = T-1 .. 0``.
       unroll: `jax.lax.scan`'s unroll factor.
-      save: also return what the hand-derived backward needs (the per-step residuals).
 
     Returns:
-      ``(final_carry, stacked, residuals)``. Without ``save``: ``stacked`` is the hidden state after every
-      step, ``hs [T, B, H]``, and ``residuals`` is ``()``. With ``save``: ``stacked`` is the carry *entering*
-      every step (leaves ``[T, B, H]``: ``h_{t-1}`` for the weight gradient, ``c_{t-1}`` for the LSTM), and
-      ``residuals`` the cell's per-step residuals; the hidden states after each step are then
-      `next_hs` of it.
+      ``(final_carry, hs)``: ``hs [T, B, H]`` is the hidden state after every step.
     """
-    w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
+    step = _gate_step(cell, params)
 
-    def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Any]:
-        zx_t, m_t = inp
-        if hasattr(params, "b"):
-            zx_t = add_bias(zx_t, params.b)
-        new, res = cell.gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
-        new = select(m_t, new, carry)
-        return new, ((carry, res) if save else new.h)
+    def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Array]:
+        new, _ = step(carry, *inp)
+        return new, new.h
 
-    final, out = jax.lax.scan(body, carry0, (zx, mask), reverse=reverse, unroll=unroll)
-    if save:
-        prevs, res = out
-        return final, prevs, res
-    return final, out, ()
+    return jax.lax.scan(body, carry0, (zx, mask), reverse=reverse, unroll=unroll)
 
 
-def next_hs(prev_hs: Array, final_h: Array, reverse: bool) -> Array:
-    """The hidden state *leaving* each step, ``[T, B, H]``, from the one entering it and the final one.
+def pad_time(a: Array, reverse: bool) -> Array:
+    """``a [T, ...]`` with a row of zeros added: ``[T+1, ...]``, the zeros last (forward) or first (reverse).
 
-    Forward: ``h_t = prev[t+1]`` and ``h_{T-1} = final``; reverse: ``h_t = prev[t-1]`` and ``h_0 = final``.
+    The row layout of the hand-derived BPTT (see `scan_gates_saving`): step t's rows are ``t + reverse``,
+    and the zero row is the one where the carries' buffer holds the final carry.
     """
-    if reverse:
-        return jnp.concatenate([final_h[None], prev_hs[:-1]], axis=0)
-    return jnp.concatenate([prev_hs[1:], final_h[None]], axis=0)
+    zeros = jnp.zeros((1, *a.shape[1:]), a.dtype)
+    return jnp.concatenate([zeros, a] if reverse else [a, zeros], axis=0)
+
+
+def scan_gates_saving(
+    cell: Cell,
+    params: PyTree,
+    zx_rows: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    reverse: bool,
+    unroll: int | bool,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """`scan_gates` that also keeps what the hand-derived backward needs: every carry, and the residuals.
+
+    Rows: with ``o = 1`` when ``reverse`` (else 0), step t reads its projected input from row ``t + o`` of
+    ``zx_rows [T+1, B, G]`` (`pad_time` of ``xs``, times ``w_ih``), and the carries are kept in one buffer of
+    ``T + 1`` rows per leaf, ``carries [T+1, B, H]``: row ``t + o`` holds the carry *entering* step t and row
+    ``t + 1 - o`` the carry *leaving* it (``carry0`` sits in row 0, forward, or row T, reverse). So the
+    hidden states ``h_{t-1}`` of every step and the outputs ``h_t`` share one buffer, and the backward's
+    weight gradients are single GEMMs over all T + 1 rows, against gate gradients with a zero row where
+    ``carries`` holds the final carry.
+
+    Returns:
+      ``(final_carry, carries, residuals)``, the residuals stacked ``[T, ...]`` in time order.
+    """
+    T = zx_rows.shape[0] - 1
+    o = int(reverse)
+    step = _gate_step(cell, params)
+    rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
+
+    def body(state: tuple[PyTree, PyTree], inp: tuple[Array | None, Array]) -> tuple[tuple, Any]:
+        carry, rows = state
+        m_t, t = inp
+        new, res = step(carry, jax.lax.dynamic_index_in_dim(zx_rows, t + o, 0, keepdims=False), m_t)
+        rows = jax.tree.map(lambda r, v: jax.lax.dynamic_update_index_in_dim(r, v, t + 1 - o, 0), rows, new)
+        return (new, rows), res
+
+    (final, carries), res = jax.lax.scan(
+        body, (carry0, rows0), (mask, jnp.arange(T, dtype=jnp.int32)), reverse=reverse, unroll=unroll
+    )
+    return final, carries, res
 
 
 def outputs_from_hs(hs: Array, mask: Array | None) -> Array:
@@ -155,7 +198,7 @@ def forward(
     (`project` + `scan_gates`); other cells step with `scan_steps`.
     """
     if cell.is_builtin:
-        final, hs, _ = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, False)
+        final, hs = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll)
         return final, outputs_from_hs(hs, mask)
     final, _, ys = scan_steps(cell.step, params, xs, carry0, mask, reverse, unroll)
     return final, ys
@@ -206,38 +249,52 @@ def scan_stacked_late(
     reverse: bool,
     unroll: int | bool,
     trigger: PyTree,
+    zero_row: int,
 ) -> tuple[PyTree, PyTree]:
-    """`jax.lax.scan` (``(final_carry, stacked_outputs)``) whose stacked outputs are allocated late.
+    """`jax.lax.scan` whose stacked outputs are allocated late, in ``length + 1`` rows with one zero row.
 
     ``jax.lax.scan`` fills its stacked outputs into zero-initialised ``[T, ...]`` buffers; the zeros do not
     depend on anything, so XLA's scheduler may create them at the start of the whole program. For the
     backward of a BPTT that means the gate gradients' buffer (the size of the forward's residuals) is held
     through the entire forward pass, beside the projection ``zx`` and the residuals. Here each buffer is
     filled from ``0 · trigger`` instead (the first element of every leaf of ``trigger``, the incoming
-    cotangents), so it cannot exist before the backward begins, and every step writes its slot in place.
-    Every slot is written, so the fill value never shows (even if ``trigger`` holds inf or NaN).
+    cotangents), so it cannot exist before the backward begins. Every step writes its row in place, and row
+    ``zero_row`` is set to exact zeros, so the fill value never shows (even if ``trigger`` holds inf or NaN).
 
     Args:
       body: ``body(carry, x) -> (carry, y)``, as for `jax.lax.scan`.
       init: the initial carry.
       xs: the scanned inputs, leaves ``[length, ...]`` (None leaves allowed).
-      length: the number of steps.
+      length: the number of steps T.
       reverse, unroll: as for `jax.lax.scan`.
       trigger: a pytree of arrays, at least one non-empty, that the outputs' allocation waits for.
+      zero_row: 0 or T. Step t's output goes to row ``t + 1`` if it is 0, else to row t (the row layout of
+        `scan_gates_saving`).
+
+    Returns:
+      ``(final_carry, stacked)``, the leaves of ``stacked`` ``[T+1, ...]``.
     """
     _, y_spec = jax.eval_shape(body, init, jax.tree.map(lambda a: a[0], xs))
     seed = sum(leaf.reshape(-1)[0] for leaf in jax.tree.leaves(trigger) if leaf.size)
-    bufs = jax.tree.map(lambda s: jnp.broadcast_to((seed * 0).astype(s.dtype), (length, *s.shape)), y_spec)
+    shift = int(zero_row == 0)
+
+    def alloc(s: Any) -> Array:
+        buf = jnp.broadcast_to((seed * 0).astype(s.dtype), (length + 1, *s.shape))
+        return buf.at[zero_row].set(jnp.zeros(s.shape, s.dtype))
 
     def step(state: tuple[PyTree, PyTree], inp: tuple[PyTree, Array]) -> tuple[tuple[PyTree, PyTree], None]:
         carry, bufs = state
         x, t = inp
         carry, y = body(carry, x)
-        bufs = jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, t, 0), bufs, y)
+        bufs = jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, t + shift, 0), bufs, y)
         return (carry, bufs), None
 
     (carry, bufs), _ = jax.lax.scan(
-        step, (init, bufs), (xs, jnp.arange(length, dtype=jnp.int32)), reverse=reverse, unroll=unroll
+        step,
+        (init, jax.tree.map(alloc, y_spec)),
+        (xs, jnp.arange(length, dtype=jnp.int32)),
+        reverse=reverse,
+        unroll=unroll,
     )
     return carry, bufs
 

@@ -74,6 +74,10 @@ class Cell(NamedTuple):
       dzh_shared: built-ins only: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals
         its ``dzx`` (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every
         step (the GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
+      dzh_rest: built-ins only, optional: for a cell whose other columns of ``dzh`` follow elementwise from
+        ``dzx`` and the residuals, ``dzh_rest(params, dzx [T, B, G], res) -> dzh[..., k:] [T, B, G_h − k]``
+        over all steps. The backward then stacks ``dzx`` alone and rebuilds the rest after the loop (the
+        GRU's ``dhn = dan ⊙ r``).
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
         ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
 
@@ -95,6 +99,7 @@ class Cell(NamedTuple):
     proj_size: int | None = None
     diagonal: int = 0
     dzh_shared: int = 0
+    dzh_rest: Callable[..., Array] | None = None
 
     @property
     def output_size(self) -> int | None:

@@ -147,6 +147,10 @@ def gru(
         # hn = zh_n + b_hn, so d b_hn is the n block of dzh summed over time and batch
         return {"b_hn": jnp.sum(dzh[..., 2 * H : 3 * H], axis=(0, 1))}
 
+    def dzh_rest(params: GRUParams, dzx: Array, res: Array) -> Array:
+        # dzh = [dar, daz, dhn] shares dzx's first 2H columns, and dhn = dan ⊙ r: nothing more to store
+        return dzx[..., 2 * H : 3 * H] * res[..., 0 * H : 1 * H]
+
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
             params,
@@ -171,4 +175,5 @@ def gru(
         check_params=check_params,
         gate_names=("r", "z", "n"),
         dzh_shared=2 * H,
+        dzh_rest=dzh_rest,
     )
