@@ -164,12 +164,12 @@ def test_higher_batch_dims(key):
 
 @pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru", "mgu"])
 def test_manual_is_leaner_than_autodiff(name):
-    """The hand-derived BPTT keeps at most 0.7x of autodiff's compiled temporary memory (issue 5's target;
-    0.6x for the LSTM, which measures 0.57x).
+    """The hand-derived BPTT keeps well under issue 5's 0.7x of autodiff's compiled temporary memory.
 
-    What it takes: the weight-gradient GEMMs flatten both operands in (t, b) order (no transposed copy of
-    the gate gradients), the backward's buffers are allocated only when its cotangents exist, and the GRU
-    and MGU store only the columns of dzh that differ from dzx's.
+    Measured: Elman 0.51x, LSTM 0.53x, GRU 0.57x, MGU 0.59x. What it takes: the carries in one buffer of
+    T + 1 rows that the outputs share, weight-gradient GEMMs over operands flattened in the same (t, b)
+    order (no transposed copy of the gate gradients), the backward's buffers allocated only once its
+    cotangents exist, and the GRU and MGU storing no column of dzh that dzx gives.
     """
     cell = CELLS[name](32)
     params, xs, _ = random_problem(cell, jax.random.key(0), 8, 64, 32, jnp.float32)
@@ -177,4 +177,4 @@ def test_manual_is_leaner_than_autodiff(name):
     for mode in rj.GRAD_MODES:
         step = jax.jit(jax.grad(lambda p, x, m=mode: jnp.sum(rj.unroll(cell, p, x, grad=m)[1] ** 2), (0, 1)))
         temp[mode] = step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes
-    assert temp["manual"] <= (0.6 if name == "lstm" else 0.7) * temp["autodiff"], temp
+    assert temp["manual"] <= 0.62 * temp["autodiff"], temp
