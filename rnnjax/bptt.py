@@ -70,6 +70,17 @@ from rnnjax.scan import (
 Array = jax.Array
 PyTree = Any
 
+# `jax.lax.scan`'s unroll factor for a forward pass that is not differentiated (``unroll=None``). Measured
+# on 2 CPU cores (float32, B=32, I=H=256): the LSTM's forward 54 -> 39 ms, the GRU's 48 -> 39 ms at 4, no
+# further gain at 8; Elman and the LSTM at B=16, H=128 unchanged. No factor sped up the training step, whose
+# loops run at 1.
+INFERENCE_UNROLL = 4
+
+
+def _loops(unroll: int | bool | None) -> int | bool:
+    """The unroll factor of the gradient's loops: the caller's, or 1 for None."""
+    return 1 if unroll is None else unroll
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Built-in cells: gates + hand-derived gates_bwd, the GEMMs hoisted out of both loops.
@@ -80,7 +91,7 @@ PyTree = Any
 def bptt_unroll(
     cell: Cell,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
@@ -88,15 +99,16 @@ def bptt_unroll(
 ) -> tuple[PyTree, Array]:
     """``(final_carry, ys [B, T, H])`` of a built-in cell; its VJP is the hand-derived BPTT below.
 
-    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1.
+    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1. ``unroll=None``
+    runs this forward (inference) at `INFERENCE_UNROLL` and the gradient's loops at 1.
     """
-    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+    return forward(cell, params, xs, carry0, mask, reverse, INFERENCE_UNROLL if unroll is None else unroll)
 
 
 def _bptt_fwd(
     cell: Cell,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
@@ -105,20 +117,20 @@ def _bptt_fwd(
     T, o = xs.shape[1], int(reverse)
     xs_rows = pad_time(jnp.swapaxes(xs, 0, 1), reverse)  # [T+1, B, I]: step t in row t + o
     final, carries, res = scan_gates_saving(
-        cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, unroll
+        cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, _loops(unroll)
     )
     ys = outputs_from_hs(carries.h[1 - o : T + 1 - o], mask)  # the carries leaving the steps
     return (final, ys), (params, xs_rows, mask, carries, res)
 
 
 def _bptt_bwd(
-    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
+    cell: Cell, reverse: bool, unroll: int | bool | None, saved: tuple, cotangents: tuple
 ) -> tuple[PyTree, Array, PyTree, None]:
     return _backward(cell, reverse, unroll, saved, cotangents, emit_dh=False)[:4]
 
 
 def _backward(
-    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple, emit_dh: bool
+    cell: Cell, reverse: bool, unroll: int | bool | None, saved: tuple, cotangents: tuple, emit_dh: bool
 ) -> tuple[PyTree, Array, PyTree, None, Array | None]:
     """The reverse-time recursion; with ``emit_dh`` also ``∂L/∂h_t [T, B, H]`` (0 at masked steps).
 
@@ -159,7 +171,7 @@ def _backward(
         (jnp.swapaxes(d_ys, 0, 1), mask, res, jnp.arange(T, dtype=jnp.int32)),
         T,
         not reverse,
-        unroll,
+        _loops(unroll),
         cotangents,
         T * (1 - o),
     )
@@ -209,7 +221,7 @@ bptt_unroll.defvjp(_bptt_fwd, _bptt_bwd)
 def probed_bptt_unroll(
     cell: Cell,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
@@ -222,13 +234,13 @@ def probed_bptt_unroll(
     so the cotangent the backward gives it is the gradient reaching ``h_t`` (0 at masked steps).
     """
     del probe
-    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+    return forward(cell, params, xs, carry0, mask, reverse, INFERENCE_UNROLL if unroll is None else unroll)
 
 
 def _probed_fwd(
     cell: Cell,
     reverse: bool,
-    unroll: int | bool,
+    unroll: int | bool | None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
@@ -240,7 +252,7 @@ def _probed_fwd(
 
 
 def _probed_bwd(
-    cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
+    cell: Cell, reverse: bool, unroll: int | bool | None, saved: tuple, cotangents: tuple
 ) -> tuple[PyTree, Array, PyTree, None, Array]:
     *grads, d_hs = _backward(cell, reverse, unroll, saved, cotangents, emit_dh=True)
     return (*grads, jnp.swapaxes(d_hs, 0, 1))

@@ -42,7 +42,7 @@ def unroll(
     lengths: Array | None = None,
     reverse: bool = False,
     grad: str = "manual",
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
     checkpoint: int | str | None = None,
     probe: Array | None = None,
     budget: int | None = None,
@@ -77,7 +77,12 @@ def unroll(
         `jax.hessian` (forward-over-reverse) differentiates that backward in forward mode, but plain forward
         mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
         forward scan, in either mode.
-      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward).
+      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward). None (default):
+        `rnnjax.bptt.INFERENCE_UNROLL` (4) for the forward of a built-in cell under ``grad="manual"``
+        that is not differentiated (inference), and 1 for every loop of a gradient, for user cells,
+        ``grad="autodiff"``, ``checkpoint`` and ``budget``. On 2 CPU cores 4 made the LSTM's and GRU's
+        inference 18–27% faster at B=32, H=256 (and changed nothing at smaller sizes), while no factor
+        sped up the training step.
       checkpoint: None (default) or ``"none"`` keeps every step's residuals for the backward. An int K
         keeps only the carry every K steps and recomputes each segment in the backward (`rnnjax.remat`);
         ``"sqrt"`` uses K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass.
@@ -161,9 +166,13 @@ def unroll(
         impl = autodiff_unroll
         if grad == "manual":
             impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
-        args = (cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
         if probe is not None:
             impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
+        plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
+        if unroll is None and not plain_bptt:
+            unroll = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
+        args = (cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
+        if probe is not None:
             args = (*args, probe.reshape(B, T, -1))
         try:
             if plan is not None:
@@ -200,6 +209,8 @@ def _check_cell(cell: Any) -> None:
 
 
 def _check_unroll(unroll: Any) -> None:
+    if unroll is None:
+        return
     if isinstance(unroll, (bool, np.bool_)):
         return
     if not isinstance(unroll, (int, np.integer)) or unroll < 1:

@@ -99,13 +99,13 @@ def _check_cell(cell: Any, what: str) -> Cell:
     return cell
 
 
-def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool = 1) -> Layer:
+def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool | None = None) -> Layer:
     """Lifts a cell to a layer: `rj.unroll` over the whole sequence.
 
     Args:
       cell: the cell.
       reverse: run from the last step to the first (from ``lengths[b] - 1`` with lengths).
-      unroll_factor: `jax.lax.scan`'s unroll factor.
+      unroll_factor: `rj.unroll`'s ``unroll`` (None: its default).
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -220,6 +222,29 @@ def test_unroll_factor_changes_nothing(unroll, key):
         return jnp.sum(rj.unroll(cell, p, xs, carry, lengths=jnp.array([7, 0, 3, 1]), unroll=u)[1] ** 2)
 
     assert rel_err(jax.grad(loss)(params, unroll), jax.grad(loss)(params, 1)) <= 1e-13
+
+
+def _unroll_factors(fn, *args):
+    return re.findall(r"\bunroll=(\w+)", str(jax.make_jaxpr(fn)(*args)))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman-tanh"])
+def test_default_unroll_is_four_for_inference_and_one_for_gradients(name, key):
+    """``unroll=None``: the hand-derived BPTT's undifferentiated forward runs at INFERENCE_UNROLL, every
+    loop of a gradient (and the autodiff twin) at 1; the outputs are those of ``unroll=1``."""
+    cell = CELLS[name](H)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    lengths = jnp.array([7, 0, 3, 1])
+
+    def ys(p, **kw):
+        return rj.unroll(cell, p, xs, carry, lengths=lengths, **kw)[1]
+
+    assert _unroll_factors(ys, params) == [str(rj.bptt.INFERENCE_UNROLL)]
+    assert rel_err(ys(params), ys(params, unroll=1)) <= 1e-14
+    assert set(_unroll_factors(jax.grad(lambda p: jnp.sum(ys(p) ** 2)), params)) == {"1"}
+    assert set(_unroll_factors(lambda p: ys(p, grad="autodiff"), params)) == {"1"}
+    assert set(_unroll_factors(lambda p: ys(p, checkpoint=2), params)) == {"1"}
+    assert set(_unroll_factors(lambda p: ys(p, unroll=2), params)) == {"2"}
 
 
 def test_compiles_once_per_shape(key):
