@@ -136,7 +136,9 @@ def _backward(
 
     Rows (see `rnnjax.scan.scan_gates_saving`): ``xs_rows``, ``carries`` and the stacked gate gradients
     have T + 1 rows; step t's are row ``t + o`` (``o = 1`` when reverse), where ``carries`` holds the carry
-    entering the step, and the gate gradients' spare row is zero.
+    entering the step, and the gate gradients' spare row is zero. (So the final carry meets a zero in the
+    ``d w_hh`` GEMM: were it ±inf, an overflowed forward, ``d w_hh`` would be NaN where autodiff's could
+    stay finite for a loss that ignores the last step.)
     """
     params, xs_rows, mask, carries, res = saved
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
