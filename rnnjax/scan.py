@@ -267,7 +267,7 @@ def scan_stacked_late(
       xs: the scanned inputs, leaves ``[length, ...]`` (None leaves allowed).
       length: the number of steps T.
       reverse, unroll: as for `jax.lax.scan`.
-      trigger: a pytree of arrays, at least one non-empty, that the outputs' allocation waits for.
+      trigger: a pytree of arrays that the outputs' allocation waits for (its empty leaves are ignored).
       zero_row: 0 or T. Step t's output goes to row ``t + 1`` if it is 0, else to row t (the row layout of
         `scan_gates_saving`).
 
@@ -275,7 +275,8 @@ def scan_stacked_late(
       ``(final_carry, stacked)``, the leaves of ``stacked`` ``[T+1, ...]``.
     """
     _, y_spec = jax.eval_shape(body, init, jax.tree.map(lambda a: a[0], xs))
-    seed = sum(leaf.reshape(-1)[0] for leaf in jax.tree.leaves(trigger) if leaf.size)
+    firsts = [leaf.reshape(-1)[0] for leaf in jax.tree.leaves(trigger) if leaf.size]
+    seed = sum(firsts) if firsts else jnp.zeros(())  # all empty (a batch of 0): nothing to wait for
     shift = int(zero_row == 0)
 
     def alloc(s: Any) -> Array:

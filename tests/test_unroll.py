@@ -205,6 +205,18 @@ def test_zero_length_sequence(grad, key):
     np.testing.assert_array_equal(g.h, np.ones((B, H)))
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "elman-tanh"])
+def test_empty_batch(name, key):
+    """A batch of 0 sequences: outputs of shape [0, T, H] and zero gradients, in both modes."""
+    cell = CELLS[name](H)
+    params, xs, _ = random_problem(cell, key, 1, T, I)
+    for grad in rj.GRAD_MODES:
+        _, ys = rj.unroll(cell, params, xs[:0], grad=grad)
+        assert ys.shape == (0, T, H)
+        g = jax.grad(lambda p, g=grad: jnp.sum(rj.unroll(cell, p, xs[:0], grad=g)[1] ** 2))(params)
+        assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(g))
+
+
 def test_initial_carry_defaults_to_zeros(key):
     cell = rj.lstm(H)
     params, xs, _ = random_problem(cell, key, B, T, I)
