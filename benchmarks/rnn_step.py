@@ -147,6 +147,45 @@ def inference_vs_floor(config: tuple, rounds: int) -> dict[str, Any]:
     return {"forward_ms": fwd, "gemm_floor_ms": floor, "ratio": fwd / floor, "gflops": flops / 1e9}
 
 
+UNROLL_FACTORS = (1, 2, 4, 8)
+
+
+def unroll_sweep(config: tuple, rounds: int) -> dict[str, Any]:
+    """rnnjax's training step and inference at each of `UNROLL_FACTORS`, interleaved, medians in ms.
+
+    The measurement behind ``unroll=None``: inference runs at `rnnjax.bptt.INFERENCE_UNROLL`, the
+    gradient's loops at 1.
+    """
+    import jax.numpy as jnp
+
+    import rnnjax as rj
+    from benchmarks.peers import rnnjax_step
+
+    cell_name, B, T, I, H = config
+    cell = {"lstm": rj.lstm, "gru": rj.gru, "elman": rj.elman}[cell_name](H)
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    runs = {}
+    for u in UNROLL_FACTORS:
+        train = rnnjax_step(cell_name, B, T, I, H, unroll=u)
+        forward = jax.jit(lambda p, x, u=u: rj.unroll(cell, p, x, unroll=u)[1])
+        runs[("train", u)] = train.step
+        runs[("forward", u)] = lambda f=forward: jax.block_until_ready(f(params, xs))
+    for f in runs.values():
+        f()
+        f()
+    times: dict[tuple, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {
+        kind: {str(u): statistics.median(times[(kind, u)]) for u in UNROLL_FACTORS}
+        for kind in ("train", "forward")
+    }
+
+
 def device_label(device: dict[str, Any]) -> str:
     if device["jax_device"].startswith("gpu"):
         return f"{device['jax_device']} (host: {device['cpu']})"
@@ -197,6 +236,27 @@ def markdown(record: dict[str, Any]) -> str:
                 f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['gflops']:.2f} | "
                 f"{f['forward_ms']:.2f} ms | {f['gemm_floor_ms']:.2f} ms | {f['ratio']:.2f}x |"
             )
+    sweeps = [c for c in record["configs"] if c.get("unroll")]
+    if sweeps:
+        factors = list(sweeps[0]["unroll"]["train"])
+        lines += [
+            "",
+            "rnnjax manual at each unroll factor (`rj.unroll(..., unroll=k)`), median ms; the default "
+            "(`unroll=None`) runs inference at 4 and the gradient's loops at 1:",
+            "",
+            "| config | "
+            + " | ".join(f"train, {u}" for u in factors)
+            + " | "
+            + " | ".join(f"inference, {u}" for u in factors)
+            + " |",
+            "|---|" + "---|" * (2 * len(factors)),
+        ]
+        for c in sweeps:
+            row = [f"{c['unroll']['train'][u]:.1f}" for u in factors]
+            row += [f"{c['unroll']['forward'][u]:.1f}" for u in factors]
+            lines.append(
+                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(row) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_config(config, rounds, args.libraries)
         if "rnnjax manual" in args.libraries:
             result["inference"] = inference_vs_floor(config, rounds)
+            if not args.quick or config == configs[0]:  # quick: one sweep, as a smoke test
+                result["unroll"] = unroll_sweep(config, rounds)
         record["configs"].append(result)
     save_results("rnn_step", args.quick, record, markdown(record), plot, args.out, args.plot_dir)
     return 0

@@ -28,7 +28,12 @@ def test_rnn_step_quick(tmp_path):
             inference["gflops"]
             == 2 * 4 * 16 * 16 * {"lstm": 4, "gru": 3, "elman": 1}[config["cell"]] * 8 / 1e9
         )
+    sweep = record["configs"][0]["unroll"]  # one unroll sweep in quick mode
+    assert set(sweep) == {"train", "forward"} and list(sweep["train"]) == ["1", "2", "4", "8"]
+    assert all(ms > 0 for kind in sweep.values() for ms in kind.values())
+    assert all("unroll" not in c for c in record["configs"][1:])
     table = (tmp_path / "rnn_step_quick.md").read_text()
+    assert "| lstm B=4 T=16 I=8 H=8 | " in table.split("unroll factor")[1]
     assert "| lstm B=4 T=16 I=8 H=8 |" in table
     on_cpu = jax.devices()[0].platform == "cpu"
     assert ("jax cudnn" in table) != on_cpu  # a library that ran nowhere gets no column
