@@ -183,29 +183,28 @@ def _backward(
     steps = slice(o, T + o)  # the rows of the T steps
     if cell.dzh_rest is not None:
         dzh_rest = pad_time(cell.dzh_rest(params, dzx[steps], res), reverse)
-    rest = dzh_rest is not None and dzh_rest.shape[-1] > 0
-    if w_hh_t is None:
-        d_w_hh = {}
-    elif dzh_rest is None:
-        d_w_hh = {"w_hh": time_gemm(carries.h, dzx)}
-    elif k:  # by column blocks, the shared ones from a GEMM over all of dzx (slicing dzx copies it)
-        d_w_hh = {"w_hh": time_gemm(carries.h, dzx)[:, :k]}
-        if rest:
-            d_w_hh["w_hh"] = jnp.concatenate([d_w_hh["w_hh"], time_gemm(carries.h, dzh_rest)], axis=-1)
-    else:
-        d_w_hh = {"w_hh": time_gemm(carries.h, dzh_rest)}
+
+    def dzh_of(on_dzx: Array, on_rest: Any) -> Array:
+        """``dzh``, or a column-wise map of it (its columns in a GEMM's output), from the map of dzx and of
+        dzh's own columns: dzh's first k columns are dzx's."""
+        if dzh_rest is None:
+            return on_dzx
+        if not k:
+            return on_rest()
+        if dzh_rest.shape[-1] == 0:
+            return on_dzx[..., :k]
+        return jnp.concatenate([on_dzx[..., :k], on_rest()], axis=-1)
+
+    # by column blocks: the shared ones from a GEMM over all of dzx (slicing dzx first copies it)
+    d_w_hh = {}
+    if w_hh_t is not None:
+        d_w_hh["w_hh"] = dzh_of(time_gemm(carries.h, dzx), lambda: time_gemm(carries.h, dzh_rest))
     extra = {}
     if cell.extra_grads:
-        dzx_t = dzx[steps]
-        if dzh_rest is None:
-            dzh_t = dzx_t
-        elif k:
-            dzh_t = jnp.concatenate([dzx_t[..., :k], dzh_rest[steps]], axis=-1) if rest else dzx_t[..., :k]
-        else:
-            dzh_t = dzh_rest[steps]
+        dzh_t = dzh_of(dzx[steps], lambda: dzh_rest[steps])
         prevs = jax.tree.map(lambda c: c[steps], carries)  # the carry entering each step
         aux_t = jax.tree.map(lambda a: a[steps], aux)
-        extra = cell.extra_grads(params, dzx_t, dzh_t, prevs, res, *aux_t)
+        extra = cell.extra_grads(params, dzx[steps], dzh_t, prevs, res, *aux_t)
     d_params = params._replace(
         w_ih=time_gemm(xs_rows, dzx),
         **({"b": jnp.sum(dzx, axis=(0, 1))} if hasattr(params, "b") else {}),
