@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +38,22 @@ GPU_CONFIGS = [*CONFIGS, ("lstm", 64, 256, 512, 512), ("gru", 64, 256, 512, 512)
 QUICK_CONFIGS = [("lstm", 4, 16, 8, 8), ("gru", 4, 16, 8, 8), ("elman", 4, 16, 8, 8)]
 
 
+ENV_PREFIXES = ("GLIBC_TUNABLES", "MALLOC_", "XLA_FLAGS", "OMP_", "MKL_", "LD_PRELOAD")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (``getrusage``).
+
+    On Linux with glibc, an allocation above the mmap threshold (at most 32 MiB) is a fresh ``mmap`` on
+    every call and is unmapped when freed. XLA:CPU allocates each call's temporaries as one block (the
+    compiled temp size), so a JAX training step of a few tens of MiB touches, and faults in, every 4 KiB
+    page of it on every call; PyTorch's allocations fault the same way. The count per step is reported
+    beside the times, because it moves them: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35,
+    transparent huge pages in ``madvise`` mode) makes those blocks 2 MiB pages.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def device_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -50,6 +67,8 @@ def device_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        # process-wide settings that move every library's times (see `minor_faults`)
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)},
         "versions": {
             p: _version(p) for p in ("jax", "jaxlib", "flax", "equinox", "dm-haiku", "torch", "rnnjax")
         },
@@ -97,18 +116,20 @@ def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, An
                 temp = b.jitted.lower(*b.args).compile().memory_analysis().temp_size_in_bytes / 2**20
             b.step()  # a second warm-up call
             built[name] = b
-            result[name] = {"first_call_s": first, "temp_mib": temp, "times_ms": []}
+            result[name] = {"first_call_s": first, "temp_mib": temp, "times_ms": [], "faults": []}
         except (ImportError, NotImplementedError) as e:
             result[name] = {"unavailable": f"{type(e).__name__}: {e}"}
     for _ in range(rounds):
         for name, b in built.items():
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             b.step()
             result[name]["times_ms"].append(1e3 * (time.perf_counter() - t0))
+            result[name]["faults"].append(minor_faults() - f0)
     base = statistics.median(result["rnnjax manual"]["times_ms"]) if "rnnjax manual" in built else None
     for name in built:
         r = result[name]
         r["median_ms"] = statistics.median(r["times_ms"])
+        r["median_faults"] = statistics.median(r["faults"])
         r["ratio_to_rnnjax"] = r["median_ms"] / base if base else None
     return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "results": result}
 
@@ -192,11 +213,17 @@ def device_label(device: dict[str, Any]) -> str:
     return f"{device['cpu']} ({device['cores']} cores, {device['jax_device']})"
 
 
+def environment_label(device: dict[str, Any]) -> str:
+    env = device.get("environment") or {}
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "defaults"
+
+
 def markdown(record: dict[str, Any]) -> str:
     libs = [n for n in LIBRARIES if any("median_ms" in c["results"].get(n, {}) for c in record["configs"])]
     lines = [
         f"Training step (forward + backward, float32), median of {record['rounds']} interleaved rounds; "
-        f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {device_label(record['device'])}.",
+        f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {device_label(record['device'])}. "
+        f"Allocator and XLA settings: {environment_label(record['device'])}.",
         "",
         "| config | " + " | ".join(libs) + " |",
         "|---|" + "---|" * len(libs),
@@ -219,6 +246,16 @@ def markdown(record: dict[str, Any]) -> str:
         for name in libs:
             t = c["results"].get(name, {}).get("temp_mib")
             cells.append(f"{t:.1f} MiB" if t is not None else "n/a")
+        lines.append(
+            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Minor page faults per training step (median; the whole process, so PyTorch's too):", ""]
+    lines += ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
+    for c in record["configs"]:
+        cells = []
+        for name in libs:
+            f = c["results"].get(name, {}).get("median_faults")
+            cells.append(f"{f:.0f}" if f is not None else "n/a")
         lines.append(
             f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
         )

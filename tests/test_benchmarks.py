@@ -58,3 +58,27 @@ def test_scaling_quick(tmp_path):
     assert budget["grad_rel_diff"] < 1e-5
     assert "Memory-budgeted BPTT" in (tmp_path / "scaling_quick.md").read_text()
     assert (tmp_path / "scaling_quick.png").stat().st_size > 0
+
+
+def test_profile_step_quick(tmp_path):
+    from benchmarks import profile_step
+
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert profile_step.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "profile_lstm_manual.json").read_text())
+    labels = [p["phase"] for p in record["phases"]]
+    if jax.devices()[0].platform != "cpu":
+        return  # the phases are read from XLA:CPU's kernel events
+    # the forward's loop and the backward's, each kernel in them run once per step of T = 16
+    assert labels == [
+        "before the first loop",
+        "loop 1",
+        "between loops 1 and 2",
+        "loop 2",
+        "after the last loop",
+    ]
+    for p in record["phases"]:
+        assert p["wall_ms"] >= 0 and p["kernels"]
+        calls = {k["calls"] for k in p["kernels"]}
+        assert calls == {16} if p["phase"].startswith("loop") else max(calls) == 1, (p["phase"], calls)
+    assert "| loop 2 |" in (tmp_path / "profile_lstm_manual.md").read_text()
