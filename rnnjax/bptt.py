@@ -18,7 +18,7 @@ and the backward, a reverse-time `jax.lax.scan`, is::
         d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra gradients, e.g. the GRU's d b_hn, from the
                                       stacked dzx, dzh, carries, residuals and aux)
 
-What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256: 0.59x of autodiff's):
+What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256: 0.41x of autodiff's):
 
 - The forward keeps ``xs`` transposed time-major (the projection GEMM needs that copy anyway), every carry
   and each cell's minimal residuals (none for Elman, four gate activations for LSTM, ``[r, z, n, hn]`` for
@@ -30,6 +30,10 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
   GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.scan.time_gemm`):
   XLA transposes nothing large.
+- For the LSTM, minGRU and minLSTM one ``[T+1, B, G]`` buffer does three jobs in turn
+  (`rnnjax.scan.residual_slot`): the projection ``zx``, then each step's residuals written over the row
+  it has read, then each step's ``dzx`` written over the residuals it came from. Every write lands one
+  step late, after the row was read, so XLA updates the buffer in place.
 
 For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
 from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
@@ -58,6 +62,7 @@ from rnnjax.scan import (
     forward,
     outputs_from_hs,
     pad_time,
+    residual_slot,
     scan_gates_saving,
     scan_stacked_late,
     scan_steps,
@@ -117,11 +122,11 @@ def _bptt_fwd(
 ) -> tuple[tuple[PyTree, Array], tuple]:
     T, o = xs.shape[1], int(reverse)
     xs_rows = pad_time(jnp.swapaxes(xs, 0, 1), reverse)  # [T+1, B, I]: step t in row t + o
-    final, carries, res = scan_gates_saving(
+    final, carries, res, last = scan_gates_saving(
         cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, _loops(unroll)
     )
     ys = outputs_from_hs(carries.h[1 - o : T + 1 - o], mask)  # the carries leaving the steps
-    return (final, ys), (params, xs_rows, mask, carries, res)
+    return (final, ys), (params, xs_rows, mask, carries, res, last)
 
 
 def _bptt_bwd(
@@ -141,7 +146,7 @@ def _backward(
     ``d w_hh`` GEMM: were it ±inf, an overflowed forward, ``d w_hh`` would be NaN where autodiff's could
     stay finite for a loss that ignores the last step.)
     """
-    params, xs_rows, mask, carries, res = saved
+    params, xs_rows, mask, carries, res, last = saved
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     T, o = d_ys.shape[1], int(reverse)
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
@@ -150,9 +155,30 @@ def _backward(
     def row(t: Array, shift: int) -> PyTree:
         return jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, t + shift, 0, keepdims=False), carries)
 
-    def body(d_carry: PyTree, inp: tuple) -> tuple[PyTree, tuple]:
-        dy_t, m_t, res_t, t = inp
+    # When the forward kept a residual leaf in the projection's buffer (`rnnjax.scan.residual_slot`: the
+    # LSTM's activations), the gate gradients overwrite it in turn, and the backward holds no [T+1, B, G]
+    # buffer of its own. As in the forward, each write is one step late: a step first writes the pending
+    # row (for the first step visited, the forward's last residual; then the previous step's dzx, over the
+    # residuals it came from) and then reads its own row.
+    res_leaves, res_def = jax.tree.flatten(res)
+    row_spec = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype), res)
+    reuse = None if last is None else residual_slot(cell, row_spec, last)
+    spare = T * (1 - o)  # the row that holds no step
+
+    def body(state: tuple, inp: tuple) -> tuple[tuple, tuple]:
+        d_carry, pending = state
+        dy_t, m_t, t = inp
+        leaves = list(res_leaves)
+        if reuse is not None:
+            buf, value, at = pending
+            leaves[reuse] = buf = jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
         prev_t, new_t = row(t, o), row(t, 1 - o)  # the carries entering and leaving step t
+        res_t = res_def.unflatten(  # the leaf in zx's buffer has T + 1 rows, step t's in row t + o
+            [
+                jax.lax.dynamic_index_in_dim(r, t + o * (i == reuse), 0, keepdims=False)
+                for i, r in enumerate(leaves)
+            ]
+        )
         # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid)
         g = d_carry._replace(h=d_carry.h + dy_t)
         g_valid = zero_where_not(m_t, g)
@@ -165,19 +191,44 @@ def _backward(
         d_prev = select(m_t, d_prev, d_carry)
         # dzh's own columns, unless the cell rebuilds them after the loop from dzx and the residuals
         dzh_rest = dzh[..., k:] if dzh is not None and cell.dzh_rest is None else None
+        if reuse is not None:  # dzx waits in the carry, to overwrite its residuals' row in the next step
+            pending, dzx = (buf, dzx, t + o), None
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
-        return d_prev, (dzx, dzh_rest, g_valid.h if emit_dh else None, aux)
+        return (d_prev, pending), (dzx, dzh_rest, g_valid.h if emit_dh else None, aux)
 
-    d_carry0, (dzx, dzh_rest, d_hs, aux) = scan_stacked_late(
+    first = (T - 1) * (1 - o) + o  # the row of the last step the forward visited, the first one here
+    pending = None if reuse is None else (res_leaves[reuse], last, jnp.asarray(first, jnp.int32))
+    (d_carry0, pending), (dzx, dzh_rest, d_hs, aux) = scan_stacked_late(
         body,
-        d_final,
-        (jnp.swapaxes(d_ys, 0, 1), mask, res, jnp.arange(T, dtype=jnp.int32)),
+        (d_final, pending),
+        (jnp.swapaxes(d_ys, 0, 1), mask, jnp.arange(T, dtype=jnp.int32)),
         T,
         not reverse,
         _loops(unroll),
         cotangents,
-        T * (1 - o),
+        spare,
     )
+    # dzx's products after the loop, linear in its rows. When dzx overwrote the residuals, its row T·o (the
+    # last step the loop visits) still holds that step's residuals and its gradient is in `pending`:
+    # writing it into the buffer here would copy the buffer for each reader, so each product is corrected
+    # by that one row instead.
+    fix = dzx_last = None
+    if reuse is not None:
+        dzx, dzx_last, _ = pending
+        fix = dzx_last - dzx[T * o]  # [B, G]
+
+    def rows_gemm(a: Array) -> Array:  # Σ_t a_tᵀ dzx_t
+        out = time_gemm(a, dzx)
+        return out if fix is None else out + a[T * o].T @ fix
+
+    def rows_sum() -> Array:  # Σ_t Σ_b dzx_t
+        out = jnp.sum(dzx, axis=(0, 1))
+        return out if fix is None else out + jnp.sum(fix, axis=0)
+
+    def rows_project(w: Array) -> Array:  # dzx_t w for every row t (that row exactly: a masked step's is 0)
+        out = dzx @ w
+        return out if fix is None else out.at[T * o].set(dzx_last @ w)
+
     # the weight and input gradients, once over all T + 1 rows and B (plain GEMMs): the spare row of the
     # gate gradients is zero, so it adds nothing
     steps = slice(o, T + o)  # the rows of the T steps
@@ -198,7 +249,7 @@ def _backward(
     # by column blocks: the shared ones from a GEMM over all of dzx (slicing dzx first copies it)
     d_w_hh = {}
     if w_hh_t is not None:
-        d_w_hh["w_hh"] = dzh_of(time_gemm(carries.h, dzx), lambda: time_gemm(carries.h, dzh_rest))
+        d_w_hh["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_rest))
     extra = {}
     if cell.extra_grads:
         dzh_t = dzh_of(dzx[steps], lambda: dzh_rest[steps])
@@ -206,12 +257,12 @@ def _backward(
         aux_t = jax.tree.map(lambda a: a[steps], aux)
         extra = cell.extra_grads(params, dzx[steps], dzh_t, prevs, res, *aux_t)
     d_params = params._replace(
-        w_ih=time_gemm(xs_rows, dzx),
-        **({"b": jnp.sum(dzx, axis=(0, 1))} if hasattr(params, "b") else {}),
+        w_ih=rows_gemm(xs_rows),
+        **({"b": rows_sum()} if hasattr(params, "b") else {}),
         **d_w_hh,
         **extra,
     )
-    d_xs = jnp.swapaxes((dzx @ params.w_ih.T)[o : T + o], 0, 1)
+    d_xs = jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1)
     d_hs = None if d_hs is None else d_hs[o : T + o]
     return d_params, d_xs, d_carry0, None, d_hs
 

@@ -135,6 +135,21 @@ def pad_time(a: Array, reverse: bool) -> Array:
     return jnp.concatenate([zeros, a] if reverse else [a, zeros], axis=0)
 
 
+def residual_slot(cell: Cell, res: PyTree, zx_row: Any) -> int | None:
+    """Which leaf of a step's residuals the hand-derived BPTT keeps in the projection's buffer, or None.
+
+    A leaf shaped like ``zx_t`` (``zx_row``: an array or shape struct ``[B, G]``) can be written over the
+    row of ``zx_rows`` its step has just read, and in the backward the gate gradients ``dzx_t`` (also
+    ``[B, G]``) can be written over it in turn: one ``[T+1, B, G]`` buffer then serves the projection, the
+    residuals and the gate gradients. That needs a backward that reads no residual after its loop: a cell
+    with neither ``extra_grads`` nor ``dzh_rest``. (The LSTM's activations, minGRU's, minLSTM's.)
+    """
+    if cell.extra_grads or cell.dzh_rest:
+        return None
+    fits = [leaf.shape == zx_row.shape and leaf.dtype == zx_row.dtype for leaf in jax.tree.leaves(res)]
+    return fits.index(True) if any(fits) else None
+
+
 def scan_gates_saving(
     cell: Cell,
     params: PyTree,
@@ -143,7 +158,7 @@ def scan_gates_saving(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
-) -> tuple[PyTree, PyTree, PyTree]:
+) -> tuple[PyTree, PyTree, PyTree, Array | None]:
     """`scan_gates` that also keeps what the hand-derived backward needs: every carry, and the residuals.
 
     Rows: with ``o = 1`` when ``reverse`` (else 0), step t reads its projected input from row ``t + o`` of
@@ -154,25 +169,51 @@ def scan_gates_saving(
     weight gradients are single GEMMs over all T + 1 rows, against gate gradients with a zero row where
     ``carries`` holds the final carry.
 
+    The residuals are stacked ``[T, ...]`` in time order, except the leaf named by `residual_slot`, which
+    goes into ``zx_rows`` itself (``[T+1, B, G]``, step t's in row ``t + o``), over the row its step has
+    read. That write is one step late: step t first writes step t−1's residual, then reads its own row, so
+    the buffer has one reader at a time and XLA updates it in place whatever it fuses (written in the same
+    step, any reader of the row fused apart from the write made XLA copy the whole buffer every step). The
+    first step writes exact zeros into the spare row ``T·(1 − o)``; the last step's residual is returned,
+    not written (its row, ``T − 1`` forward or ``1`` reverse, still holds ``zx``).
+
     Returns:
-      ``(final_carry, carries, residuals)``, the residuals stacked ``[T, ...]`` in time order.
+      ``(final_carry, carries, res, last)``: ``last`` is the last step's residual for the leaf in
+      ``zx_rows`` (``[B, G]``), or None when no leaf is.
     """
     T = zx_rows.shape[0] - 1
     o = int(reverse)
     step = _gate_step(cell, params)
     rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
+    _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
+    treedef = jax.tree.structure(res_spec)
+    slot = residual_slot(cell, res_spec, zx_rows[0])
+    zero_row = jnp.zeros(zx_rows.shape[1:], zx_rows.dtype)
+    pending0 = None if slot is None else (zero_row, jnp.asarray(T * (1 - o), jnp.int32))
 
-    def body(state: tuple[PyTree, PyTree], inp: tuple[Array | None, Array]) -> tuple[tuple, Any]:
-        carry, rows = state
+    def body(state: tuple, inp: tuple[Array | None, Array]) -> tuple[tuple, list]:
+        carry, rows, zx_buf, pending = state
         m_t, t = inp
-        new, res = step(carry, jax.lax.dynamic_index_in_dim(zx_rows, t + o, 0, keepdims=False), m_t)
+        if slot is not None:  # the previous step's residual, over the row it read
+            zx_buf = jax.lax.dynamic_update_index_in_dim(zx_buf, *pending, 0)
+        new, res = step(carry, jax.lax.dynamic_index_in_dim(zx_buf, t + o, 0, keepdims=False), m_t)
         rows = jax.tree.map(lambda r, v: jax.lax.dynamic_update_index_in_dim(r, v, t + 1 - o, 0), rows, new)
-        return (new, rows), res
+        res = jax.tree.leaves(res)
+        if slot is not None:
+            pending, res[slot] = (res[slot], t + o), None
+        return (new, rows, zx_buf, pending), res
 
-    (final, carries), res = jax.lax.scan(
-        body, (carry0, rows0), (mask, jnp.arange(T, dtype=jnp.int32)), reverse=reverse, unroll=unroll
+    (final, carries, zx_buf, pending), res = jax.lax.scan(
+        body,
+        (carry0, rows0, zx_rows, pending0),
+        (mask, jnp.arange(T, dtype=jnp.int32)),
+        reverse=reverse,
+        unroll=unroll,
     )
-    return final, carries, res
+    if slot is None:
+        return final, carries, jax.tree.unflatten(treedef, res), None
+    res[slot] = zx_buf
+    return final, carries, jax.tree.unflatten(treedef, res), pending[0]
 
 
 def outputs_from_hs(hs: Array, mask: Array | None) -> Array:

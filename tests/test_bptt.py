@@ -162,14 +162,19 @@ def test_higher_batch_dims(key):
     np.testing.assert_allclose(g.reshape(6, T, I), g_flat, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru", "mgu"])
+# measured: Elman 0.51x, LSTM 0.34x, GRU 0.57x, MGU 0.59x, minGRU 0.41x, minLSTM 0.29x
+LEANER = {"elman-tanh": 0.62, "lstm": 0.40, "gru": 0.62, "mgu": 0.62, "mingru": 0.48, "minlstm": 0.35}
+
+
+@pytest.mark.parametrize("name", list(LEANER))
 def test_manual_is_leaner_than_autodiff(name):
     """The hand-derived BPTT keeps well under issue 5's 0.7x of autodiff's compiled temporary memory.
 
-    Measured: Elman 0.51x, LSTM 0.53x, GRU 0.57x, MGU 0.59x. What it takes: the carries in one buffer of
-    T + 1 rows that the outputs share, weight-gradient GEMMs over operands flattened in the same (t, b)
-    order (no transposed copy of the gate gradients), the backward's buffers allocated only once its
-    cotangents exist, and the GRU and MGU storing no column of dzh that dzx gives.
+    What it takes: the carries in one buffer of T + 1 rows that the outputs share, weight-gradient GEMMs
+    over operands flattened in the same (t, b) order (no transposed copy of the gate gradients), the
+    backward's buffers allocated only once its cotangents exist, the GRU and MGU storing no column of dzh
+    that dzx gives, and, for the LSTM, minGRU and minLSTM, one buffer that holds in turn the projection,
+    the residuals and the gate gradients (`rnnjax.scan.residual_slot`).
     """
     cell = CELLS[name](32)
     params, xs, _ = random_problem(cell, jax.random.key(0), 8, 64, 32, jnp.float32)
@@ -177,4 +182,4 @@ def test_manual_is_leaner_than_autodiff(name):
     for mode in rj.GRAD_MODES:
         step = jax.jit(jax.grad(lambda p, x, m=mode: jnp.sum(rj.unroll(cell, p, x, grad=m)[1] ** 2), (0, 1)))
         temp[mode] = step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes
-    assert temp["manual"] <= 0.62 * temp["autodiff"], temp
+    assert temp["manual"] <= LEANER[name] * temp["autodiff"], temp
