@@ -142,7 +142,8 @@ def residual_slot(cell: Cell, res: PyTree, zx_row: Any) -> int | None:
     row of ``zx_rows`` its step has just read, and in the backward the gate gradients ``dzx_t`` (also
     ``[B, G]``) can be written over it in turn: one ``[T+1, B, G]`` buffer then serves the projection, the
     residuals and the gate gradients. That needs a backward that reads no residual after its loop: a cell
-    with neither ``extra_grads`` nor ``dzh_rest``. (The LSTM's activations, minGRU's, minLSTM's.)
+    with neither ``extra_grads`` nor ``dzh_rest``. (The LSTM's activations, minGRU's, minLSTM's.) And loops
+    of one step per iteration (`scan_gates_saving` checks ``unroll``).
     """
     if cell.extra_grads or cell.dzh_rest:
         return None
@@ -187,7 +188,10 @@ def scan_gates_saving(
     rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
     _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
     treedef = jax.tree.structure(res_spec)
-    slot = residual_slot(cell, res_spec, zx_rows[0])
+    # one step per loop iteration only: unrolled, a step's late write and a later step's read share an
+    # iteration, and XLA copied the buffer (the LSTM's training step at unroll 2 ran 5x slower)
+    one_step = unroll is False or (not isinstance(unroll, bool) and unroll == 1)
+    slot = residual_slot(cell, res_spec, zx_rows[0]) if one_step else None
     zero_row = jnp.zeros(zx_rows.shape[1:], zx_rows.dtype)
     pending0 = None if slot is None else (zero_row, jnp.asarray(T * (1 - o), jnp.int32))
 
