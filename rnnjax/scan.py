@@ -143,7 +143,7 @@ def residual_slot(cell: Cell, res: PyTree, zx_row: Any) -> int | None:
     ``[B, G]``) can be written over it in turn: one ``[T+1, B, G]`` buffer then serves the projection, the
     residuals and the gate gradients. That needs a backward that reads no residual after its loop: a cell
     with neither ``extra_grads`` nor ``dzh_rest``. (The LSTM's activations, minGRU's, minLSTM's.) And loops
-    of one step per iteration (`scan_gates_saving` checks ``unroll``).
+    of one step per iteration, over enough rows (`scan_gates_saving` checks both).
     """
     if cell.extra_grads or cell.dzh_rest:
         return None
@@ -172,11 +172,12 @@ def scan_gates_saving(
 
     The residuals are stacked ``[T, ...]`` in time order, except the leaf named by `residual_slot`, which
     goes into ``zx_rows`` itself (``[T+1, B, G]``, step t's in row ``t + o``), over the row its step has
-    read. That write is one step late: step t first writes step t−1's residual, then reads its own row, so
-    the buffer has one reader at a time and XLA updates it in place whatever it fuses (written in the same
-    step, any reader of the row fused apart from the write made XLA copy the whole buffer every step). The
-    first step writes exact zeros into the spare row ``T·(1 − o)``; the last step's residual is returned,
-    not written (its row, ``T − 1`` forward or ``1`` reverse, still holds ``zx``).
+    read. That write is one step late: a step first writes the residual of the step visited before it,
+    then reads its own row, so the buffer has one reader at a time and XLA updates it in place whatever it
+    fuses (written in the same step, any reader of the row fused apart from the write made XLA copy the
+    whole buffer every step). The first step writes exact zeros into the spare row ``T·(1 − o)``; the last
+    step's residual is returned, not written (its row, ``T − 1`` forward or ``1`` reverse, still holds
+    ``zx``).
 
     Returns:
       ``(final_carry, carries, res, last)``: ``last`` is the last step's residual for the leaf in
@@ -188,10 +189,16 @@ def scan_gates_saving(
     rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
     _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
     treedef = jax.tree.structure(res_spec)
-    # one step per loop iteration only: unrolled, a step's late write and a later step's read share an
-    # iteration, and XLA copied the buffer (the LSTM's training step at unroll 2 ran 5x slower)
+    # One step per loop iteration only: unrolled, a step's late write and a later step's read share an
+    # iteration, and XLA copied the buffer (the LSTM's training step at unroll 2 ran 5x slower). And only
+    # for a buffer of at least as many rows as the weights: the backward corrects each weight gradient by
+    # one row (`rnnjax.bptt._backward`), an [I, G] and an [H, G] temporary that cost more than they save
+    # on a short segment (checkpoint=3, LSTM B=32 I=H=256, T=1000: 25.9 -> 29.5 MiB with them; √T's
+    # segments of 32 steps: 20.6 -> 13.3 MiB).
     one_step = unroll is False or (not isinstance(unroll, bool) and unroll == 1)
-    slot = residual_slot(cell, res_spec, zx_rows[0]) if one_step else None
+    weight_rows = sum(getattr(params, w).shape[0] for w in ("w_ih", "w_hh") if hasattr(params, w))
+    long_enough = zx_rows.shape[0] * zx_rows.shape[1] >= weight_rows
+    slot = residual_slot(cell, res_spec, zx_rows[0]) if one_step and long_enough else None
     zero_row = jnp.zeros(zx_rows.shape[1:], zx_rows.dtype)
     pending0 = None if slot is None else (zero_row, jnp.asarray(T * (1 - o), jnp.int32))
 

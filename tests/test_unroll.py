@@ -372,3 +372,20 @@ def test_shared_buffer_is_never_copied_in_a_loop(name, unroll, key):
         elif computation != "ENTRY" and re.search(rf"= f64\[{T + 1},{B},{G}\]\S* copy\(", line):
             copies.append((computation, line.strip()[:100]))
     assert not copies, copies
+
+
+@pytest.mark.parametrize(("T_", "shared"), [(3, False), (15, True)])
+def test_shared_buffer_only_over_enough_rows(T_, shared):
+    """The projection's buffer holds the residuals only when it has at least as many rows (T + 1 times B)
+    as the weights (I + H): below that, the backward's one-row corrections of the weight gradients (an
+    [I, G] and an [H, G] temporary) cost more than the sharing saves, as on the short segments of
+    ``checkpoint=3`` or the nested budget schedule. LSTM, B=4, I=H=32: 64 rows of weights."""
+    from rnnjax.scan import pad_time, scan_gates_saving
+
+    cell = rj.lstm(32)
+    params = cell.init(jax.random.key(0), 32)
+    xs_rows = pad_time(jnp.ones((T_, 4, 32), params.w_ih.dtype), False)
+    *_, last = scan_gates_saving(
+        cell, params, xs_rows @ params.w_ih, cell.initial_carry(params, (4,)), None, False, 1
+    )
+    assert (last is not None) == shared
