@@ -218,6 +218,18 @@ def environment_label(device: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "defaults"
 
 
+def library_table(record: dict[str, Any], libs: list[str], cell: Any) -> list[str]:
+    """A markdown table, one row per config and one column per library: ``cell(result)`` of each library's
+    result (a string, or None for "n/a")."""
+    lines = ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
+    for c in record["configs"]:
+        cells = [cell(c["results"].get(name, {})) or "n/a" for name in libs]
+        lines.append(
+            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
 def markdown(record: dict[str, Any]) -> str:
     libs = [n for n in LIBRARIES if any("median_ms" in c["results"].get(n, {}) for c in record["configs"])]
     lines = [
@@ -225,40 +237,20 @@ def markdown(record: dict[str, Any]) -> str:
         f"in brackets: time / rnnjax manual (> 1: rnnjax faster). Device: {device_label(record['device'])}. "
         f"Allocator and XLA settings: {environment_label(record['device'])}.",
         "",
-        "| config | " + " | ".join(libs) + " |",
-        "|---|" + "---|" * len(libs),
     ]
-    for c in record["configs"]:
-        cells = []
-        for name in libs:
-            r = c["results"].get(name, {})
-            if "median_ms" in r:
-                cells.append(f"{r['median_ms']:.1f} ms ({r['ratio_to_rnnjax']:.2f}x)")
-            else:
-                cells.append("n/a")
-        lines.append(
-            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-        )
+    lines += library_table(
+        record,
+        libs,
+        lambda r: f"{r['median_ms']:.1f} ms ({r['ratio_to_rnnjax']:.2f}x)" if "median_ms" in r else None,
+    )
     lines += ["", "Compiled temporary memory of the training step (JAX libraries):", ""]
-    lines += ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
-    for c in record["configs"]:
-        cells = []
-        for name in libs:
-            t = c["results"].get(name, {}).get("temp_mib")
-            cells.append(f"{t:.1f} MiB" if t is not None else "n/a")
-        lines.append(
-            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-        )
+    lines += library_table(
+        record, libs, lambda r: f"{r['temp_mib']:.1f} MiB" if r.get("temp_mib") is not None else None
+    )
     lines += ["", "Minor page faults per training step (median; the whole process, so PyTorch's too):", ""]
-    lines += ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
-    for c in record["configs"]:
-        cells = []
-        for name in libs:
-            f = c["results"].get(name, {}).get("median_faults")
-            cells.append(f"{f:.0f}" if f is not None else "n/a")
-        lines.append(
-            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-        )
+    lines += library_table(
+        record, libs, lambda r: f"{r['median_faults']:.0f}" if r.get("median_faults") is not None else None
+    )
     lines += [
         "",
         "Inference (rnnjax forward only) against the GEMM floor, one GEMM of the forward's FLOPs:",
