@@ -122,11 +122,11 @@ def _bptt_fwd(
 ) -> tuple[tuple[PyTree, Array], tuple]:
     T, o = xs.shape[1], int(reverse)
     xs_rows = pad_time(jnp.swapaxes(xs, 0, 1), reverse)  # [T+1, B, I]: step t in row t + o
-    final, carries, res, last = scan_gates_saving(
+    final, carries, res, aside = scan_gates_saving(
         cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, _loops(unroll)
     )
     ys = outputs_from_hs(carries.h[1 - o : T + 1 - o], mask)  # the carries leaving the steps
-    return (final, ys), (params, xs_rows, mask, carries, res, last)
+    return (final, ys), (params, xs_rows, mask, carries, res, aside)
 
 
 def _bptt_bwd(
@@ -146,7 +146,7 @@ def _backward(
     ``d w_hh`` GEMM: were it ±inf, an overflowed forward, ``d w_hh`` would be NaN where autodiff's could
     stay finite for a loss that ignores the last step.)
     """
-    params, xs_rows, mask, carries, res, last = saved
+    params, xs_rows, mask, carries, res, aside = saved
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     T, o = d_ys.shape[1], int(reverse)
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
@@ -159,10 +159,11 @@ def _backward(
     # LSTM's activations), the gate gradients overwrite it in turn, and the backward holds no [T+1, B, G]
     # buffer of its own. As in the forward, each write is one step late: a step first writes the pending
     # row (for the first step visited, the forward's last residual; then the previous step's dzx, over the
-    # residuals it came from) and then reads its own row.
+    # residuals it came from) and then reads its own row. The step visited last takes its residual from
+    # `aside` (its row holds zeros) and its dzx stays out of the buffer.
     res_leaves, res_def = jax.tree.flatten(res)
     row_spec = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype), res)
-    reuse = None if last is None else residual_slot(cell, row_spec, last)
+    reuse = None if aside is None else residual_slot(cell, row_spec, aside[0])
     spare = T * (1 - o)  # the row that holds no step
 
     def body(state: tuple, inp: tuple) -> tuple[tuple, tuple]:
@@ -173,12 +174,13 @@ def _backward(
             buf, value, at = pending
             leaves[reuse] = buf = jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
         prev_t, new_t = row(t, o), row(t, 1 - o)  # the carries entering and leaving step t
-        res_t = res_def.unflatten(  # the leaf in zx's buffer has T + 1 rows, step t's in row t + o
-            [
-                jax.lax.dynamic_index_in_dim(r, t + o * (i == reuse), 0, keepdims=False)
-                for i, r in enumerate(leaves)
-            ]
-        )
+        res_t = [  # the leaf in zx's buffer has T + 1 rows, step t's in row t + o
+            jax.lax.dynamic_index_in_dim(r, t + o * (i == reuse), 0, keepdims=False)
+            for i, r in enumerate(leaves)
+        ]
+        if reuse is not None:
+            res_t[reuse] = jnp.where(t == (T - 1) * o, aside[1], res_t[reuse])
+        res_t = res_def.unflatten(res_t)
         # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid)
         g = d_carry._replace(h=d_carry.h + dy_t)
         g_valid = zero_where_not(m_t, g)
@@ -196,8 +198,8 @@ def _backward(
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
         return (d_prev, pending), (dzx, dzh_rest, g_valid.h if emit_dh else None, aux)
 
-    first = (T - 1) * (1 - o) + o  # the row of the last step the forward visited, the first one here
-    pending = None if reuse is None else (res_leaves[reuse], last, jnp.asarray(first, jnp.int32))
+    first_row = (T - 1) * (1 - o) + o  # the row of the last step the forward visited, the first one here
+    pending = None if reuse is None else (res_leaves[reuse], aside[0], jnp.asarray(first_row, jnp.int32))
     (d_carry0, pending), (dzx, dzh_rest, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, pending),
@@ -209,25 +211,23 @@ def _backward(
         spare,
     )
     # dzx's products after the loop, linear in its rows. When dzx overwrote the residuals, its row T·o (the
-    # last step the loop visits) still holds that step's residuals and its gradient is in `pending`:
-    # writing it into the buffer here would copy the buffer for each reader, so each product is corrected
-    # by that one row instead.
-    fix = dzx_last = None
+    # last step the loop visits) holds zeros and its gradient is in `pending`: writing it into the buffer
+    # here would copy the buffer for each reader, so each product adds that one row apart.
+    dzx_last = None
     if reuse is not None:
         dzx, dzx_last, _ = pending
-        fix = dzx_last - dzx[T * o]  # [B, G]
 
     def rows_gemm(a: Array) -> Array:  # Σ_t a_tᵀ dzx_t
         out = time_gemm(a, dzx)
-        return out if fix is None else out + a[T * o].T @ fix
+        return out if dzx_last is None else out + a[T * o].T @ dzx_last
 
     def rows_sum() -> Array:  # Σ_t Σ_b dzx_t
         out = jnp.sum(dzx, axis=(0, 1))
-        return out if fix is None else out + jnp.sum(fix, axis=0)
+        return out if dzx_last is None else out + jnp.sum(dzx_last, axis=0)
 
-    def rows_project(w: Array) -> Array:  # dzx_t w for every row t (that row exactly: a masked step's is 0)
+    def rows_project(w: Array) -> Array:  # dzx_t w for every row t
         out = dzx @ w
-        return out if fix is None else out.at[T * o].set(dzx_last @ w)
+        return out if dzx_last is None else out.at[T * o].set(dzx_last @ w)
 
     # the weight and input gradients, once over all T + 1 rows and B (plain GEMMs): the spare row of the
     # gate gradients is zero, so it adds nothing
