@@ -21,16 +21,18 @@ and the backward, a reverse-time `jax.lax.scan`, is::
 What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256: 0.41x of autodiff's):
 
 - The forward keeps ``xs`` transposed time-major (the projection GEMM needs that copy anyway), every carry
-  and each cell's minimal residuals (none for Elman, four gate activations for LSTM, ``[r, z, n, hn]`` for
-  GRU). The carries live in one buffer of T + 1 rows per leaf (`rnnjax.scan.scan_gates_saving`): the
-  carry entering step t and the one leaving it are adjacent rows, so the outputs ``ys`` and the ``h_{t-1}``
-  of the weight gradient share it, with no shifted copy.
+  and each cell's minimal residuals (none for Elman, four gate activations for LSTM, ``[r, z, n]`` and
+  ``hn`` for GRU). The carries live in one buffer of T + 1 rows per leaf (`rnnjax.scan.scan_gates_saving`):
+  the carry entering step t and the one leaving it are adjacent rows, so the outputs ``ys`` and the
+  ``h_{t-1}`` of the weight gradient share it, with no shifted copy. The residuals too have T + 1 rows,
+  in the same order as the gate gradients, so that a cell's sums over them need no slice.
 - The backward stacks ``dzx`` (and only the columns of ``dzh`` that differ from it and cannot be rebuilt
-  from it, `Cell.dzh_shared`/`Cell.dzh_rest`) in buffers created only when the cotangents arrive
+  from it, `Cell.dzh_shared`) in buffers created only when the cotangents arrive
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
   GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.scan.time_gemm`):
   XLA transposes nothing large.
-- For the LSTM, minGRU and minLSTM one ``[T+1, B, G]`` buffer does three jobs in turn
+- For the LSTMs (plain, peephole, layer-norm), the GRU, minGRU and minLSTM one ``[T+1, B, G]`` buffer
+  does three jobs in turn
   (`rnnjax.scan.residual_slot`): the projection ``zx``, then each step's residuals written over the row
   it has read, then each step's ``dzx`` written over the residuals it came from. Every write lands one
   step late, after the row was read, so XLA updates the buffer in place.
@@ -174,10 +176,7 @@ def _backward(
             buf, value, at = pending
             leaves[reuse] = buf = jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
         prev_t, new_t = row(t, o), row(t, 1 - o)  # the carries entering and leaving step t
-        res_t = [  # the leaf in zx's buffer has T + 1 rows, step t's in row t + o
-            jax.lax.dynamic_index_in_dim(r, t + o * (i == reuse), 0, keepdims=False)
-            for i, r in enumerate(leaves)
-        ]
+        res_t = [jax.lax.dynamic_index_in_dim(r, t + o, 0, keepdims=False) for r in leaves]
         if reuse is not None:
             res_t[reuse] = jnp.where(t == (T - 1) * o, aside[1], res_t[reuse])
         res_t = res_def.unflatten(res_t)
@@ -191,16 +190,15 @@ def _backward(
             d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
-        # dzh's own columns, unless the cell rebuilds them after the loop from dzx and the residuals
-        dzh_rest = dzh[..., k:] if dzh is not None and cell.dzh_rest is None else None
+        dzh_own = None if dzh is None else dzh[..., k:]  # the columns of dzh that dzx does not hold
         if reuse is not None:  # dzx waits in the carry, to overwrite its residuals' row in the next step
             pending, dzx = (buf, dzx, t + o), None
         # g_valid.h is ∂L/∂h_t, the whole gradient reaching the hidden state of step t (for diagnostics)
-        return (d_prev, pending), (dzx, dzh_rest, g_valid.h if emit_dh else None, aux)
+        return (d_prev, pending), (dzx, dzh_own, g_valid.h if emit_dh else None, aux)
 
     first_row = (T - 1) * (1 - o) + o  # the row of the last step the forward visited, the first one here
     pending = None if reuse is None else (res_leaves[reuse], aside[0], jnp.asarray(first_row, jnp.int32))
-    (d_carry0, pending), (dzx, dzh_rest, d_hs, aux) = scan_stacked_late(
+    (d_carry0, pending), (dzx, dzh_own, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, pending),
         (jnp.swapaxes(d_ys, 0, 1), mask, jnp.arange(T, dtype=jnp.int32)),
@@ -230,38 +228,30 @@ def _backward(
         return out if dzx_last is None else out.at[T * o].set(dzx_last @ w)
 
     # the weight and input gradients, once over all T + 1 rows and B (plain GEMMs): the spare row of the
-    # gate gradients is zero, so it adds nothing
-    steps = slice(o, T + o)  # the rows of the T steps
-    if cell.dzh_rest is not None:
-        dzh_rest = pad_time(cell.dzh_rest(params, dzx[steps], res), reverse)
-
-    def dzh_of(on_dzx: Array, on_rest: Any) -> Array:
+    # gate gradients is zero, so it adds nothing. So do the cell's own sums (`Cell.extra_grads`), over
+    # all rows too: the stacked residuals, dzx, dzh and aux share the row layout, and slicing the T rows
+    # of the steps out would copy each operand.
+    def dzh_of(on_dzx: Array, on_own: Any) -> Array:
         """``dzh``, or a column-wise map of it (its columns in a GEMM's output), from the map of dzx and of
         dzh's own columns: dzh's first k columns are dzx's."""
-        if dzh_rest is None:
+        if dzh_own is None:
             return on_dzx
         if not k:
-            return on_rest()
-        if dzh_rest.shape[-1] == 0:
+            return on_own()
+        if dzh_own.shape[-1] == 0:
             return on_dzx[..., :k]
-        return jnp.concatenate([on_dzx[..., :k], on_rest()], axis=-1)
+        return jnp.concatenate([on_dzx[..., :k], on_own()], axis=-1)
 
     # by column blocks: the shared ones from a GEMM over all of dzx (slicing dzx first copies it)
-    d_w_hh = {}
+    grads = {"w_ih": rows_gemm(xs_rows), **({"b": rows_sum()} if hasattr(params, "b") else {})}
     if w_hh_t is not None:
-        d_w_hh["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_rest))
-    extra = {}
-    if cell.extra_grads:
-        dzh_t = dzh_of(dzx[steps], lambda: dzh_rest[steps])
-        prevs = jax.tree.map(lambda c: c[steps], carries)  # the carry entering each step
-        aux_t = jax.tree.map(lambda a: a[steps], aux)
-        extra = cell.extra_grads(params, dzx[steps], dzh_t, prevs, res, *aux_t)
-    d_params = params._replace(
-        w_ih=rows_gemm(xs_rows),
-        **({"b": rows_sum()} if hasattr(params, "b") else {}),
-        **d_w_hh,
-        **extra,
-    )
+        grads["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_own))
+    if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
+        grads.update(cell.extra_grads(params, grads, None, None, None, None, *aux))
+    elif cell.extra_grads:
+        dzh = dzh_of(dzx, lambda: dzh_own)
+        grads.update(cell.extra_grads(params, grads, dzx, dzh, carries, res, *aux))
+    d_params = params._replace(**grads)
     d_xs = jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1)
     d_hs = None if d_hs is None else d_hs[o : T + o]
     return d_params, d_xs, d_carry0, None, d_hs

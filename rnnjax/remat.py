@@ -61,7 +61,7 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
 
     A built-in cell keeps the carry and its gates' residuals, and its segment's backward holds, per step,
     the hoisted ``zx`` and the stacked ``dzx``, two more ``[B, G]`` of slack, the columns of ``dzh`` that it
-    stacks (`Cell.dzh_shared`, `Cell.dzh_rest`), its ``aux`` and the input slice; a user-written cell keeps
+    stacks (`Cell.dzh_shared`), its ``aux`` and the input slice; a user-written cell keeps
     the carry, and its backward an output and an input per step (it recomputes each step's VJP).
 
     A model, not a measurement, calibrated on compiled memory to over-count. The plain backward's
@@ -91,7 +91,7 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
         _, dzh, _, *aux = jax.eval_shape(lambda p, r, c: cell.gates_bwd(p, r, c, c, c), params, res, carry0)
         # dzx beside the segment's zx, two more [B, G] of slack; dzh's own columns when they are stacked
         stacked_dzh = 0
-        if dzh is not None and cell.dzh_rest is None:
+        if dzh is not None:
             stacked_dzh = nbytes(dzh) * (dzh.shape[-1] - cell.dzh_shared) // dzh.shape[-1]
         residual += nbytes(res) + 4 * nbytes(zx) + stacked_dzh + nbytes(aux)
     return StepSizes(carry, residual, nbytes(y), 2 * nbytes(params))

@@ -142,10 +142,11 @@ def residual_slot(cell: Cell, res: PyTree, zx_row: Any) -> int | None:
     row of ``zx_rows`` its step has just read, and in the backward the gate gradients ``dzx_t`` (also
     ``[B, G]``) can be written over it in turn: one ``[T+1, B, G]`` buffer then serves the projection, the
     residuals and the gate gradients. That needs a backward that reads no residual after its loop: a cell
-    with neither ``extra_grads`` nor ``dzh_rest``. (The LSTM's activations, minGRU's, minLSTM's.) And loops
-    of one step per iteration, over enough rows (`scan_gates_saving` checks both).
+    whose ``extra_grads`` (if any) reads only ``aux`` (`Cell.extra_from_aux`). (The activations of the
+    LSTM, the peephole and layer-norm LSTMs, minGRU and minLSTM; the GRU's ``[r, z, n]``.) And loops of one
+    step per iteration, over enough rows (`scan_gates_saving` checks both).
     """
-    if cell.extra_grads or cell.dzh_rest:
+    if cell.extra_grads and not cell.extra_from_aux:
         return None
     fits = [leaf.shape == zx_row.shape and leaf.dtype == zx_row.dtype for leaf in jax.tree.leaves(res)]
     return fits.index(True) if any(fits) else None
@@ -170,17 +171,20 @@ def scan_gates_saving(
     weight gradients are single GEMMs over all T + 1 rows, against gate gradients with a zero row where
     ``carries`` holds the final carry.
 
-    The residuals are stacked ``[T, ...]`` in time order, except the leaf named by `residual_slot`, which
-    goes into ``zx_rows`` itself (``[T+1, B, G]``, step t's in row ``t + o``), over the row its step has
-    read. That write is one step late: a step first writes the residual of the step visited before it,
-    then reads its own row, so the buffer has one reader at a time and XLA updates it in place whatever it
-    fuses (written in the same step, any reader of the row fused apart from the write made XLA copy the
-    whole buffer every step). The first step writes exact zeros into the spare row ``T·(1 − o)``. Two
-    residuals stay out of the buffer: the last step's (not yet written) and the first step's, whose row
-    gets exact zeros instead. The backward visits that step last and cannot write its ``dzx`` there either;
-    a zero row then adds exactly nothing to the GEMMs over all rows, to which that ``dzx`` is added apart.
-    (Leaving the residual in the row and subtracting it back out cancels catastrophically: with a loss
-    scaled by 1e-6, float32 ``d w_ih`` came out 26% wrong.)
+    The residuals are stacked in the same rows, ``[T+1, ...]`` with step t's in row ``t + o`` and zeros in the
+    spare one, so the backward's sums over them and the gate gradients slice nothing. The leaf named by
+    `residual_slot` goes into ``zx_rows`` itself, over the row its step has read. That write is one step late:
+    a step first writes the residual of the step visited before it, then reads its own row, so the buffer has
+    one reader at a time and XLA updates it in place whatever it fuses (written in the same step, any reader
+    of the row fused apart from the write made XLA copy the whole buffer every step). And the step reads its
+    row once, behind `jax.lax.optimization_barrier`, so that every reader shares that one ``[B, G]`` value:
+    the layer-norm LSTM's readers each fused the row's slice, one of them reading the buffer from before the
+    write, and XLA copied the buffer every step (its training step ran 2x slower). The first step writes exact
+    zeros into the spare row ``T·(1 − o)``. Two residuals stay out of the buffer: the last step's (not yet
+    written) and the first step's, whose row gets exact zeros instead. The backward visits that step last and
+    cannot write its ``dzx`` there either; a zero row then adds exactly nothing to the GEMMs over all rows, to
+    which that ``dzx`` is added apart. (Leaving the residual in the row and subtracting it back out cancels
+    catastrophically: with a loss scaled by 1e-6, float32 ``d w_ih`` came out 26% wrong.)
 
     Returns:
       ``(final_carry, carries, res, aside)``: ``aside`` is ``(last, first)``, the residuals of the last
@@ -191,7 +195,7 @@ def scan_gates_saving(
     step = _gate_step(cell, params)
     rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
     _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
-    treedef = jax.tree.structure(res_spec)
+    res_leaves, treedef = jax.tree.flatten(res_spec)
     # One step per loop iteration only: unrolled, a step's late write and a later step's read share an
     # iteration, and XLA copied the buffer (the LSTM's training step at unroll 2 ran 5x slower). And only
     # for a buffer of at least as many rows as the weights: the backward corrects each weight gradient by
@@ -206,23 +210,34 @@ def scan_gates_saving(
     pending0 = None if slot is None else (zero_row, jnp.asarray(T * (1 - o), jnp.int32), zero_row)
     t_first = (T - 1) * o  # the step visited first
 
-    def body(state: tuple, inp: tuple[Array | None, Array]) -> tuple[tuple, list]:
-        carry, rows, zx_buf, pending = state
+    # the other residual leaves: zeros but in their step's row
+    res0 = [None if i == slot else jnp.zeros((T + 1, *r.shape), r.dtype) for i, r in enumerate(res_leaves)]
+
+    def body(state: tuple, inp: tuple[Array | None, Array]) -> tuple[tuple, None]:
+        carry, rows, zx_buf, res_bufs, pending = state
         m_t, t = inp
         if slot is not None:  # the previous step's residual, over the row it read
             zx_buf = jax.lax.dynamic_update_index_in_dim(zx_buf, pending[0], pending[1], 0)
-        new, res = step(carry, jax.lax.dynamic_index_in_dim(zx_buf, t + o, 0, keepdims=False), m_t)
-        rows = jax.tree.map(lambda r, v: jax.lax.dynamic_update_index_in_dim(r, v, t + 1 - o, 0), rows, new)
+        zx_t = jax.lax.dynamic_index_in_dim(zx_buf, t + o, 0, keepdims=False)
+        if slot is not None:  # one read of the row, which all its readers share (see the docstring)
+            zx_t = jax.lax.optimization_barrier(zx_t)
+        new, res = step(carry, zx_t, m_t)
+        put = lambda buf, v, at: jax.lax.dynamic_update_index_in_dim(buf, v, at, 0)  # noqa: E731
+        rows = jax.tree.map(lambda r, v: put(r, v, t + 1 - o), rows, new)
         res = jax.tree.leaves(res)
+        res_bufs = [
+            None if i == slot else put(b, v, t + o)
+            for i, (b, v) in enumerate(zip(res_bufs, res, strict=True))
+        ]
         if slot is not None:  # the first step's residual is kept aside, and its row zeroed
             first = t == t_first
             kept = jnp.where(first, res[slot], pending[2])
-            pending, res[slot] = (jnp.where(first, zero_row, res[slot]), t + o, kept), None
-        return (new, rows, zx_buf, pending), res
+            pending = (jnp.where(first, zero_row, res[slot]), t + o, kept)
+        return (new, rows, zx_buf, res_bufs, pending), None
 
-    (final, carries, zx_buf, pending), res = jax.lax.scan(
+    (final, carries, zx_buf, res, pending), _ = jax.lax.scan(
         body,
-        (carry0, rows0, zx_rows, pending0),
+        (carry0, rows0, zx_rows, res0, pending0),
         (mask, jnp.arange(T, dtype=jnp.int32)),
         reverse=reverse,
         unroll=unroll,

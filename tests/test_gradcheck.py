@@ -96,9 +96,9 @@ def _planted_bug_cell(H: int) -> rj.Cell:
     good = rj.gru(H)
 
     def gates_bwd(params, res, prev, new, d_new):
-        dzx, dzh, d_prev = good.gates_bwd(params, res, prev, new, d_new)
+        dzx, dzh, d_prev, *aux = good.gates_bwd(params, res, prev, new, d_new)
         flip = jnp.concatenate([jnp.ones(H), -jnp.ones(H), jnp.ones(H)]).astype(dzx.dtype)  # the z gate
-        return dzx * flip[None], dzh * flip[None], d_prev
+        return dzx * flip[None], dzh * flip[None], d_prev, *aux
 
     return good._replace(gates_bwd=gates_bwd, name="gru-with-bug")
 

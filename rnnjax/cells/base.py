@@ -57,11 +57,19 @@ class Cell(NamedTuple):
         ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``). It may return
         a fourth element, ``aux``: any per-step pytree that `extra_grads` needs besides the gate gradients
         (e.g. ``dh_t`` for a projection's weight, the normalised gates' gradient for layer norm gains).
-      extra_grads: built-ins only. ``extra_grads(params, dzx [T, B, G], dzh [T, B, G], prevs, res[, aux])
-        -> dict`` of gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the GRU's
-        ``b_hn``, IndRNN's ``u``), from every step's gate gradients, the carries entering the steps (leaves
-        ``[T, B, H]``), the residuals and, when ``gates_bwd`` returns one, every step's ``aux`` (leaves
-        ``[T, ...]``), once over all T after the backward loop; or None.
+      extra_grads: built-ins only. ``extra_grads(params, grads, dzx, dzh, prevs, res[, aux]) -> dict`` of
+        gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the MGU's ``u_h``,
+        IndRNN's ``u``), once over all T after the backward loop, from the driver's gradients of those
+        (``grads``, a dict by field name) and every step's gate gradients ``dzx``/``dzh``, entering carry
+        ``prevs``, residuals ``res`` and, when ``gates_bwd`` returns one, ``aux``; or None. Every stacked
+        leaf has T + 1 rows, in the same order for all: one per step, and one spare row where ``dzx``,
+        ``dzh``, ``res`` and ``aux`` are zero and ``prevs`` holds the final carry. So a sum over all rows
+        is a sum over the steps, and nothing is sliced (a slice of the T steps' rows is a copy).
+      extra_from_aux: built-ins only: True when ``extra_grads`` reads only ``params``, ``grads`` and
+        ``aux`` (it is then given None for ``dzx``, ``dzh``, ``prevs`` and ``res``). Per-unit parameters do
+        so with ``aux`` summed over the batch in the loop (`batch_sum`; the GRU's ``b_hn``, the peepholes,
+        the layer-norm gains). The backward may then write each step's ``dzx`` over its residuals
+        (`rnnjax.scan.residual_slot`). The LRU's ``d γ_log`` comes from ``grads``: γ scales ``zx``.
       check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
         when ``params`` do not fit the cell.
       diagonal: built-ins only: 0, or r for a cell whose carry is `HCarry(h [B, r·N])` made of N independent
@@ -74,10 +82,6 @@ class Cell(NamedTuple):
       dzh_shared: built-ins only: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals
         its ``dzx`` (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every
         step (the GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
-      dzh_rest: built-ins only, optional: for a cell whose other columns of ``dzh`` follow elementwise from
-        ``dzx`` and the residuals, ``dzh_rest(params, dzx [T, B, G], res) -> dzh[..., k:] [T, B, G_h − k]``
-        over all steps. The backward then stacks ``dzx`` alone and rebuilds the rest after the loop (the
-        GRU's ``dhn = dan ⊙ r``).
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
         ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
 
@@ -99,7 +103,7 @@ class Cell(NamedTuple):
     proj_size: int | None = None
     diagonal: int = 0
     dzh_shared: int = 0
-    dzh_rest: Callable[..., Array] | None = None
+    extra_from_aux: bool = False
 
     @property
     def output_size(self) -> int | None:
@@ -145,6 +149,16 @@ def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]
         return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
     return init
+
+
+def batch_sum(v: Array) -> Array:
+    """``v [..., n]`` summed over every axis but the last: a step's share of a per-unit parameter's gradient.
+
+    `Cell.gates_bwd` returns such sums as its ``aux`` (e.g. IndRNN's ``Σ_b dz ⊙ h_{t-1}``): reduced over
+    the batch inside the loop, they stack as ``[T+1, n]``, where the ``[T+1, B, n]`` products after the
+    loop would take a buffer each, or a copy per column block.
+    """
+    return jnp.sum(v, axis=tuple(range(v.ndim - 1)))
 
 
 def add_bias(z: Array, b: Array) -> Array:

@@ -21,9 +21,11 @@ Hand-derived backward, given ``dh_t``::
     dr  = dan ⊙ hn ;  dhn = dan ⊙ r                                               # through r ⊙ hn
     dar = dr ⊙ r(1 − r) ;  daz = dz ⊙ z(1 − z)                                    # through the sigmoids
     dzx_t = [dar, daz, dan]        dzh_t = [dar, daz, dhn]                        both [B, 3H]
-    d b_hn = Σ_t Σ_b dhn            (after the loop, once over all T)
+    d b_hn = Σ_t Σ_b dhn            (summed over the batch in the loop, over T after it)
 
-The forward keeps, per step, ``[r, z, n, hn]`` ([B, 4H]) and the carry ``h_t``.
+The forward keeps, per step, ``[r, z, n]`` ([B, 3H], the shape of ``zx_t``: it goes over the row of the
+projection its step has read, and ``dzx_t`` over it in turn, `rnnjax.scan.residual_slot`), ``hn`` ([B, H])
+and the carry ``h_t``; the backward stacks ``dzx_t`` and ``dhn`` (dzh's other 2H columns are dzx's).
 
 Reference: K. Cho et al., "Learning phrase representations using RNN encoder-decoder" (2014), §2.3; the
 reset-after form is cuDNN's and PyTorch's (see the ``torch.nn.GRU`` documentation).
@@ -41,6 +43,7 @@ from rnnjax.cells.base import (
     Cell,
     HCarry,
     add_bias,
+    batch_sum,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -112,21 +115,19 @@ def gru(
     def initial_carry(params: GRUParams, batch_shape: tuple[int, ...] = ()) -> HCarry:
         return HCarry(h=jnp.zeros((*tuple(batch_shape), H), params.w_hh.dtype))
 
-    def gates(params: GRUParams, zx: Array, zh: Array, carry: HCarry) -> tuple[HCarry, Array]:
+    def gates(params: GRUParams, zx: Array, zh: Array, carry: HCarry) -> tuple[HCarry, tuple[Array, Array]]:
         r = jax.nn.sigmoid(zx[..., 0 * H : 1 * H] + zh[..., 0 * H : 1 * H])
         z = jax.nn.sigmoid(zx[..., 1 * H : 2 * H] + zh[..., 1 * H : 2 * H])
         hn = add_bias(zh[..., 2 * H : 3 * H], params.b_hn)
         n = jnp.tanh(zx[..., 2 * H : 3 * H] + r * hn)
         h = (1 - z) * n + z * carry.h
-        return HCarry(h=h), jnp.concatenate([r, z, n, hn], axis=-1)
+        return HCarry(h=h), (jnp.concatenate([r, z, n], axis=-1), hn)
 
     def gates_bwd(
-        params: GRUParams, res: Array, prev: HCarry, new: HCarry, d_new: HCarry
-    ) -> tuple[Array, Array, HCarry]:
-        r = res[..., 0 * H : 1 * H]
-        z = res[..., 1 * H : 2 * H]
-        n = res[..., 2 * H : 3 * H]
-        hn = res[..., 3 * H : 4 * H]
+        params: GRUParams, res: tuple[Array, Array], prev: HCarry, new: HCarry, d_new: HCarry
+    ) -> tuple[Array, Array, HCarry, Array]:
+        rzn, hn = res
+        r, z, n = rzn[..., 0 * H : 1 * H], rzn[..., 1 * H : 2 * H], rzn[..., 2 * H : 3 * H]
         dh = d_new.h
         # backprop through h_t = (1 - z) n + z h_{t-1}
         dn = dh * (1 - z)
@@ -141,15 +142,13 @@ def gru(
         daz = dz * z * (1 - z)
         dzx = jnp.concatenate([dar, daz, dan], axis=-1)
         dzh = jnp.concatenate([dar, daz, dhn], axis=-1)
-        return dzx, dzh, HCarry(h=dh_prev)
+        # hn = zh_n + b_hn: this step's share of d b_hn, summed over the batch (aux)
+        return dzx, dzh, HCarry(h=dh_prev), batch_sum(dhn)
 
-    def extra_grads(params: GRUParams, dzx: Array, dzh: Array, prevs: HCarry, res: Array) -> dict[str, Array]:
-        # hn = zh_n + b_hn, so d b_hn is the n block of dzh summed over time and batch
-        return {"b_hn": jnp.sum(dzh[..., 2 * H : 3 * H], axis=(0, 1))}
-
-    def dzh_rest(params: GRUParams, dzx: Array, res: Array) -> Array:
-        # dzh = [dar, daz, dhn] shares dzx's first 2H columns, and dhn = dan ⊙ r: nothing more to store
-        return dzx[..., 2 * H : 3 * H] * res[..., 0 * H : 1 * H]
+    def extra_grads(
+        params: GRUParams, grads: dict, dzx: None, dzh: None, prevs: None, res: None, d_b_hn: Array
+    ) -> dict[str, Array]:
+        return {"b_hn": jnp.sum(d_b_hn, axis=0)}  # the steps' batch sums of dhn, added once over all T
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
@@ -175,5 +174,5 @@ def gru(
         check_params=check_params,
         gate_names=("r", "z", "n"),
         dzh_shared=2 * H,
-        dzh_rest=dzh_rest,
+        extra_from_aux=True,
     )

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     HCarry,
+    batch_sum,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -103,15 +104,16 @@ def indrnn(
 
     def gates_bwd(
         params: IndRNNParams, res: tuple, prev: HCarry, new: HCarry, d_new: HCarry
-    ) -> tuple[Array, None, HCarry]:
+    ) -> tuple[Array, None, HCarry, Array]:
         dz = d_new.h * act_grad(new.h)
-        return dz, None, HCarry(h=dz * params.u[None])
+        # z_t ∋ u ⊙ h_{t-1}: this step's share of d u, summed over the batch here (aux)
+        return dz, None, HCarry(h=dz * params.u[None]), batch_sum(dz * prev.h)
 
     def extra_grads(
-        params: IndRNNParams, dzx: Array, dzh: Array, prevs: HCarry, res: tuple
+        params: IndRNNParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: tuple, d_u: Array
     ) -> dict[str, Array]:
-        # z_t ∋ u ⊙ h_{t-1}: d u = Σ_t Σ_b dz_t ⊙ h_{t-1}, once over all T
-        return {"u": jnp.sum(dzx * prevs.h, axis=(0, 1))}
+        # d u = Σ_t Σ_b dz_t ⊙ h_{t-1}: the steps' batch sums, added once over all T
+        return {"u": jnp.sum(d_u, axis=0)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
@@ -134,6 +136,7 @@ def indrnn(
         gates=gates,
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
+        extra_from_aux=True,
         check_params=check_params,
         gate_names=("z",),
         diagonal=1,

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     LSTMCarry,
+    batch_sum,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -168,26 +169,22 @@ def layer_norm_lstm(
         # backprop through z = γ_ih LN(zx) + γ_hh LN(zh) + β
         dzx = _normalise_bwd(dz * _lift(params.gamma_ih, dz), ax, r[..., 0:1])
         dzh = _normalise_bwd(dz * _lift(params.gamma_hh, dz), ah, r[..., 1:2])
-        return dzx, dzh, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), (dz, dn)
+        # this step's share of the gains' and shifts' gradients, summed over the batch
+        sums = tuple(map(batch_sum, (dz * ax, dz * ah, dz, dn * c_hat, dn)))
+        return dzx, dzh, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), sums
 
     def extra_grads(
         params: LayerNormLSTMParams,
+        grads: dict[str, Array],
         dzx: Array,
         dzh: Array,
         prevs: LSTMCarry,
         res: tuple,
-        aux: tuple[Array, Array],
+        sums: tuple[Array, ...],
     ) -> dict[str, Array]:
-        _, ax, ah, c_hat, _ = res
-        dz, dn = aux  # [T, B, 4H], [T, B, H]: zero at masked steps
-        total = lambda a: jnp.sum(a, axis=(0, 1))  # noqa: E731
-        return {
-            "gamma_ih": total(dz * ax),
-            "gamma_hh": total(dz * ah),
-            "beta": total(dz),
-            "gamma_c": total(dn * c_hat),
-            "beta_c": total(dn),
-        }
+        # the steps' batch sums ([T+1, 4H] or [T+1, H], zero at masked steps), added once over all T
+        names = ("gamma_ih", "gamma_hh", "beta", "gamma_c", "beta_c")
+        return {name: jnp.sum(s, axis=0) for name, s in zip(names, sums, strict=True)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
@@ -216,6 +213,7 @@ def layer_norm_lstm(
         gates=gates,
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
+        extra_from_aux=True,
         check_params=check_params,
         gate_names=("i", "f", "g", "o"),
     )

@@ -19,12 +19,18 @@ Hand-derived backward, given ``dh_t = [dr, di]`` (there is no recurrent GEMM: th
 
     dzx_t = [γ ⊙ dr, γ ⊙ di]
     dh_{t-1} = [a ⊙ dr + b ⊙ di ,  −b ⊙ dr + a ⊙ di]               (λ̄ times the complex gradient)
-    once over all T, from every step's dh_t (aux), h_{t-1} and zx_t:
-    d a = Σ dr ⊙ s_re + di ⊙ s_im ;  d b = Σ di ⊙ s_re − dr ⊙ s_im ;  d γ = Σ dr ⊙ zr + di ⊙ zi
+    aux_t = [Σ_b dr ⊙ s_re + di ⊙ s_im ,  Σ_b di ⊙ s_re − dr ⊙ s_im]   [2, N], from s_{t-1}
+    once over all T:
+    d a + i d b = Σ_t aux_t   (= Σ dh_t conj(s_{t-1}))
+    d γ_log = γ ⊙ Σ (dr ⊙ zr + di ⊙ zi) = Σ_i (w_ih ⊙ d w_ih)[i] + b ⊙ d b   (re and im halves added)
     with m = |λ| = exp(−exp(ν)), φ = exp(θ) (a = m cos φ, b = m sin φ):
-    d ν = −exp(ν) m (d a cos φ + d b sin φ) ;  d θ = φ m (d b cos φ − d a sin φ) ;  d γ_log = γ d γ
+    d ν = −exp(ν) m (d a cos φ + d b sin φ) ;  d θ = φ m (d b cos φ − d a sin φ)
 
-The forward keeps, per step, ``zx_t`` ([B, 2N]) and the carries.
+The second form of ``d γ_log`` holds because ``zx`` reaches the state only through ``γ ⊙ zx``, and
+``zx = x w_ih + b`` is linear in ``w_ih`` and ``b``: scaling ``γ_j`` by ``1 + ε`` scales column j of both,
+so it reads the driver's ``d w_ih`` and ``d b``. So the forward keeps no residual but the carries, and the
+backward stacks ``dzx`` and the ``[2, N]`` sums ``aux_t`` (reduced over the batch inside the loop, where
+``dh_t`` and ``s_{t-1}`` are at hand: after the loop, each half of ``[T, B, 2N]`` would be a copy).
 
 Reference: A. Orvieto, S. L. Smith, A. Gu, A. Fernando, C. Gulcehre, R. Pascanu and S. De, "Resurrecting
 recurrent neural networks for long sequences", ICML 2023, §3 and Appendix A (init: ring
@@ -43,6 +49,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     HCarry,
+    batch_sum,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -132,40 +139,45 @@ def lru(
     def initial_carry(params: LRUParams, batch_shape: tuple[int, ...] = ()) -> HCarry:
         return HCarry(h=jnp.zeros((*tuple(batch_shape), 2 * N), params.w_ih.dtype))
 
-    def gates(params: LRUParams, zx: Array, zh: None, carry: HCarry) -> tuple[HCarry, Array]:
+    def gates(params: LRUParams, zx: Array, zh: None, carry: HCarry) -> tuple[HCarry, tuple]:
         del zh  # no w_hh: the recurrence is the elementwise complex product below
         a, b, gamma = _eigenvalues(params, zx[..., :N])
         s_re, s_im = carry.h[..., :N], carry.h[..., N:]
         h = jnp.concatenate(
             [a * s_re - b * s_im + gamma * zx[..., :N], b * s_re + a * s_im + gamma * zx[..., N:]], axis=-1
         )
-        return HCarry(h=h), zx
+        return HCarry(h=h), ()  # the backward needs only the carries
 
     def gates_bwd(
-        params: LRUParams, zx: Array, prev: HCarry, new: HCarry, d_new: HCarry
+        params: LRUParams, res: tuple, prev: HCarry, new: HCarry, d_new: HCarry
     ) -> tuple[Array, None, HCarry, Array]:
-        a, b, gamma = _eigenvalues(params, zx[..., :N])
         dr, di = d_new.h[..., :N], d_new.h[..., N:]
+        s_re, s_im = prev.h[..., :N], prev.h[..., N:]
+        a, b, gamma = _eigenvalues(params, dr)
         dzx = jnp.concatenate([gamma * dr, gamma * di], axis=-1)
         dh_prev = jnp.concatenate([a * dr + b * di, a * di - b * dr], axis=-1)
-        return dzx, None, HCarry(h=dh_prev), d_new.h
+        d_ab = jnp.stack([batch_sum(dr * s_re + di * s_im), batch_sum(di * s_re - dr * s_im)])
+        return dzx, None, HCarry(h=dh_prev), d_ab
 
     def extra_grads(
-        params: LRUParams, dzx: Array, dzh: Array, prevs: HCarry, zx: Array, dhs: Array
+        params: LRUParams,
+        grads: dict[str, Array],
+        dzx: Array,
+        dzh: Array,
+        prevs: HCarry,
+        res: tuple,
+        d_ab: Array,
     ) -> dict[str, Array]:
-        s_re, s_im = prevs.h[..., :N], prevs.h[..., N:]  # s_{t-1}, [T, B, N]
-        dr, di = dhs[..., :N], dhs[..., N:]  # dh_t, zero at masked steps
-        total = lambda v: jnp.sum(v, axis=(0, 1))  # noqa: E731
-        d_a = total(dr * s_re + di * s_im)
-        d_b = total(di * s_re - dr * s_im)
-        d_gamma = total(dr * zx[..., :N] + di * zx[..., N:])
-        # through a = m cos φ, b = m sin φ with m = exp(−exp(ν)), φ = exp(θ); γ = exp(γ_log)
+        d_a, d_b = jnp.sum(d_ab, axis=0)  # over the steps: [2, N], zero at masked steps
+        # γ scales zx = x w_ih + b, linear in w_ih and b: d γ_log = Σ_i w_ih ⊙ d w_ih + b ⊙ d b, per column
+        d_cols = jnp.sum(params.w_ih * grads["w_ih"], axis=0) + params.b * grads["b"]  # [2N]
+        # through a = m cos φ, b = m sin φ with m = exp(−exp(ν)), φ = exp(θ)
         m, phi = jnp.exp(-jnp.exp(params.nu_log)), jnp.exp(params.theta_log)
         cos, sin = jnp.cos(phi), jnp.sin(phi)
         return {
             "nu_log": -jnp.exp(params.nu_log) * m * (d_a * cos + d_b * sin),
             "theta_log": phi * m * (d_b * cos - d_a * sin),
-            "gamma_log": jnp.exp(params.gamma_log) * d_gamma,
+            "gamma_log": d_cols[:N] + d_cols[N:],
         }
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
@@ -190,6 +202,7 @@ def lru(
         gates=gates,
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
+        extra_from_aux=True,
         check_params=check_params,
         gate_names=("re", "im"),
         diagonal=2,

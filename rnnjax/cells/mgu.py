@@ -113,7 +113,9 @@ def mgu(
         daf = (dh * (cand - h) + dfh * h) * f * (1 - f)
         return jnp.concatenate([daf, dah], axis=-1), daf, HCarry(h=dh * (1 - f) + dfh * f)
 
-    def extra_grads(params: MGUParams, dzx: Array, dzh: Array, prevs: HCarry, res: Array) -> dict[str, Array]:
+    def extra_grads(
+        params: MGUParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: Array
+    ) -> dict[str, Array]:
         # h̃ reads (f ⊙ h_{t-1}) u_h: d u_h = Σ_t (f ⊙ h_{t-1})ᵀ dah, one GEMM over all T and B
         return {"u_h": jnp.einsum("tbh,tbk->hk", res[..., :H] * prevs.h, dzx[..., H:])}
 

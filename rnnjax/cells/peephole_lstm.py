@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import (
     Cell,
     LSTMCarry,
+    batch_sum,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
@@ -121,7 +122,7 @@ def peephole_lstm(
 
     def gates_bwd(
         params: PeepholeLSTMParams, act: Array, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
-    ) -> tuple[Array, None, LSTMCarry]:
+    ) -> tuple[Array, None, LSTMCarry, Array]:
         i, f, g, o = act[..., :H], act[..., H : 2 * H], act[..., 2 * H : 3 * H], act[..., 3 * H :]
         p_i, p_f, p_o = params.p[None, :H], params.p[None, H : 2 * H], params.p[None, 2 * H :]
         tc = jnp.tanh(new.c)
@@ -132,16 +133,20 @@ def peephole_lstm(
         da_g = dc * i * (1 - g * g)
         dc_prev = dc * f + da_i * p_i + da_f * p_f
         dz = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
-        return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev)
+        # this step's share of d p (the peepholes read c_{t-1}, c_{t-1} and c_t), summed over the batch
+        d_p = jnp.concatenate([batch_sum(da_i * prev.c), batch_sum(da_f * prev.c), batch_sum(da_o * new.c)])
+        return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), d_p
 
     def extra_grads(
-        params: PeepholeLSTMParams, dzx: Array, dzh: Array, prevs: LSTMCarry, act: Array
+        params: PeepholeLSTMParams,
+        grads: dict,
+        dzx: Array,
+        dzh: Array,
+        prevs: LSTMCarry,
+        act: Array,
+        d_p: Array,
     ) -> dict[str, Array]:
-        # c_t, which the output gate reads, is rebuilt from the stored gates and c_{t-1}
-        c_prev = prevs.c
-        c_new = act[..., H : 2 * H] * c_prev + act[..., :H] * act[..., 2 * H : 3 * H]
-        d_p = [dzx[..., :H] * c_prev, dzx[..., H : 2 * H] * c_prev, dzx[..., 3 * H :] * c_new]
-        return {"p": jnp.sum(jnp.concatenate(d_p, axis=-1), axis=(0, 1))}
+        return {"p": jnp.sum(d_p, axis=0)}  # the steps' batch sums [T+1, 3H], added once over all T
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
@@ -164,6 +169,7 @@ def peephole_lstm(
         gates=gates,
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
+        extra_from_aux=True,
         check_params=check_params,
         gate_names=("i", "f", "g", "o"),
     )

@@ -145,6 +145,7 @@ def projected_lstm(
 
     def extra_grads(
         params: ProjectedLSTMParams,
+        grads: dict[str, Array],
         dzx: Array,
         dzh: Array,
         prevs: LSTMCarry,
