@@ -67,10 +67,11 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
     A model, not a measurement, calibrated on compiled memory to over-count. The plain backward's
     per-step memory is the carry, input, residuals and one ``[B, G]`` (the LSTM at B=32, H=256: 352 KiB
     against the model's 736), less for the cells whose residuals share the projection's buffer
-    (`rnnjax.scan.residual_slot`), which the model does not count. For all nine built-in cells at B=32,
-    I=H=256, T=2000 and budgets of 6, 12 and 24 MiB, the binomial schedule's compiled memory came to
-    0.46–0.90 of the budget. tests/test_remat.py and
-    tests/test_binomial.py hold compiled memory within it (within 2x for the nested schedule).
+    (`rnnjax.scan.residual_slot`), which the model does not count. For all eleven built-in cells at
+    B=32, I=H=256, T=2000 and budgets of 6, 12 and 24 MiB, the binomial schedule's compiled memory came
+    to 0.46–0.96 of the budget (the highest: IndRNN at 6 MiB, whose per-unit gradient sums are ``aux``).
+    tests/test_remat.py and tests/test_binomial.py hold compiled memory within it (within 2x for the
+    nested schedule).
     """
     nbytes = lambda tree: sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))  # noqa: E731
     x_t = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[-1]), xs.dtype)
