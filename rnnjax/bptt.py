@@ -31,8 +31,8 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
   GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.scan.time_gemm`):
   XLA transposes nothing large.
-- For the LSTMs (plain, peephole, layer-norm), the GRU, minGRU and minLSTM one ``[T+1, B, G]`` buffer
-  does three jobs in turn
+- For the LSTMs (plain, peephole, layer-norm, projected), the GRU, minGRU and minLSTM one
+  ``[T+1, B, G]`` buffer does three jobs in turn
   (`rnnjax.scan.residual_slot`): the projection ``zx``, then each step's residuals written over the row
   it has read, then each step's ``dzx`` written over the residuals it came from. Every write lands one
   step late, after the row was read, so XLA updates the buffer in place.

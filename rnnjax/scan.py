@@ -143,8 +143,8 @@ def residual_slot(cell: Cell, res: PyTree, zx_row: Any) -> int | None:
     ``[B, G]``) can be written over it in turn: one ``[T+1, B, G]`` buffer then serves the projection, the
     residuals and the gate gradients. That needs a backward that reads no residual after its loop: a cell
     whose ``extra_grads`` (if any) reads only ``aux`` (`Cell.extra_from_aux`). (The activations of the
-    LSTM, the peephole and layer-norm LSTMs, minGRU and minLSTM; the GRU's ``[r, z, n]``.) And loops of one
-    step per iteration, over enough rows (`scan_gates_saving` checks both).
+    LSTMs, plain, peephole, layer-norm and projected, minGRU's and minLSTM's; the GRU's ``[r, z, n]``.)
+    And loops of one step per iteration, over enough rows (`scan_gates_saving` checks both).
     """
     if cell.extra_grads and not cell.extra_from_aux:
         return None

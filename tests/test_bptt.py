@@ -184,7 +184,7 @@ LEANER = {
     "lstm-peephole": 0.40,
     "lstm-layernorm": 0.61,
     "lru": 0.75,
-    "lstm-projected": 0.68,
+    "lstm-projected": 0.50,
 }
 
 
@@ -210,7 +210,9 @@ def test_manual_is_leaner_than_autodiff(name):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("name", ["lstm", "minlstm", "gru", "lstm-peephole", "lstm-layernorm"])
+@pytest.mark.parametrize(
+    "name", ["lstm", "minlstm", "gru", "lstm-peephole", "lstm-layernorm", "lstm-projected"]
+)
 def test_shared_buffer_keeps_float32_gradients_of_a_small_loss(name, reverse):
     """With the projection's buffer shared (`rnnjax.scan.residual_slot`), a float32 loss scaled by 1e-6
     gets gradients as accurate as autodiff's. The step the backward visits last keeps its residual out of

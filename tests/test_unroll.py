@@ -354,7 +354,7 @@ def test_lru_with_a_dense_read_out_is_the_papers_layer(key):
 @pytest.mark.parametrize(
     ("name", "unroll"),
     [("lstm", 1), ("lstm", 2), ("lstm", 3), ("lstm", True), ("minlstm", 1), ("minlstm", 2)]
-    + [(name, 1) for name in ("gru", "mingru", "lstm-peephole", "lstm-layernorm")],
+    + [(name, 1) for name in ("gru", "mingru", "lstm-peephole", "lstm-layernorm", "lstm-projected")],
 )
 def test_shared_buffer_is_never_copied_in_a_loop(name, unroll, key):
     """The buffer that holds zx, then the residuals, then dzx (`rnnjax.scan.residual_slot`) is updated in

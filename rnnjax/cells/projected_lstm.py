@@ -21,9 +21,12 @@ Hand-derived backward, given ``dh_t`` [B, P] and ``dc_t`` [B, H]::
     dc  = dc_t + dr ⊙ o ⊙ (1 − tanh²(c_t))
     di  = dc ⊙ g ;  df = dc ⊙ c_{t-1} ;  dg = dc ⊙ i ;  dc_{t-1} = dc ⊙ f
     dzx_t = dzh_t = [di ⊙ i(1−i), df ⊙ f(1−f), dg ⊙ (1−g²), do ⊙ o(1−o)]       [B, 4H]
-    d w_hr = Σ_t r_tᵀ dh_t                     # once over all T, after the loop: dh_t is the step's aux
+    d w_hr = Σ_t r_tᵀ dh_t                     # once over all T, after the loop: (r_t, dh_t) is the aux
 
-The forward keeps, per step, ``[i, f, g, o]`` and ``tanh(c_t)`` ([B, 5H]) and the carries.
+The forward keeps, per step, ``[i, f, g, o]`` ([B, 4H], the shape of ``zx_t``: it goes over the row of the
+projection its step has read, and ``dzx_t`` over it in turn, `rnnjax.scan.residual_slot`), ``tanh(c_t)``
+([B, H]) and the carries. The backward stacks ``dzx_t`` and, for ``d w_hr``, ``r_t`` (rebuilt in the loop
+from ``o`` and ``tanh(c_t)``) and ``dh_t``.
 
 Reference: H. Sak, A. Senior and F. Beaufays, "Long short-term memory recurrent neural network
 architectures for large scale acoustic modeling", Interspeech 2014 (the LSTMP of §2.2, without peepholes).
@@ -134,27 +137,26 @@ def projected_lstm(
         prev: LSTMCarry,
         new: LSTMCarry,
         d_new: LSTMCarry,
-    ) -> tuple[Array, None, LSTMCarry, Array]:
+    ) -> tuple[Array, None, LSTMCarry, tuple[Array, Array]]:
         act, tc = res
         o = act[..., 3 * H :]
         # backprop through h_t = r_t w_hr, then r_t = o tanh(c_t), then the LSTM's cell update and gates
         dr = d_new.h @ params.w_hr.T
         dz, dc_prev = lstm_update_bwd(act, prev.c, dr * tc, d_new.c + dr * o * (1 - tc * tc))
-        # dh_t leaves as aux: d w_hr = Σ_t r_tᵀ dh_t is one GEMM after the loop
-        return dz, None, LSTMCarry(h=jnp.zeros_like(d_new.h), c=dc_prev), d_new.h
+        # r_t and dh_t leave as aux: d w_hr = Σ_t r_tᵀ dh_t is one GEMM after the loop
+        return dz, None, LSTMCarry(h=jnp.zeros_like(d_new.h), c=dc_prev), (o * tc, d_new.h)
 
     def extra_grads(
         params: ProjectedLSTMParams,
         grads: dict[str, Array],
-        dzx: Array,
-        dzh: Array,
-        prevs: LSTMCarry,
-        res: tuple[Array, Array],
-        dhs: Array,
+        dzx: None,
+        dzh: None,
+        prevs: None,
+        res: None,
+        aux: tuple[Array, Array],
     ) -> dict[str, Array]:
-        act, tc = res
-        r = act[..., 3 * H :] * tc  # [T, B, H]
-        return {"w_hr": jnp.einsum("tbh,tbp->hp", r, dhs)}
+        rs, dhs = aux  # [T+1, B, H] and [T+1, B, P], both flattened in the same (t, b) order: one GEMM
+        return {"w_hr": rs.reshape(-1, H).T @ dhs.reshape(-1, dhs.shape[-1])}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
@@ -177,6 +179,7 @@ def projected_lstm(
         gates=gates,
         gates_bwd=gates_bwd,
         extra_grads=extra_grads,
+        extra_from_aux=True,
         check_params=check_params,
         gate_names=("i", "f", "g", "o"),
         proj_size=P,
