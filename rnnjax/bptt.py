@@ -29,7 +29,7 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
 - The backward stacks ``dzx`` (and only the columns of ``dzh`` that differ from it and cannot be rebuilt
   from it, `Cell.dzh_shared`) in buffers created only when the cotangents arrive
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
-  GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.scan.time_gemm`):
+  GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.cells.base.time_gemm`):
   XLA transposes nothing large.
 - For the LSTMs (plain, peephole, layer-norm, projected), the GRU, minGRU and minLSTM one
   ``[T+1, B, G]`` buffer does three jobs in turn
@@ -59,7 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, time_gemm
 from rnnjax.scan import (
     forward,
     outputs_from_hs,
@@ -70,7 +70,6 @@ from rnnjax.scan import (
     scan_steps,
     select,
     shift_carries,
-    time_gemm,
     zero_where_not,
 )
 

@@ -65,17 +65,6 @@ def project(params: PyTree, xs: Array) -> Array:
     return jnp.swapaxes(xs, 0, 1) @ params.w_ih
 
 
-def time_gemm(a: Array, b: Array) -> Array:
-    """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
-
-    The weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
-    keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
-    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole
-    (16 MiB of the LSTM's training step at B=32, T=128, H=256).
-    """
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
-
-
 def _gate_step(cell: Cell, params: PyTree) -> Any:
     """One step of a built-in cell from its projected input: ``step(carry, zx_t, m_t) -> (carry, res)``.
 

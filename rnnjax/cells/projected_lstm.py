@@ -48,6 +48,7 @@ from rnnjax.cells.base import (
     check_input_size,
     check_projection_params,
     projection_step,
+    time_gemm,
     uniform_init,
 )
 from rnnjax.cells.lstm import lstm_update, lstm_update_bwd
@@ -155,8 +156,8 @@ def projected_lstm(
         res: None,
         aux: tuple[Array, Array],
     ) -> dict[str, Array]:
-        rs, dhs = aux  # [T+1, B, H] and [T+1, B, P], both flattened in the same (t, b) order: one GEMM
-        return {"w_hr": rs.reshape(-1, H).T @ dhs.reshape(-1, dhs.shape[-1])}
+        rs, dhs = aux  # [T+1, B, H] and [T+1, B, P], zero at masked steps and in the spare row
+        return {"w_hr": time_gemm(rs, dhs)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
