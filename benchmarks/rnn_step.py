@@ -174,8 +174,7 @@ UNROLL_FACTORS = (1, 2, 4, 8)
 def unroll_sweep(config: tuple, rounds: int) -> dict[str, Any]:
     """rnnjax's training step and inference at each of `UNROLL_FACTORS`, interleaved, medians in ms.
 
-    The measurement behind ``unroll=None``: inference runs at `rnnjax.bptt.INFERENCE_UNROLL`, the
-    gradient's loops at 1.
+    The measurement behind ``unroll=None``, which runs every loop at 1.
     """
     import jax.numpy as jnp
 
@@ -271,7 +270,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines += [
             "",
             "rnnjax manual at each unroll factor (`rj.unroll(..., unroll=k)`), median ms; the default "
-            "(`unroll=None`) runs inference at 4 and the gradient's loops at 1:",
+            "(`unroll=None`) runs every loop at 1:",
             "",
             "| config | "
             + " | ".join(f"train, {u}" for u in factors)

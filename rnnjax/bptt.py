@@ -37,6 +37,11 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
   it has read, then each step's ``dzx`` written over the residuals it came from. Every write lands one
   step late, after the row was read, so XLA updates the buffer in place.
 
+Every row that a loop reads from a stacked buffer and a cell then slices by gates (the projection, the
+residuals, a diagonal cell's carries and output gradients) is read block by block (`rnnjax.scan.read_row`):
+XLA:CPU ran a kernel that read a row and sliced it several ways unvectorized, and that cost the LSTM's
+backward loop 40% of its time.
+
 For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
 from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
 `jax.vjp` and chains them from ``t = T-1`` down to ``0``.
@@ -64,6 +69,7 @@ from rnnjax.scan import (
     forward,
     outputs_from_hs,
     pad_time,
+    read_row,
     residual_slot,
     scan_gates_saving,
     scan_stacked_late,
@@ -76,16 +82,16 @@ from rnnjax.scan import (
 Array = jax.Array
 PyTree = Any
 
-# `jax.lax.scan`'s unroll factor for a forward pass that is not differentiated (``unroll=None``). Measured
-# on 2 CPU cores (float32, B=32, I=H=256): the LSTM's forward 54 -> 39 ms, the GRU's 48 -> 39 ms at 4, no
-# further gain at 8; at B=16 T=512 H=128, B=8 H=512, B=64 H=64 and B=1 T=1000 H=64 the LSTM and GRU stayed
-# within ±7%, Elman within 1% but for the smallest (0.50 -> 0.67 ms). The gradient's loops run at 1: 4 sped
-# up the GRU's backward at B=32 H=256 (51 -> 47 ms) but slowed it at the other shapes, and the LSTM's at all.
-INFERENCE_UNROLL = 4
+# ``unroll=None`` runs every loop at an unroll factor of 1. The undifferentiated forward ran at 4 while the
+# gates' kernels were slow (a fused row read sliced several ways ran unvectorized, `rnnjax.scan.read_row`);
+# since they are fast, 1, 2 and 4 time the same for the LSTM, GRU and Elman at B=32 T=128 I=H=256, B=16
+# T=512 H=128, B=8 H=512, B=64 H=64 and B=1 T=1000 H=64 (2 CPU cores, float32), and 4 is slower for
+# minGRU, minLSTM and IndRNN (7.4 -> 9.6, 11.1 -> 13.3 and 3.9 -> 6.7 ms at B=32 H=256). The gradient's
+# loops run at 1 anyway: it is the only factor at which the projection's buffer is shared.
 
 
 def _loops(unroll: int | bool | None) -> int | bool:
-    """The unroll factor of the gradient's loops: the caller's, or 1 for None."""
+    """The unroll factor of every loop: the caller's, or 1 for None."""
     return 1 if unroll is None else unroll
 
 
@@ -106,10 +112,9 @@ def bptt_unroll(
 ) -> tuple[PyTree, Array]:
     """``(final_carry, ys [B, T, H])`` of a built-in cell; its VJP is the hand-derived BPTT below.
 
-    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1. ``unroll=None``
-    runs this forward (inference) at `INFERENCE_UNROLL` and the gradient's loops at 1.
+    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1.
     """
-    return forward(cell, params, xs, carry0, mask, reverse, INFERENCE_UNROLL if unroll is None else unroll)
+    return forward(cell, params, xs, carry0, mask, reverse, _loops(unroll))
 
 
 def _bptt_fwd(
@@ -152,9 +157,14 @@ def _backward(
     T, o = d_ys.shape[1], int(reverse)
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
     k = cell.dzh_shared  # dzh[:, :k] == dzx[:, :k]: only dzh's other columns are stored
+    G = params.w_ih.shape[-1]  # the width of a projected row
+
+    # a diagonal cell's state is `Cell.diagonal` blocks of units, which its gates slice: read by blocks
+    # (`rnnjax.scan.read_row`), like the residuals below
+    state_blocks = cell.diagonal
 
     def row(t: Array, shift: int) -> PyTree:
-        return jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, t + shift, 0, keepdims=False), carries)
+        return jax.tree.map(lambda c: read_row(c, t + shift, state_blocks), carries)
 
     # When the forward kept a residual leaf in the projection's buffer (`rnnjax.scan.residual_slot`: the
     # LSTM's activations), the gate gradients overwrite it in turn, and the backward holds no [T+1, B, G]
@@ -167,21 +177,30 @@ def _backward(
     reuse = None if aside is None else residual_slot(cell, row_spec, aside[0])
     spare = T * (1 - o)  # the row that holds no step
 
+    d_ys_rows = jnp.swapaxes(d_ys, 0, 1)  # [T, B, H]
+
     def body(state: tuple, inp: tuple) -> tuple[tuple, tuple]:
         d_carry, pending = state
-        dy_t, m_t, t = inp
+        m_t, t = inp
         leaves = list(res_leaves)
         if reuse is not None:
             buf, value, at = pending
             leaves[reuse] = buf = jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
         prev_t, new_t = row(t, o), row(t, 1 - o)  # the carries entering and leaving step t
-        res_t = [jax.lax.dynamic_index_in_dim(r, t + o, 0, keepdims=False) for r in leaves]
-        if reuse is not None:
-            res_t[reuse] = jnp.where(t == (T - 1) * o, aside[1], res_t[reuse])
+        first = t == (T - 1) * o
+        res_t = []
+        for i, r in enumerate(leaves):
+            blocks = len(cell.gate_names) if r.shape[-1] == G else 1
+            f = None if i != reuse else (lambda cols, blk: jnp.where(first, aside[1][..., cols], blk))
+            res_t.append(read_row(r, t + o, blocks, f))
         res_t = res_def.unflatten(res_t)
-        # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid)
-        g = d_carry._replace(h=d_carry.h + dy_t)
-        g_valid = zero_where_not(m_t, g)
+
+        # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid), block
+        # by block of a diagonal cell's state
+        def plus_dy(cols: slice, dy: Array) -> Array:
+            return zero_where_not(m_t, d_carry.h[..., cols] + dy)
+
+        g_valid = zero_where_not(m_t, d_carry)._replace(h=read_row(d_ys_rows, t, state_blocks, plus_dy))
         # through the gates, by the cell's hand-derived derivative
         dzx, dzh, d_prev, *aux = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
@@ -200,7 +219,7 @@ def _backward(
     (d_carry0, pending), (dzx, dzh_own, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, pending),
-        (jnp.swapaxes(d_ys, 0, 1), mask, jnp.arange(T, dtype=jnp.int32)),
+        (mask, jnp.arange(T, dtype=jnp.int32)),
         T,
         not reverse,
         _loops(unroll),
@@ -276,7 +295,7 @@ def probed_bptt_unroll(
     so the cotangent the backward gives it is the gradient reaching ``h_t`` (0 at masked steps).
     """
     del probe
-    return forward(cell, params, xs, carry0, mask, reverse, INFERENCE_UNROLL if unroll is None else unroll)
+    return forward(cell, params, xs, carry0, mask, reverse, _loops(unroll))
 
 
 def _probed_fwd(

@@ -77,13 +77,10 @@ def unroll(
         `jax.hessian` (forward-over-reverse) differentiates that backward in forward mode, but plain forward
         mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
         forward scan, in either mode.
-      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward). None (default):
-        `rnnjax.bptt.INFERENCE_UNROLL` (4) for the forward of a built-in cell under ``grad="manual"``
-        that is not differentiated (inference), and 1 for every loop of a gradient, for user cells,
-        ``grad="autodiff"``, ``checkpoint`` and ``budget``. On 2 CPU cores 4 made the LSTM's and GRU's
-        inference 18–27% faster at B=32, H=256; at the other shapes measured it was within ±7% for them,
-        and a tiny Elman (B=1, H=64, T=1000: 0.5 ms) ran 0.17 ms slower. No factor sped up the training
-        step at every shape. Pass an int for your own shape (``python -m benchmarks.rnn_step`` sweeps it).
+      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward). None (default): 1.
+        On 2 CPU cores no factor made inference or the training step faster at every shape measured, and
+        4 slowed the cells without a recurrent GEMM (IndRNN, minGRU, minLSTM) by 17–70%. Pass an int for
+        your own shape and device (``python -m benchmarks.rnn_step`` sweeps it).
       checkpoint: None (default) or ``"none"`` keeps every step's residuals for the backward. An int K
         keeps only the carry every K steps and recomputes each segment in the backward (`rnnjax.remat`);
         ``"sqrt"`` uses K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass.

@@ -65,16 +65,16 @@ def project(params: PyTree, xs: Array) -> Array:
     return jnp.swapaxes(xs, 0, 1) @ params.w_ih
 
 
-def _gate_step(cell: Cell, params: PyTree) -> Any:
+def _gate_step(cell: Cell, params: PyTree, biased: bool = False) -> Any:
     """One step of a built-in cell from its projected input: ``step(carry, zx_t, m_t) -> (carry, res)``.
 
-    Adds the bias to ``zx_t``, runs the recurrent GEMM ``h_{t-1} w_hh`` and the gates, and keeps the carry
-    where ``m_t`` (``[B]`` bool or None) is False.
+    Adds the bias to ``zx_t`` (unless ``biased``: it holds it already), runs the recurrent GEMM
+    ``h_{t-1} w_hh`` and the gates, and keeps the carry where ``m_t`` (``[B]`` bool or None) is False.
     """
     w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
 
     def step(carry: PyTree, zx_t: Array, m_t: Array | None) -> tuple[PyTree, Any]:
-        if hasattr(params, "b"):
+        if hasattr(params, "b") and not biased:
             zx_t = add_bias(zx_t, params.b)
         new, res = cell.gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
         return select(m_t, new, carry), res
@@ -105,13 +105,38 @@ def scan_gates(
     Returns:
       ``(final_carry, hs)``: ``hs [T, B, H]`` is the hidden state after every step.
     """
-    step = _gate_step(cell, params)
+    step = _gate_step(cell, params, biased=True)
+    b = getattr(params, "b", None)
+    with_b = None if b is None else lambda cols, r: add_bias(r, b[cols])
 
-    def body(carry: PyTree, inp: tuple[Array, Array | None]) -> tuple[PyTree, Array]:
-        new, _ = step(carry, *inp)
+    def body(carry: PyTree, inp: tuple[Array | None, Array]) -> tuple[PyTree, Array]:
+        m_t, t = inp
+        new, _ = step(carry, read_row(zx, t, len(cell.gate_names), with_b), m_t)
         return new, new.h
 
-    return jax.lax.scan(body, carry0, (zx, mask), reverse=reverse, unroll=unroll)
+    return jax.lax.scan(body, carry0, (mask, jnp.arange(zx.shape[0])), reverse=reverse, unroll=unroll)
+
+
+def read_row(buf: Array, t: Array, blocks: int, f: Any = None) -> Array:
+    """Row t of ``buf [T, B, G]``, read as ``blocks`` column blocks of equal width (one per gate) put side by
+    side, each first mapped by ``f(columns, block)`` if given (``columns``: the block's `slice` of G); read
+    whole if G does not split so.
+
+    The gates slice the row by those same blocks, and XLA folds each slice of the concatenation into its
+    own block's read. Read whole, the row's read fused into the gates' kernels together with several
+    column slices of it, and XLA:CPU ran such a kernel unvectorized: 4-8x slower (the peephole LSTM's and
+    the GRU's forward time loops took 1.7x and 2.3x as long, minLSTM's 4x; B=32, H=256).
+    """
+    G = buf.shape[-1]
+    n = blocks if blocks > 1 and G % blocks == 0 else 1
+    W = G // n
+    cols = [slice(j * W, (j + 1) * W) for j in range(n)]
+    t = jnp.asarray(t)
+    at = lambda col: (t, *(jnp.zeros((), t.dtype),) * (buf.ndim - 2), jnp.asarray(col, t.dtype))  # noqa: E731
+    reads = [jax.lax.dynamic_slice(buf, at(c.start), (1, *buf.shape[1:-1], W))[0] for c in cols]
+    if f is not None:
+        reads = [f(c, r) for c, r in zip(cols, reads, strict=True)]
+    return reads[0] if n == 1 else jnp.concatenate(reads, axis=-1)
 
 
 def pad_time(a: Array, reverse: bool) -> Array:
@@ -168,7 +193,8 @@ def scan_gates_saving(
     of the row fused apart from the write made XLA copy the whole buffer every step). And the step reads its
     row once, behind `jax.lax.optimization_barrier`, so that every reader shares that one ``[B, G]`` value:
     the layer-norm LSTM's readers each fused the row's slice, one of them reading the buffer from before the
-    write, and XLA copied the buffer every step (its training step ran 2x slower). The first step writes exact
+    write, and XLA copied the buffer every step (its training step ran 2x slower). (Without a leaf in the buffer, the
+    row is read by gate blocks instead, `read_row`.) The first step writes exact
     zeros into the spare row ``T·(1 − o)``. Two residuals stay out of the buffer: the last step's (not yet
     written) and the first step's, whose row gets exact zeros instead. The backward visits that step last and
     cannot write its ``dzx`` there either; a zero row then adds exactly nothing to the GEMMs over all rows, to
@@ -207,9 +233,11 @@ def scan_gates_saving(
         m_t, t = inp
         if slot is not None:  # the previous step's residual, over the row it read
             zx_buf = jax.lax.dynamic_update_index_in_dim(zx_buf, pending[0], pending[1], 0)
-        zx_t = jax.lax.dynamic_index_in_dim(zx_buf, t + o, 0, keepdims=False)
         if slot is not None:  # one read of the row, which all its readers share (see the docstring)
+            zx_t = jax.lax.dynamic_index_in_dim(zx_buf, t + o, 0, keepdims=False)
             zx_t = jax.lax.optimization_barrier(zx_t)
+        else:
+            zx_t = read_row(zx_buf, t + o, len(cell.gate_names))
         new, res = step(carry, zx_t, m_t)
         put = lambda buf, v, at: jax.lax.dynamic_update_index_in_dim(buf, v, at, 0)  # noqa: E731
         rows = jax.tree.map(lambda r, v: put(r, v, t + 1 - o), rows, new)

@@ -177,6 +177,19 @@ def add_bias(z: Array, b: Array) -> Array:
     return z + b.reshape((1,) * (z.ndim - b.ndim) + b.shape)
 
 
+def gate_blocks(zx: Array, zh: Array | None, n: int) -> list[Array]:
+    """The ``n`` equal column blocks of ``zx + zh`` (``[B, G]`` each, ``zh`` may be None), each block summed
+    apart, ``[B, G/n]``.
+
+    Summed by blocks, every slice of the projected row stays a slice of its own read, which XLA folds into
+    that read (`rnnjax.scan.read_row`); a sum over the whole row first would be sliced again after it, and
+    XLA would copy the row's blocks to assemble it.
+    """
+    W = zx.shape[-1] // n
+    parts = [zx[..., k * W : (k + 1) * W] for k in range(n)]
+    return parts if zh is None else [p + zh[..., k * W : (k + 1) * W] for k, p in enumerate(parts)]
+
+
 def input_projection(params: PyTree, x: Array) -> Array:
     """``zx = x w_ih + b`` of a built-in cell, ``x [..., I] -> [..., G]``; ``x w_ih`` alone without ``b``.
 

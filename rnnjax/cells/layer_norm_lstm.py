@@ -151,7 +151,7 @@ def layer_norm_lstm(
         ax, rx = _normalise(zx, eps)
         ah, rh = _normalise(zh, eps)
         z = _lift(params.gamma_ih, ax) * ax + _lift(params.gamma_hh, ah) * ah + _lift(params.beta, ax)
-        c, act = lstm_update(z, carry.c)
+        c, act = lstm_update(z, None, carry.c)
         c_hat, rc = _normalise(c, eps)
         h = act[..., 3 * H :] * jnp.tanh(_lift(params.gamma_c, c) * c_hat + _lift(params.beta_c, c))
         return LSTMCarry(h=h, c=c), (act, ax, ah, c_hat, jnp.concatenate([rx, rh, rc], axis=-1))

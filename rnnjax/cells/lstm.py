@@ -43,6 +43,7 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    gate_blocks,
     projection_step,
     uniform_init,
 )
@@ -59,17 +60,16 @@ class LSTMParams(NamedTuple):
     b: Array  # [4H]
 
 
-def lstm_update(z: Array, c_prev: Array) -> tuple[Array, Array]:
-    """The LSTM's gates and cell update: ``(c_t [B, H], act = [i, f, g, o] [B, 4H])`` from ``z [B, 4H]``.
+def lstm_update(zx: Array, zh: Array | None, c_prev: Array) -> tuple[Array, Array]:
+    """The LSTM's gates and cell update: ``(c_t [B, H], act = [i, f, g, o] [B, 4H])`` from
+    ``z = zx + zh [B, 4H]`` (``zh`` may be None).
 
     ``i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)`` and ``c_t = f ⊙ c_{t-1} + i ⊙ g``; shared by the LSTM
-    variants that read ``z`` or ``h_t`` differently (`projected_lstm`, `layer_norm_lstm`).
+    variants that read ``z`` or ``h_t`` differently (`projected_lstm`, `layer_norm_lstm`). ``z`` is summed
+    gate by gate (`gate_blocks`).
     """
-    H = z.shape[-1] // 4
-    i = jax.nn.sigmoid(z[..., 0 * H : 1 * H])
-    f = jax.nn.sigmoid(z[..., 1 * H : 2 * H])
-    g = jnp.tanh(z[..., 2 * H : 3 * H])
-    o = jax.nn.sigmoid(z[..., 3 * H : 4 * H])
+    z_i, z_f, z_g, z_o = gate_blocks(zx, zh, 4)
+    i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_g), jax.nn.sigmoid(z_o)
     return f * c_prev + i * g, jnp.concatenate([i, f, g, o], axis=-1)
 
 
@@ -142,7 +142,7 @@ def lstm(
         return LSTMCarry(h=zeros, c=zeros)
 
     def gates(params: LSTMParams, zx: Array, zh: Array, carry: LSTMCarry) -> tuple[LSTMCarry, Array]:
-        c, act = lstm_update(zx + zh, carry.c)
+        c, act = lstm_update(zx, zh, carry.c)
         return LSTMCarry(h=act[..., 3 * H :] * jnp.tanh(c), c=c), act
 
     def gates_bwd(

@@ -40,6 +40,7 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    gate_blocks,
     projection_step,
     uniform_init,
 )
@@ -111,13 +112,13 @@ def peephole_lstm(
         return LSTMCarry(h=zeros, c=zeros)
 
     def gates(params: PeepholeLSTMParams, zx: Array, zh: Array, carry: LSTMCarry) -> tuple[LSTMCarry, Array]:
-        z = zx + zh
+        z_i, z_f, z_g, z_o = gate_blocks(zx, zh, 4)
         p_i, p_f, p_o = params.p[None, :H], params.p[None, H : 2 * H], params.p[None, 2 * H :]
-        i = jax.nn.sigmoid(z[..., :H] + p_i * carry.c)
-        f = jax.nn.sigmoid(z[..., H : 2 * H] + p_f * carry.c)
-        g = jnp.tanh(z[..., 2 * H : 3 * H])
+        i = jax.nn.sigmoid(z_i + p_i * carry.c)
+        f = jax.nn.sigmoid(z_f + p_f * carry.c)
+        g = jnp.tanh(z_g)
         c = f * carry.c + i * g
-        o = jax.nn.sigmoid(z[..., 3 * H :] + p_o * c)
+        o = jax.nn.sigmoid(z_o + p_o * c)
         return LSTMCarry(h=o * jnp.tanh(c), c=c), jnp.concatenate([i, f, g, o], axis=-1)
 
     def gates_bwd(

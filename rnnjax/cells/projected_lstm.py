@@ -128,7 +128,7 @@ def projected_lstm(
     def gates(
         params: ProjectedLSTMParams, zx: Array, zh: Array, carry: LSTMCarry
     ) -> tuple[LSTMCarry, tuple[Array, Array]]:
-        c, act = lstm_update(zx + zh, carry.c)
+        c, act = lstm_update(zx, zh, carry.c)
         tc = jnp.tanh(c)
         return LSTMCarry(h=(act[..., 3 * H :] * tc) @ params.w_hr, c=c), (act, tc)
 
