@@ -193,9 +193,9 @@ def scan_gates_saving(
     of the row fused apart from the write made XLA copy the whole buffer every step). And the step reads its
     row once, behind `jax.lax.optimization_barrier`, so that every reader shares that one ``[B, G]`` value:
     the layer-norm LSTM's readers each fused the row's slice, one of them reading the buffer from before the
-    write, and XLA copied the buffer every step (its training step ran 2x slower). (Without a leaf in the buffer, the
-    row is read by gate blocks instead, `read_row`.) The first step writes exact
-    zeros into the spare row ``T·(1 − o)``. Two residuals stay out of the buffer: the last step's (not yet
+    write, and XLA copied the buffer every step (its training step ran 2x slower). (Without a leaf in the
+    buffer, the row is read by gate blocks instead, `read_row`.) The first step writes exact zeros into the
+    spare row ``T·(1 − o)``. Two residuals stay out of the buffer: the last step's (not yet
     written) and the first step's, whose row gets exact zeros instead. The backward visits that step last and
     cannot write its ``dzx`` there either; a zero row then adds exactly nothing to the GEMMs over all rows, to
     which that ``dzx`` is added apart. (Leaving the residual in the row and subtracting it back out cancels
