@@ -76,14 +76,17 @@ class Cell(NamedTuple):
         units of r entries (``h[:, a·N + j]`` is unit j's entry a: ``∂h_t/∂h_{t-1}`` is block-diagonal),
         whose gate column g feeds only unit ``g mod N``, and whose parameters besides ``w_ih`` and ``b``
         have one entry per unit ([N]). `rnnjax.rtrl_value_and_grad` then keeps r sensitivities per
-        parameter. 1 for `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts).
+        parameter. 1 for `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts). The
+        backward reads the carries and the output gradients by these r blocks (`rnnjax.scan.read_row`).
       proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
         (`projected_lstm`); None otherwise. See `output_size`.
       dzh_shared: built-ins only: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals
         its ``dzx`` (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every
         step (the GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
       gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
-        ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them.
+        ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them,
+        and the time loops read each projected row (and each residual as wide) by these blocks
+        (`rnnjax.scan.read_row`), so that ``gates`` and ``gates_bwd`` should slice them by the same blocks.
 
     A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
 
