@@ -13,6 +13,7 @@ backward direction of a bidirectional RNN. Outputs stay aligned with the inputs 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -117,7 +118,7 @@ def scan_gates(
     return jax.lax.scan(body, carry0, (mask, jnp.arange(zx.shape[0])), reverse=reverse, unroll=unroll)
 
 
-def read_row(buf: Array, t: Array, blocks: int, f: Any = None) -> Array:
+def read_row(buf: Array, t: Array, blocks: int, f: Callable[[slice, Array], Array] | None = None) -> Array:
     """Row t of ``buf [T, B, G]``, read as ``blocks`` column blocks of equal width (one per gate) put side by
     side, each first mapped by ``f(columns, block)`` if given (``columns``: the block's `slice` of G); read
     whole if G does not split so.
@@ -132,8 +133,9 @@ def read_row(buf: Array, t: Array, blocks: int, f: Any = None) -> Array:
     W = G // n
     cols = [slice(j * W, (j + 1) * W) for j in range(n)]
     t = jnp.asarray(t)
-    at = lambda col: (t, *(jnp.zeros((), t.dtype),) * (buf.ndim - 2), jnp.asarray(col, t.dtype))  # noqa: E731
-    reads = [jax.lax.dynamic_slice(buf, at(c.start), (1, *buf.shape[1:-1], W))[0] for c in cols]
+    zero = jnp.zeros((), t.dtype)  # every index in t's dtype (int32 and int64 do not mix under x64)
+    size, mid = (1, *buf.shape[1:-1], W), (zero,) * (buf.ndim - 2)
+    reads = [jax.lax.dynamic_slice(buf, (t, *mid, c.start + zero), size)[0] for c in cols]
     if f is not None:
         reads = [f(c, r) for c, r in zip(cols, reads, strict=True)]
     return reads[0] if n == 1 else jnp.concatenate(reads, axis=-1)
