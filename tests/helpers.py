@@ -50,6 +50,21 @@ def rel_err(a: Any, b: Any) -> float:
     return float(worst)
 
 
+def jit_grad(fn: Any, argnums: int | tuple[int, ...] = 0) -> Any:
+    """``jax.jit(jax.grad(fn, argnums))``, with every ``str``, ``int`` or None argument static (a grad mode
+    such as "manual", a checkpoint interval).
+
+    Eagerly, ``jax.grad`` dispatches each primitive as a program of its own, compiled anew for each drawn
+    shape; jitted, a drawn problem compiles once: 3-4x faster per example in the property tests.
+    """
+
+    def call(*args: Any) -> Any:
+        static = tuple(i for i, a in enumerate(args) if a is None or isinstance(a, (str, int)))
+        return jax.jit(jax.grad(fn, argnums), static_argnums=static)(*args)
+
+    return call
+
+
 def random_problem(
     cell: rj.Cell, key: jax.Array, B: int, T: int, I: int, dtype: Any = jnp.float64, move: float = 0.1
 ) -> tuple[Any, jax.Array, Any]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem, readout_loss, rel_err
+from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
 
 import rnnjax as rj
 
@@ -62,7 +62,7 @@ def test_manual_equals_autodiff_and_finite_differences(name, with_carry, lengths
     assert report.max_fd_error <= 1e-6
     # and not trivially: with this linear read-out the gradient to every input leaf is non-zero
     loss = readout_loss(cell, jax.random.key(7), lengths=lengths, reverse=reverse)
-    g = jax.grad(loss, (0, 1, 2))(params, xs, carry, "manual")
+    g = jit_grad(loss, (0, 1, 2))(params, xs, carry, "manual")
     assert all(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(g))
 
 
@@ -96,7 +96,7 @@ def test_gradients_respect_lengths(key):
     cell = rj.lstm(H)
     params, xs, carry = random_problem(cell, key, B, T, I)
     loss = readout_loss(cell, jax.random.key(3), lengths=LENGTHS)
-    _, d_xs, d_carry = jax.grad(loss, (0, 1, 2))(params, xs, carry, "manual")
+    _, d_xs, d_carry = jit_grad(loss, (0, 1, 2))(params, xs, carry, "manual")
     d_xs = np.asarray(d_xs)
     for b, n in enumerate(np.asarray(LENGTHS)):
         assert np.all(d_xs[b, n:] == 0)

@@ -10,7 +10,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem, rel_err
+from helpers import CELLS, jit_grad, random_problem, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,7 +66,7 @@ def problems(draw):
     return name, B, T, I, H, lengths, draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=6)  # four gradients compiled per example: the slowest property of the suite
+@settings(max_examples=6)  # four gradients compiled per example
 @given(problems())
 def test_probe_gradient_is_dl_dh_in_every_mode(problem):
     name, B, T, I, H, lengths, reverse, seed = problem
@@ -75,15 +75,15 @@ def test_probe_gradient_is_dl_dh_in_every_mode(problem):
     L = None if lengths is None else jnp.asarray(lengths, jnp.int32)
     probe = jnp.zeros((B, T, cell.output_size), xs.dtype)
     loss = _probe_loss(cell, jax.random.key(seed + 1), L, reverse)
-    manual = jax.grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "manual")
-    autodiff = jax.grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "autodiff")
+    manual = jit_grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "manual")
+    autodiff = jit_grad(loss, (0, 1, 2, 3))(params, xs, carry, probe, "autodiff")
     assert rel_err(manual, autodiff) <= 1e-10
     # the probe changes nothing else: the other gradients are those of the loss without it
-    plain = jax.grad(loss, (0, 1, 2))(params, xs, carry, None, "manual")
+    plain = jit_grad(loss, (0, 1, 2))(params, xs, carry, None, "manual")
     assert rel_err(manual[:3], plain) <= 1e-12
     # independent oracle: the gradient of a loss in which the probe is really added to h_t
     additive = _additive_probe_loss(cell, jax.random.key(seed + 1), L, reverse)
-    assert rel_err(manual[3], jax.grad(additive, 3)(params, xs, carry, probe)) <= 1e-10
+    assert rel_err(manual[3], jit_grad(additive, 3)(params, xs, carry, probe)) <= 1e-10
     if L is not None:  # padded steps get no gradient
         assert np.all(np.asarray(manual[3])[np.arange(T)[None, :] >= np.asarray(L)[:, None]] == 0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import CELLS, random_problem, readout_loss, rel_err
+from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,12 +36,12 @@ def test_manual_equals_autodiff_everywhere(problem):
     L = None if lengths is None else jnp.asarray(lengths, jnp.int32)
     loss = readout_loss(cell, jax.random.key(seed + 1), lengths=L, reverse=reverse)
     argnums = (0, 1, 2) if with_carry else (0, 1)
-    gm = jax.grad(loss, argnums)(params, xs, carry, "manual")
-    ga = jax.grad(loss, argnums)(params, xs, carry, "autodiff")
+    gm = jit_grad(loss, argnums)(params, xs, carry, "manual")
+    ga = jit_grad(loss, argnums)(params, xs, carry, "autodiff")
     assert rel_err(gm, ga) <= 1e-10
 
 
-@settings(max_examples=8)  # B + 1 eager unrolls per example
+@settings(max_examples=8)  # B + 1 unrolls compiled per example
 @given(problems())
 def test_each_row_is_its_own_sequence(problem):
     """Row b of a padded batch equals that sequence cut to its length and run alone (values and carry)."""
@@ -49,10 +49,11 @@ def test_each_row_is_its_own_sequence(problem):
     cell = CELLS[name](H)
     params, xs, carry = random_problem(cell, jax.random.key(seed), B, T, I)
     lengths = [T] * B if lengths is None else lengths
-    final, ys = rj.unroll(cell, params, xs, carry, lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse)
+    unroll = jax.jit(rj.unroll, static_argnums=0, static_argnames="reverse")
+    final, ys = unroll(cell, params, xs, carry, lengths=jnp.asarray(lengths, jnp.int32), reverse=reverse)
     for b, n in enumerate(lengths):
         row = jax.tree.map(lambda a, b=b: a[b : b + 1], carry)
-        f_b, ys_b = rj.unroll(cell, params, xs[b : b + 1, :n], row, reverse=reverse)
+        f_b, ys_b = unroll(cell, params, xs[b : b + 1, :n], row, reverse=reverse)
         np.testing.assert_allclose(ys[b, :n], ys_b[0], rtol=1e-12, atol=1e-14)
         assert np.all(np.asarray(ys[b, n:]) == 0)
         for a, e in zip(jax.tree.leaves(final), jax.tree.leaves(f_b), strict=True):

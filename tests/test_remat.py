@@ -7,7 +7,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import CELLS, random_problem, readout_loss, rel_err
+from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
 from test_gradcheck import my_cell
 
 import rnnjax as rj
@@ -21,9 +21,9 @@ def _check_equal(name, lengths, reverse, checkpoint, grads, key):
     plain = readout_loss(cell, jax.random.key(2), lengths=lengths, reverse=reverse)
     saving = readout_loss(cell, jax.random.key(2), lengths=lengths, reverse=reverse, checkpoint=checkpoint)
     assert abs(float(saving(params, xs, carry, "manual") - plain(params, xs, carry, "manual"))) <= 1e-12
-    g_plain = jax.grad(plain, (0, 1, 2))(params, xs, carry, "manual")
+    g_plain = jit_grad(plain, (0, 1, 2))(params, xs, carry, "manual")
     for grad in grads:
-        assert rel_err(jax.grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
+        assert rel_err(jit_grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -50,8 +50,8 @@ def test_checkpointed_user_cell(key):
 
     assert (
         rel_err(
-            jax.grad(loss, (0, 1, 2))(params, xs, carry, 4),
-            jax.grad(loss, (0, 1, 2))(params, xs, carry, None),
+            jit_grad(loss, (0, 1, 2))(params, xs, carry, 4),
+            jit_grad(loss, (0, 1, 2))(params, xs, carry, None),
         )
         <= 1e-12
     )
@@ -112,9 +112,9 @@ def test_budget_gradients_equal_plain_two_levels_deep(key):
         saving = readout_loss(
             cell, jax.random.key(2), lengths=L, reverse=True, budget=budget, schedule="nested"
         )
-        g_plain = jax.grad(plain, (0, 1, 2))(params, xs, carry, "manual")
+        g_plain = jit_grad(plain, (0, 1, 2))(params, xs, carry, "manual")
         for grad in rj.GRAD_MODES:
-            assert rel_err(jax.grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
+            assert rel_err(jit_grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
 
 
 def test_budget_bounds_compiled_memory_and_beats_sqrt():
