@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
-from rnnjax.binomial import binomial_plan, binomial_schedule, binomial_unroll
+from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
 from rnnjax.remat import (
@@ -149,53 +149,92 @@ def unroll(
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
 
     B = math.prod(batch_shape)
-    flat_carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
     nesting, plan = (), None
     if budget is not None:
-        sizes = step_sizes(cell, params, flat_carry0, xs.reshape(B, T, I))
+        sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))
         if schedule == "nested":
             nesting = budget_schedule(T, budget, sizes)
-        elif T:
-            plan = binomial_schedule(T, budget, sizes)
-    if T == 0:
-        final, ys = flat_carry0, _empty_outputs(cell, params, flat_carry0, xs.reshape(B, 0, I))
+        elif T and (K_c := binomial_schedule(T, budget, sizes)) is not None:
+            plan = binomial_plan(T, *K_c)
+    if T == 0:  # the final carry is the initial one
+        ys = _empty_outputs(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, 0, I))
+        return carry0, _reshape_batch(ys, 1, batch_shape)
+    impl = autodiff_unroll
+    if grad == "manual":
+        impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
+    if probe is not None:
+        impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
+    plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
+    if unroll is None and not plain_bptt:
+        unroll = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
+    segment = None if checkpoint is None else segment_length(checkpoint, T)
+    # the memory-saving schedules run uncompiled: jit's transpose makes the cotangent of an unused ys a
+    # zero array [B, T, H], whose O(T) memory they exist to avoid (3x the compiled temp memory at T=4096)
+    run = _run if plan is None and not nesting and segment is None else _dispatch
+    try:
+        return run(impl, cell, reverse, unroll, plan, nesting, segment, params, xs, carry0, lengths, probe)
+    except TypeError as e:
+        if plan is not None and "forward-mode" in str(e):
+            raise TypeError(
+                "rj.unroll(..., budget=...) runs the binomial schedule's backward under jax.custom_vjp, "
+                "which has no forward mode: for jax.jvp, jax.jacfwd or jax.linearize pass "
+                "schedule='nested' and grad='autodiff'"
+            ) from e
+        if grad == "manual" and "forward-mode" in str(e):
+            raise TypeError(
+                "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
+                "has no forward mode: jax.grad, jax.vjp and forward-over-reverse (jax.hessian) work, "
+                "but for jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., grad='autodiff')"
+            ) from e
+        raise
+
+
+def _dispatch(
+    impl: Any,
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool | None,
+    plan: BinomialPlan | None,
+    nesting: tuple[int, ...],
+    segment: int | None,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    lengths: Array | None,
+    probe: Array | None,
+) -> tuple[PyTree, PyTree]:
+    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, runs
+    ``impl`` plainly, with the binomial ``plan``, the ``nesting`` segment lengths or checkpoints every
+    ``segment`` steps, and restores the axes."""
+    batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
+    B = math.prod(batch_shape)
+    mask = None if lengths is None else mask_from_lengths(lengths.reshape(B), T)
+    args = (
+        cell,
+        reverse,
+        unroll,
+        params,
+        xs.reshape(B, T, I),
+        _reshape_batch(carry0, len(batch_shape), (B,)),
+        mask,
+    )
+    if probe is not None:
+        args = (*args, probe.reshape(B, T, -1))
+    if plan is not None:
+        final, ys = binomial_unroll(impl, plan, *args)
+    elif nesting:
+        final, ys = nested_checkpointed_unroll(impl, nesting, *args)
+    elif segment is None:
+        final, ys = impl(*args)
     else:
-        mask = None if lengths is None else mask_from_lengths(lengths.reshape(B), T)
-        impl = autodiff_unroll
-        if grad == "manual":
-            impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
-        if probe is not None:
-            impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
-        plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
-        if unroll is None and not plain_bptt:
-            unroll = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
-        args = (cell, reverse, unroll, params, xs.reshape(B, T, I), flat_carry0, mask)
-        if probe is not None:
-            args = (*args, probe.reshape(B, T, -1))
-        try:
-            if plan is not None:
-                final, ys = binomial_unroll(impl, binomial_plan(T, *plan), *args)
-            elif nesting:
-                final, ys = nested_checkpointed_unroll(impl, nesting, *args)
-            elif checkpoint is None:
-                final, ys = impl(*args)
-            else:
-                final, ys = checkpointed_unroll(impl, segment_length(checkpoint, T), *args)
-        except TypeError as e:
-            if plan is not None and "forward-mode" in str(e):
-                raise TypeError(
-                    "rj.unroll(..., budget=...) runs the binomial schedule's backward under jax.custom_vjp, "
-                    "which has no forward mode: for jax.jvp, jax.jacfwd or jax.linearize pass "
-                    "schedule='nested' and grad='autodiff'"
-                ) from e
-            if grad == "manual" and "forward-mode" in str(e):
-                raise TypeError(
-                    "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
-                    "has no forward mode: jax.grad, jax.vjp and forward-over-reverse (jax.hessian) work, "
-                    "but for jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., grad='autodiff')"
-                ) from e
-            raise
+        final, ys = checkpointed_unroll(impl, segment, *args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
+
+
+# `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
+# `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
+# went from 57-73 compilations to 13-15, the rest being the loss's own operations)
+_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 
 def _check_cell(cell: Any) -> None:
