@@ -228,7 +228,7 @@ def test_shared_buffer_keeps_float32_gradients_of_a_small_loss(name, reverse):
             ys = rj.unroll(cell, p, x, lengths=lengths, reverse=reverse, grad=mode)[1]
             return 1e-6 * jnp.sum(jnp.sin(ys)).astype(jnp.float64)
 
-        return jax.grad(loss, (0, 1))(p, x)
+        return jit_grad(loss, (0, 1))(p, x)
 
     exact = grads(params, xs, "autodiff")
     f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, xs))

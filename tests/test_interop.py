@@ -82,7 +82,7 @@ def test_from_torch_outputs_and_gradients(kind, bidirectional, batch_first, pack
             total = total + jnp.sum(cn * w_c)
         return total, (ys, hn, cn)
 
-    (value, (ys, hn, cn)), grads = jax.value_and_grad(our_loss, (0, 1, 2, 3), has_aux=True)(
+    (value, (ys, hn, cn)), grads = jax.jit(jax.value_and_grad(our_loss, (0, 1, 2, 3), has_aux=True))(
         params, jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(c0)
     )
     assert rel_err(ys, out.detach().numpy()) <= 1e-10

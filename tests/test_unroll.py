@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem, rel_err
+from helpers import CELLS, jit_grad, random_problem, rel_err
 
 import rnnjax as rj
 
@@ -303,7 +303,7 @@ def test_low_precision_runs_and_stays_finite(name, dtype, key):
     assert params.w_ih.dtype == dtype
     final, ys = rj.unroll(cell, params, xs, lengths=jnp.arange(8) * 2)
     assert ys.dtype == dtype and final.h.dtype == dtype
-    g = jax.grad(lambda p: jnp.sum(rj.unroll(cell, p, xs)[1].astype(jnp.float32) ** 2))(params)
+    g = jit_grad(lambda p: jnp.sum(rj.unroll(cell, p, xs)[1].astype(jnp.float32) ** 2))(params)
     assert all(leaf.dtype == dtype and bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
     # and close to the float64 answer
     p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
