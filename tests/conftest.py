@@ -22,17 +22,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# Many tests compile the same programs again (each builds its cells and losses anew, and both xdist workers
-# compile the same small operations): JAX's persistent compilation cache, in a directory that lives for
-# this run only and that the workers share, took 15-23% off test_bptt, test_gradcheck and test_unroll
-# together (219 s against 169-187 s). Every program is cached, however quick to compile.
+# Many tests compile the same programs again (each builds its cells and losses anew): JAX's persistent
+# compilation cache, in a directory that lives for this run only, took 15-23% off test_bptt, test_gradcheck
+# and test_unroll together (219 s against 169-187 s). Every program is cached, however quick to compile.
+# Each xdist worker has its own subdirectory: JAX writes an entry without a lock, and a worker reading
+# another's half-written entry warned (an error here).
 _CACHE_ENV = "RNNJAX_TEST_COMPILATION_CACHE"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if _CACHE_ENV not in os.environ:  # the controlling process: xdist's workers inherit the variable
         os.environ[_CACHE_ENV] = config._rnnjax_cache = tempfile.mkdtemp(prefix="rnnjax-xla-cache-")
-    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    own = os.path.join(os.environ[_CACHE_ENV], os.environ.get("PYTEST_XDIST_WORKER", "controller"))
+    os.makedirs(own, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", own)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
