@@ -31,6 +31,7 @@ form: ``‖∂s_T/∂s_{T−k}‖₂ = ρ^k`` (all singular values equal), ``λ 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -58,10 +59,19 @@ def hidden_grad_norms(d_hs: Array, lengths: Array | None = None) -> Array:
     if jnp.ndim(d_hs) != 3:
         raise ValueError(f"d_hs must have shape [B, T, H], got shape {jnp.shape(d_hs)}")
     B, T, _ = d_hs.shape
+    if lengths is not None:
+        _check_lengths(lengths, (B,), T)
+    return _grad_norms(d_hs, lengths)
+
+
+# The diagnostics' computations, each one compiled program (inlined under an outer jit): called eagerly,
+# jacobian_spectrum compiled 71 small programs for an LSTM, hidden_grad_norms 16.
+@jax.jit
+def _grad_norms(d_hs: Array, lengths: Array | None) -> Array:
+    B, T, _ = d_hs.shape
     norms = jnp.linalg.norm(d_hs, axis=-1)  # [B, T]
     if lengths is None:
         return jnp.mean(norms, axis=0)
-    _check_lengths(lengths, (B,), T)
     valid = valid_mask(lengths, B, T)
     count = jnp.sum(valid, axis=0)
     total = jnp.sum(jnp.where(valid, norms, jnp.zeros_like(norms)), axis=0)
@@ -77,8 +87,8 @@ class JacobianSpectrum(NamedTuple):
     singular_values: Array  # [B, T, S]: all singular values, largest first (S: the state size)
 
 
-def _state_steps(cell: Cell, params: PyTree, xs: Any, carry: PyTree | None) -> tuple[Array, Any, Array]:
-    """Validates; returns the flat states entering each step ``[T, B, S]``, the step on flat states, xs."""
+def _checked(cell: Cell, params: PyTree, xs: Any, carry: PyTree | None) -> tuple[Array, PyTree]:
+    """Validates; returns ``xs [B, T, I]`` and the initial carry (zeros for None)."""
     _check_cell(cell)
     xs = _check_xs(xs)
     if xs.ndim != 3:
@@ -88,7 +98,12 @@ def _state_steps(cell: Cell, params: PyTree, xs: Any, carry: PyTree | None) -> t
         raise ValueError("xs must have at least one time step (T >= 1)")
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
-    carry0 = _check_carry(cell, params, carry, (B,), xs.dtype)
+    return xs, _check_carry(cell, params, carry, (B,), xs.dtype)
+
+
+def _state_steps(cell: Cell, params: PyTree, xs: Array, carry0: PyTree) -> tuple[Array, Any]:
+    """The flat states entering each step ``[T, B, S]``, and the step on one sequence's flat state."""
+    B = xs.shape[0]
     one = jax.tree.map(lambda a: a[0], carry0)
     _, unravel = ravel_pytree(one)
 
@@ -103,7 +118,7 @@ def _state_steps(cell: Cell, params: PyTree, xs: Any, carry: PyTree | None) -> t
         return jax.vmap(flat_step)(s, x_t), s
 
     _, entering = jax.lax.scan(body, s0, jnp.swapaxes(xs, 0, 1))  # [T, B, S]
-    return entering, flat_step, xs
+    return entering, flat_step
 
 
 def jacobian_spectrum(cell: Cell, params: PyTree, xs: Array, carry: PyTree | None = None) -> JacobianSpectrum:
@@ -119,7 +134,12 @@ def jacobian_spectrum(cell: Cell, params: PyTree, xs: Array, carry: PyTree | Non
       xs: ``[B, T, I]`` inputs, every step valid.
       carry: the initial carry; None means zeros.
     """
-    entering, flat_step, xs = _state_steps(cell, params, xs, carry)
+    return _spectrum(cell, params, *_checked(cell, params, xs, carry))
+
+
+@partial(jax.jit, static_argnums=0)
+def _spectrum(cell: Cell, params: PyTree, xs: Array, carry0: PyTree) -> JacobianSpectrum:
+    entering, flat_step = _state_steps(cell, params, xs, carry0)
     J = jax.vmap(jax.vmap(jax.jacfwd(flat_step)))(entering, jnp.swapaxes(xs, 0, 1))  # [T, B, S, S]
 
     def body(P: Array, J_t: Array) -> tuple[Array, Array]:
@@ -160,11 +180,18 @@ def lyapunov_exponent(
       key: PRNG key for the initial tangent vector (default: ``jax.random.key(0)``).
       discard: steps to leave out of the mean, ``0 <= discard < T``.
     """
-    entering, flat_step, xs = _state_steps(cell, params, xs, carry)
-    T, B, S = entering.shape
+    xs, carry0 = _checked(cell, params, xs, carry)
+    T = xs.shape[1]
     if not (isinstance(discard, int) and 0 <= discard < T):
         raise ValueError(f"discard must be an int in [0, T) = [0, {T}), got {discard!r}")
-    v = jax.random.normal(jax.random.key(0) if key is None else key, (B, S), entering.dtype)
+    return _lyapunov(cell, discard, params, xs, carry0, jax.random.key(0) if key is None else key)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _lyapunov(cell: Cell, discard: int, params: PyTree, xs: Array, carry0: PyTree, key: Array) -> Array:
+    entering, flat_step = _state_steps(cell, params, xs, carry0)
+    _, B, S = entering.shape
+    v = jax.random.normal(key, (B, S), entering.dtype)
     v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
     def body(v: Array, inp: tuple[Array, Array]) -> tuple[Array, Array]:

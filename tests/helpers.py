@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -63,6 +64,14 @@ def jit_grad(fn: Any, argnums: int | tuple[int, ...] = 0) -> Any:
         return jax.jit(jax.grad(fn, argnums), static_argnums=static)(*args)
 
     return call
+
+
+def compilations(caplog: Any, fn: Any, *args: Any) -> list[str]:
+    """The programs that JAX compiles while it runs ``fn(*args)`` (``caplog``: pytest's fixture)."""
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
+        jax.block_until_ready(fn(*args))
+    return [r.getMessage()[:60] for r in caplog.records if r.getMessage().startswith("Compiling ")]
 
 
 def random_problem(

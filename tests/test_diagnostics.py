@@ -10,7 +10,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, jit_grad, random_problem, rel_err
+from helpers import CELLS, compilations, jit_grad, random_problem, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -267,3 +267,15 @@ def test_indrnn_closed_form():
     np.testing.assert_allclose(spec.singular_values[0], expected, rtol=1e-12)
     lam = rj.diagnostics.lyapunov_exponent(cell, params, xs, discard=T // 2)
     assert abs(float(lam[0]) - np.log(1.1)) < 1e-2  # the tangent vector aligns with the largest |u_j|
+
+
+def test_eager_diagnostics_compile_one_program_each(caplog):
+    """Called eagerly, each diagnostic compiles one program (and the zero initial carry): dispatched
+    operation by operation, jacobian_spectrum took 71 compilations for this LSTM, hidden_grad_norms 16."""
+    cell = rj.lstm(6)  # shapes that no other test uses, so that nothing is cached from them
+    params = cell.init(jax.random.key(0), 5, jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (2, 11, 5), jnp.float64)
+    d_hs = jax.random.normal(jax.random.key(2), (2, 11, 6), jnp.float64)
+    assert len(compilations(caplog, rj.diagnostics.jacobian_spectrum, cell, params, xs)) <= 2
+    assert len(compilations(caplog, rj.diagnostics.lyapunov_exponent, cell, params, xs)) <= 2
+    assert len(compilations(caplog, rj.diagnostics.hidden_grad_norms, d_hs, jnp.array([11, 4]))) <= 1

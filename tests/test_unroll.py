@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import chex
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, jit_grad, random_problem, rel_err
+from helpers import CELLS, compilations, jit_grad, random_problem, rel_err
 
 import rnnjax as rj
 
@@ -283,15 +282,9 @@ def test_eager_calls_compile_one_program_not_one_per_operation(grad, caplog):
     params, xs, _ = random_problem(cell, jax.random.key(3), 3, 13, 5)
     lengths = jnp.array([13, 4, 0])
 
-    def compilations(fn, *args):
-        caplog.clear()
-        with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
-            jax.block_until_ready(fn(*args))
-        return [r.getMessage()[:40] for r in caplog.records if r.getMessage().startswith("Compiling ")]
-
     ys = lambda p, x: rj.unroll(cell, p, x, lengths=lengths, grad=grad)[1]  # noqa: E731
-    assert len(compilations(ys, params, xs)) <= 2  # with the zero initial carry
-    done = compilations(jax.grad(lambda p, x: jnp.sum(ys(p, x)), (0, 1)), params, xs)
+    assert len(compilations(caplog, ys, params, xs)) <= 2  # with the zero initial carry
+    done = compilations(caplog, jax.grad(lambda p, x: jnp.sum(ys(p, x)), (0, 1)), params, xs)
     assert len(done) <= 5, done
 
 
