@@ -7,6 +7,8 @@ valid step has loss 0.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -51,6 +53,15 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
         raise ValueError(f"targets must have shape [B, T] = ({B}, {T}), got shape {jnp.shape(targets)}")
     if not jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer):
         raise TypeError(f"targets must be integer class ids, got dtype {jnp.asarray(targets).dtype}")
+    return _cross_entropy(logits, targets, lengths)
+
+
+# Each loss's computation is one compiled program (inlined under an outer jit); called eagerly,
+# sequence_cross_entropy compiled 28 small programs and ctc 46. The shape checks run first, in Python, and
+# valid_mask's checks of lengths at trace time.
+@jax.jit
+def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
+    B, T, _ = logits.shape
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return _masked_mean(per_step, valid_mask(lengths, B, T))
 
@@ -69,6 +80,11 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
         raise ValueError(
             f"targets must have the shape of predictions {jnp.shape(predictions)}, got {jnp.shape(targets)}"
         )
+    return _squared_error(predictions, targets, lengths)
+
+
+@jax.jit
+def _squared_error(predictions: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, F = predictions.shape
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
     return _masked_mean(per_step, valid_mask(lengths, B, T))
@@ -99,9 +115,15 @@ def ctc(
     """
     if jnp.ndim(logits) != 3:
         raise ValueError(f"logits must have shape [B, T, K], got shape {jnp.shape(logits)}")
-    B, T, _ = logits.shape
+    B = logits.shape[0]
     if jnp.ndim(labels) != 2 or jnp.shape(labels)[0] != B:
         raise ValueError(f"labels must have shape [B, N] with B={B}, got shape {jnp.shape(labels)}")
+    return _ctc(logits, lengths, labels, label_lengths, blank_id)
+
+
+@partial(jax.jit, static_argnums=4)
+def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Array, blank_id: int) -> Array:
+    B, T, _ = logits.shape
     N = labels.shape[1]
     logit_paddings = 1.0 - valid_mask(lengths, B, T).astype(logits.dtype)
     label_paddings = 1.0 - valid_mask(label_lengths, B, N).astype(logits.dtype)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compilations
 
 import rnnjax as rj
 
@@ -84,3 +85,16 @@ def test_loss_errors(key):
         rj.losses.squared_error(logits, jnp.zeros((B, T, 3)))
     with pytest.raises(ValueError, match=r"labels must have shape \[B, N\] with B=3, got shape \(2, 2\)"):
         rj.losses.ctc(logits, None, jnp.zeros((2, 2), jnp.int32), jnp.array([1, 1]))
+
+
+def test_eager_losses_compile_one_program_each(caplog):
+    """Dispatched operation by operation, sequence_cross_entropy took 28 compilations and ctc 46."""
+    # shapes that no other test uses, so that nothing is cached from them
+    logits = jax.random.normal(jax.random.key(0), (3, 13, 6), jnp.float64)
+    lengths = jnp.array([13, 5, 0])
+    targets = jnp.zeros((3, 13), jnp.int32)
+    xent = compilations(caplog, rj.losses.sequence_cross_entropy, logits, targets, lengths)
+    assert len(xent) <= 1, xent
+    assert len(compilations(caplog, rj.losses.squared_error, logits, logits + 1, lengths)) <= 2
+    labels, label_lengths = jnp.array([[1, 2], [3, 0], [0, 0]]), jnp.array([2, 1, 0])
+    assert len(compilations(caplog, rj.losses.ctc, logits, lengths, labels, label_lengths)) <= 1
