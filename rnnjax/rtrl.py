@@ -33,6 +33,7 @@ long-range dependencies", NeurIPS 2023, for the LRU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -92,10 +93,29 @@ def rtrl_value_and_grad(
             )
     lengths = _check_lengths(lengths, (B,), T)
     carry0 = _check_carry(cell, params, carry, (B,), xs.dtype)
-    mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
     if structure not in ("auto", "dense"):
         raise ValueError(f"structure must be 'auto' or 'dense', got {structure!r}")
-    if structure == "auto" and cell.diagonal and cell.is_builtin:  # see "Diagonal cells" above
+    diagonal = structure == "auto" and bool(cell.diagonal) and cell.is_builtin  # see "Diagonal cells" above
+    return _rtrl(cell, step_loss, diagonal, params, readout_params, xs, targets, carry0, lengths)
+
+
+# One compiled program after the checks (inlined under an outer jit): called eagerly, the LSTM's RTRL
+# compiled 29 small programs.
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _rtrl(
+    cell: Cell,
+    step_loss: StepLoss,
+    diagonal: bool,
+    params: PyTree,
+    readout_params: PyTree,
+    xs: Array,
+    targets: PyTree,
+    carry0: PyTree,
+    lengths: Array | None,
+) -> tuple[Array, tuple[PyTree, PyTree], PyTree]:
+    B, T, _ = xs.shape
+    mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
+    if diagonal:
         return _diagonal_rtrl(cell, params, readout_params, xs, targets, step_loss, carry0, mask)
 
     theta, unravel_params = ravel_pytree(params)

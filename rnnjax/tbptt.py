@@ -9,6 +9,7 @@ the "BPTT(h; h)" scheme of Williams and Zipser 1995). Memory is that of one chun
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -48,7 +49,16 @@ def truncated_bptt(
         raise ValueError(
             f"every array of stream must have shape [B, T, ...] with one T, got T values {lengths}"
         )
-    (T,) = lengths
+    return _truncated(chunk_loss, chunk_size, params, carry, stream)
+
+
+# One compiled program after the checks (inlined under an outer jit): called eagerly, an LSTM's chunks
+# compiled 19 small programs.
+@partial(jax.jit, static_argnums=(0, 1))
+def _truncated(
+    chunk_loss: ChunkLoss, chunk_size: int, params: PyTree, carry: PyTree, stream: PyTree
+) -> tuple[Array, PyTree, PyTree]:
+    T = jax.tree.leaves(stream)[0].shape[1]
     n_full, rest = divmod(T, chunk_size)
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 

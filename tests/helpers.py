@@ -66,11 +66,11 @@ def jit_grad(fn: Any, argnums: int | tuple[int, ...] = 0) -> Any:
     return call
 
 
-def compilations(caplog: Any, fn: Any, *args: Any) -> list[str]:
-    """The programs that JAX compiles while it runs ``fn(*args)`` (``caplog``: pytest's fixture)."""
+def compilations(caplog: Any, fn: Any, *args: Any, **kwargs: Any) -> list[str]:
+    """The programs that JAX compiles while it runs ``fn(*args, **kwargs)`` (``caplog``: pytest's fixture)."""
     caplog.clear()
     with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args, **kwargs))
     return [r.getMessage()[:60] for r in caplog.records if r.getMessage().startswith("Compiling ")]
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem, rel_err
+from helpers import CELLS, compilations, random_problem, rel_err
 
 import rnnjax as rj
 
@@ -136,3 +136,11 @@ def test_rtrl_user_cell_and_errors(key):
     assert np.isfinite(float(rj.rtrl_value_and_grad(cell, params, ro, xs, targets, step_loss)[0]))
     with pytest.raises(ValueError, match=r"structure must be 'auto' or 'dense', got 'sparse'"):
         rj.rtrl_value_and_grad(cell, params, ro, xs, targets, step_loss, structure="sparse")
+
+
+@pytest.mark.parametrize("name", ["lstm", "indrnn-relu"])  # the dense and the diagonal path
+def test_eager_rtrl_compiles_one_program(name, key, caplog):
+    """Dispatched operation by operation, the LSTM's RTRL took 29 compilations."""
+    cell, params, xs, carry, ro, targets, step_loss = _problem(name, key, B=2, T=13, I=5)  # unused shapes
+    run = compilations(caplog, rj.rtrl_value_and_grad, cell, params, ro, xs, targets, step_loss, carry)
+    assert len(run) <= 1, run
