@@ -29,8 +29,8 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
 - The backward stacks ``dzx`` (and only the columns of ``dzh`` that differ from it and cannot be rebuilt
   from it, `Cell.dzh_shared`) in buffers created only when the cotangents arrive
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
-  GEMM over all rows whose operands are in the same (t, b) order (`rnnjax.cells.base.time_gemm`): XLA
-  transposes nothing large, and with the batch sharded each device contracts its own rows.
+  GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.cells.base.time_gemm`):
+  XLA transposes nothing large.
 - For the LSTMs (plain, peephole, layer-norm, projected), the GRU, minGRU and minLSTM one
   ``[T+1, B, G]`` buffer does three jobs in turn
   (`rnnjax.scan.residual_slot`): the projection ``zx``, then each step's residuals written over the row

@@ -157,15 +157,12 @@ def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]
 def time_gemm(a: Array, b: Array) -> Array:
     """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
 
-    The weight gradients of the hand-derived BPTT. Both operands in the same ``(t, b)`` order keep XLA from
-    transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another order:
-    ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole (16 MiB of
-    the LSTM's training step at B=32, T=128, H=256). The two contracted axes stay apart rather than
-    reshaped into one: on one device it compiles to the same GEMM (same memory and time), and with the batch
-    sharded over a device mesh each device contracts its own rows and one all-reduce sums them, where the
-    merged ``T·B`` axis made XLA all-gather ``a`` and ``b`` first.
+    The weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
+    keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
+    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole
+    (16 MiB of the LSTM's training step at B=32, T=128, H=256).
     """
-    return jnp.einsum("tbp,tbg->pg", a, b)
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
 def batch_sum(v: Array) -> Array:
