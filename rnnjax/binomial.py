@@ -45,6 +45,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from rnnjax.cells.base import Cell
 from rnnjax.remat import StepSizes, _grid, run_in_time_order
+from rnnjax.sharding import zeros_rows
 
 Array = jax.Array
 PyTree = Any
@@ -311,7 +312,7 @@ def _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask):
     """One scan over the leaves in time order (backwards for ``reverse``), storing the snapshots."""
     B = xs.shape[0]
     fwd_slot = jnp.asarray(plan.fwd_slot, jnp.int32)
-    slots = jax.tree.map(lambda c: jnp.zeros((plan.snapshots + 2, *c.shape), c.dtype), carry0)
+    slots = jax.tree.map(lambda c: zeros_rows(c, (plan.snapshots + 2,)), carry0)
 
     def body(state: tuple[PyTree, PyTree], leaf: Array) -> tuple[tuple[PyTree, PyTree], PyTree]:
         carry, slots = state
@@ -346,13 +347,13 @@ def _leaves_bwd(impl, plan, cell, reverse, unroll, saved, cotangents):
         for name in ("load_slot", "load_pos", "store_turn", "store_slot")
     }
     d_final = jax.tree.map(
-        lambda d, s: jnp.zeros(s.shape[1:], s.dtype) if isinstance(d, SymbolicZero) else d, d_final, slots
+        lambda d, s: zeros_rows(s[0]) if isinstance(d, SymbolicZero) else d, d_final, slots
     )
 
     def d_ys_of(time_leaf: Array) -> PyTree:
         def one(d: Any) -> Array:
             if isinstance(d, SymbolicZero):
-                return jnp.zeros((d.shape[0], K, *d.shape[2:]), d.dtype)
+                return zeros_rows(d.aval.update(shape=(d.shape[0], K, *d.shape[2:])))
             return jax.lax.dynamic_slice_in_dim(d, time_leaf * K, K, axis=1)
 
         return jax.tree.map(one, d_ys, is_leaf=lambda d: isinstance(d, SymbolicZero))

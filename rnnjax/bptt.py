@@ -235,7 +235,7 @@ def _backward(
 
     def rows_gemm(a: Array) -> Array:  # Σ_t a_tᵀ dzx_t
         out = time_gemm(a, dzx)
-        return out if dzx_last is None else out + a[T * o].T @ dzx_last
+        return out if dzx_last is None else out + time_gemm(a[T * o], dzx_last)
 
     def rows_sum() -> Array:  # Σ_t Σ_b dzx_t
         out = jnp.sum(dzx, axis=(0, 1))

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnnjax.sharding import under_mesh
+
 Array = jax.Array
 PyTree = Any
 StepFn = Callable[[PyTree, Array], tuple[PyTree, Array]]
@@ -59,6 +61,18 @@ def _check_logits(logits: Array, B: int) -> None:
         )
 
 
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+    """`jax.lax.top_k` over the last axis: the ``k`` largest values and their indices, ties to the lower
+    index. Under a device mesh as a stable sort, which XLA partitions by rows; its TopK kernel all-gathered
+    a batch-sharded ``x`` and ranked every row on every device."""
+    if not under_mesh(x):
+        return jax.lax.top_k(x, k)
+    iota = jnp.arange(x.shape[-1], dtype=jnp.int32).reshape((1,) * (x.ndim - 1) + (-1,))
+    order = jnp.zeros_like(x, jnp.int32) + iota  # sharded as x is
+    neg, idx = jax.lax.sort((-x, order), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    return -neg[..., :k], idx[..., :k]
+
+
 def _autoregress(
     step_fn: StepFn,
     state: PyTree,
@@ -84,7 +98,8 @@ def _autoregress(
             lengths = lengths + 1
         return (state, new, done, lengths), new
 
-    init = (state, start_tokens, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+    # made from start_tokens, so that on a mesh they are sharded as it is (`rnnjax.sharding`)
+    init = (state, start_tokens, jnp.zeros_like(start_tokens, bool), jnp.zeros_like(start_tokens, jnp.int32))
     (state, _, _, lengths), tokens = jax.lax.scan(body, init, jax.random.split(key, max_length))
     return Decoded(tokens=tokens.T, lengths=lengths, state=state)
 
@@ -138,7 +153,7 @@ def sample(
     def choose(logits: Array, key_t: Array) -> Array:
         logits = logits / jnp.asarray(temperature, logits.dtype)
         if top_k is not None and top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+            kth = _top_k(logits, top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, jnp.asarray(-jnp.inf, logits.dtype), logits)
         return jax.random.categorical(key_t, logits, axis=-1)
 
@@ -174,10 +189,15 @@ def beam_search(
     if not (isinstance(beam_size, int) and beam_size >= 1):
         raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
     B, K = start_tokens.shape[0], beam_size
-    # every batch row becomes K rows; beam 0 starts alive, the others at -inf so they are not duplicates
-    state = jax.tree.map(lambda a: jnp.repeat(a, K, axis=0), state)
-    tokens = jnp.repeat(start_tokens, K)
-    neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
+
+    # every batch row becomes K rows, b·K + k. Everything below keeps the batch axis apart ([B, K, ...],
+    # built by broadcasting from start_tokens and the state), so that with the batch sharded over a mesh
+    # each device decodes its own rows, and the types stay consistent (`rnnjax.sharding`).
+    def beams(a: Array) -> Array:  # [B, ...] -> [B·K, ...]
+        return jnp.broadcast_to(a[:, None], (B, K, *a.shape[1:])).reshape(B * K, *a.shape[1:])
+
+    state = jax.tree.map(beams, state)
+    tokens = beams(start_tokens)
 
     def body(loop: tuple, t: Array) -> tuple[tuple, None]:
         state, tokens, log_p, done, lengths, seqs = loop
@@ -190,25 +210,32 @@ def beam_search(
             frozen = jnp.full((V,), -jnp.inf, jnp.float32).at[end_token].set(0.0)
             step_lp = jnp.where(done[..., None], frozen, step_lp)
         cand = (log_p[..., None] + step_lp).reshape(B, K * V)
-        log_p, idx = jax.lax.top_k(cand, K)  # [B, K]
+        log_p, idx = _top_k(cand, K)  # [B, K]
         parent, tok = idx // V, (idx % V).astype(tokens.dtype)
         pick = lambda a: jnp.take_along_axis(a, parent, axis=1)  # noqa: E731
         was_done = pick(done)
         lengths = pick(lengths) + (~was_done).astype(jnp.int32)
         done = was_done | (tok == end_token) if end_token is not None else was_done
         seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, t].set(tok)
-        rows = (jnp.arange(B, dtype=parent.dtype)[:, None] * K + parent).reshape(-1)
-        state = jax.tree.map(lambda a: a[rows], state)
+
+        def follow(a: Array) -> Array:  # row b·K + k takes the state of row b·K + parent[b, k]
+            a = a.reshape(B, K, *a.shape[1:])
+            at = parent.reshape(B, K, *(1,) * (a.ndim - 2))
+            return jnp.take_along_axis(a, at, axis=1).reshape(B * K, *a.shape[2:])
+
+        state = jax.tree.map(follow, state)
         return (state, tok.reshape(-1), log_p, done, lengths, seqs), None
 
-    log_p0 = jnp.full((B, K), neg_inf).at[:, 0].set(0.0)
+    # beam 0 starts alive, the others at -inf so that they are not duplicates
+    first = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf).astype(jnp.float32)
+    log_p0 = jnp.zeros_like(start_tokens, jnp.float32)[:, None] + first[None, :]
     init = (
         state,
         tokens,
         log_p0,
-        jnp.zeros((B, K), bool),
-        jnp.zeros((B, K), jnp.int32),
-        jnp.zeros((B, K, max_length), start_tokens.dtype),
+        jnp.zeros_like(log_p0, bool),
+        jnp.zeros_like(log_p0, jnp.int32),
+        jnp.broadcast_to(jnp.zeros_like(log_p0, start_tokens.dtype)[..., None], (B, K, max_length)),
     )
     (_, _, log_p, _, lengths, seqs), _ = jax.lax.scan(body, init, jnp.arange(max_length))
     scores = log_p / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, add_bias
+from rnnjax.sharding import fill_rows, first_element, zeros_rows
 
 Array = jax.Array
 PyTree = Any
@@ -147,7 +148,7 @@ def pad_time(a: Array, reverse: bool) -> Array:
     The row layout of the hand-derived BPTT (see `scan_gates_saving`): step t's rows are ``t + reverse``,
     and the zero row is the one where the carries' buffer holds the final carry.
     """
-    zeros = jnp.zeros((1, *a.shape[1:]), a.dtype)
+    zeros = zeros_rows(a[0], (1,))
     return jnp.concatenate([zeros, a] if reverse else [a, zeros], axis=0)
 
 
@@ -210,7 +211,7 @@ def scan_gates_saving(
     T = zx_rows.shape[0] - 1
     o = int(reverse)
     step = _gate_step(cell, params)
-    rows0 = jax.tree.map(lambda c: jnp.zeros((T + 1, *c.shape), c.dtype).at[T * o].set(c), carry0)
+    rows0 = jax.tree.map(lambda c: zeros_rows(c, (T + 1,)).at[T * o].set(c), carry0)
     _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
     res_leaves, treedef = jax.tree.flatten(res_spec)
     # One step per loop iteration only: unrolled, a step's late write and a later step's read share an
@@ -223,12 +224,12 @@ def scan_gates_saving(
     weight_rows = sum(getattr(params, w).shape[0] for w in ("w_ih", "w_hh") if hasattr(params, w))
     long_enough = zx_rows.shape[0] * zx_rows.shape[1] >= weight_rows
     slot = residual_slot(cell, res_spec, zx_rows[0]) if one_step and long_enough else None
-    zero_row = jnp.zeros(zx_rows.shape[1:], zx_rows.dtype)
+    zero_row = zeros_rows(zx_rows[0])
     pending0 = None if slot is None else (zero_row, jnp.asarray(T * (1 - o), jnp.int32), zero_row)
     t_first = (T - 1) * o  # the step visited first
 
     # the other residual leaves: zeros but in their step's row
-    res0 = [None if i == slot else jnp.zeros((T + 1, *r.shape), r.dtype) for i, r in enumerate(res_leaves)]
+    res0 = [None if i == slot else zeros_rows(r, (T + 1,)) for i, r in enumerate(res_leaves)]
 
     def body(state: tuple, inp: tuple[Array | None, Array]) -> tuple[tuple, None]:
         carry, rows, zx_buf, res_bufs, pending = state
@@ -367,13 +368,12 @@ def scan_stacked_late(
       ``(final_carry, stacked)``, the leaves of ``stacked`` ``[T+1, ...]``.
     """
     _, y_spec = jax.eval_shape(body, init, jax.tree.map(lambda a: a[0], xs))
-    firsts = [leaf.reshape(-1)[0] for leaf in jax.tree.leaves(trigger) if leaf.size]
+    firsts = [first_element(leaf) for leaf in jax.tree.leaves(trigger) if leaf.size]
     seed = sum(firsts) if firsts else jnp.zeros(())  # all empty (a batch of 0): nothing to wait for
     shift = int(zero_row == 0)
 
     def alloc(s: Any) -> Array:
-        buf = jnp.broadcast_to((seed * 0).astype(s.dtype), (length + 1, *s.shape))
-        return buf.at[zero_row].set(jnp.zeros(s.shape, s.dtype))
+        return fill_rows(seed * 0, s, (length + 1,)).at[zero_row].set(zeros_rows(s))
 
     def step(state: tuple[PyTree, PyTree], inp: tuple[PyTree, Array]) -> tuple[tuple[PyTree, PyTree], None]:
         carry, bufs = state

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnnjax.sharding import replicated_if_explicit, under_mesh
+
 Array = jax.Array
 PyTree = Any
 
@@ -157,11 +159,21 @@ def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]
 def time_gemm(a: Array, b: Array) -> Array:
     """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
 
-    The weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
+    Any leading axes are summed over, as ``T`` and ``B`` are (``a [B, P]``, ``b [B, G]``: ``aᵀ b``). The
+    weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
     keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
     order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole
     (16 MiB of the LSTM's training step at B=32, T=128, H=256).
+
+    Under a device mesh (`rnnjax.sharding.under_mesh`: a context mesh of several devices, or a batch
+    sharded explicitly) the contracted axes stay apart instead: a batch sharding does not survive the merge
+    of ``(t, b)`` into one axis, and XLA all-gathered ``a`` and ``b`` first and ran the whole GEMM on every
+    device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
+    (into a replicated result). On one device that form costs a transposed copy of both operands on XLA:CPU.
     """
+    if under_mesh(a, b):
+        lead = "abcdefghijklmnor"[: a.ndim - 1]
+        return jnp.einsum(f"{lead}p,{lead}g->pg", a, b, out_sharding=replicated_if_explicit(a, b))
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 

@@ -41,6 +41,7 @@ from rnnjax.cells.base import (
     projection_step,
     uniform_init,
 )
+from rnnjax.sharding import replicated_if_explicit
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -117,7 +118,8 @@ def mgu(
         params: MGUParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: Array
     ) -> dict[str, Array]:
         # h̃ reads (f ⊙ h_{t-1}) u_h: d u_h = Σ_t (f ⊙ h_{t-1})ᵀ dah, one GEMM over all T and B
-        return {"u_h": jnp.einsum("tbh,tbk->hk", res[..., :H] * prevs.h, dzx[..., H:])}
+        fh, dah = res[..., :H] * prevs.h, dzx[..., H:]
+        return {"u_h": jnp.einsum("tbh,tbk->hk", fh, dah, out_sharding=replicated_if_explicit(fh, dah))}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(

@@ -1,0 +1,96 @@
+"""Arrays that rnnjax creates, sharded like the user's on a mesh with explicit axes.
+
+On a `jax.sharding.AxisType.Explicit` mesh (the default of `jax.make_mesh`, used under `jax.set_mesh`)
+every array's type carries its sharding, ``float32[8@data, 16]``, and operations check it at trace time:
+`jax.lax.scan` needs its carry's sharding unchanged by a step, a concatenation or an in-place row update
+needs equal shardings on its operands. Zeros made from a shape alone are replicated, so the initial carry,
+the time-padding row and the hand-derived BPTT's row buffers must take the sharding of the arrays they
+meet (a batch-sharded ``xs`` gives batch-sharded ``zx``, carries and gate gradients). On an
+`~jax.sharding.AxisType.Auto` mesh, or with no mesh, types carry no sharding (every axis ``None``) and
+these functions do what the plain ones do; XLA's partitioner then propagates the shardings itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+Array = jax.Array
+PyTree = Any
+
+
+def _named(like: Any) -> NamedSharding | None:
+    """The sharding in the type of ``like`` (an array, a tracer, a `jax.ShapeDtypeStruct` or an abstract
+    value), if it names a mesh."""
+    typed = isinstance(like, (jax.ShapeDtypeStruct, jax.core.ShapedArray))
+    sharding = like.sharding if typed else jax.typeof(like).sharding
+    return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
+
+
+def explicit_spec(like: Any) -> tuple | None:
+    """The partition spec in the type of ``like``, one entry per axis, or None when no axis is sharded
+    explicitly."""
+    sharding = _named(like)
+    if sharding is None:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(like.shape) - len(sharding.spec))
+    return spec if any(a is not None for a in spec) else None
+
+
+def zeros_rows(like: Any, rows: tuple[int, ...] = ()) -> Array:
+    """Zeros ``[*rows, *like.shape]`` in ``like``'s dtype, with ``like``'s explicit sharding on its axes
+    and the new leading ``rows`` axes replicated (e.g. a ``[T+1, B, G]`` buffer of ``[B, G]`` rows)."""
+    spec = explicit_spec(like)
+    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
+    return jnp.zeros((*rows, *like.shape), like.dtype, out_sharding=sharding)
+
+
+def fill_rows(value: Array, like: Any, rows: tuple[int, ...]) -> Array:
+    """The scalar ``value`` broadcast to ``[*rows, *like.shape]``, sharded as `zeros_rows` is."""
+    spec = explicit_spec(like)
+    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
+    return jnp.broadcast_to(value.astype(like.dtype), (*rows, *like.shape), out_sharding=sharding)
+
+
+def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
+    """``tree``'s leaves (``[*batch, ...]``, e.g. a carry) resharded so that their ``n_batch`` leading axes
+    are sharded as those of ``xs`` are, their other axes replicated. Nothing changes when ``xs``'s batch
+    axes carry no explicit sharding."""
+    spec = explicit_spec(xs)
+    if spec is None or all(a is None for a in spec[:n_batch]):
+        return tree
+
+    def reshard(leaf: Array) -> Array:
+        want = (*spec[:n_batch], *(None,) * (leaf.ndim - n_batch))
+        return leaf if explicit_spec(leaf) == want else jax.sharding.reshard(leaf, PartitionSpec(*want))
+
+    return jax.tree.map(reshard, tree)
+
+
+def first_element(a: Array) -> Array:
+    """A scalar that depends on ``a``: its first element, or, where axes of ``a`` are sharded explicitly,
+    the sum of their first elements across the shards (a scalar all-reduce: a sharded axis cannot be
+    indexed at one position without a collective)."""
+    spec = explicit_spec(a) or (None,) * a.ndim
+    return jnp.sum(a[tuple(slice(None) if s is not None else 0 for s in spec)])
+
+
+def under_mesh(*arrays: Any) -> bool:
+    """Whether the computation may be split over devices: a context mesh of more than one device
+    (`jax.set_mesh`), or any of ``arrays`` typed on one. Under `jax.jit`, arrays placed on a mesh (even
+    with `~jax.sharding.AxisType.Auto` axes, whose types show no sharding) give their mesh to every value
+    computed from them, so the backward of a custom VJP sees it too."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return True
+    return any((s := _named(a)) is not None and s.mesh.size > 1 for a in arrays)
+
+
+def replicated_if_explicit(*arrays: Any) -> PartitionSpec | None:
+    """The ``out_sharding`` of a contraction over the batch (a weight gradient) of ``arrays``: replicated
+    where an operand is sharded explicitly, whose contracted axes leave the result's sharding ambiguous;
+    else None, the default."""
+    return None if all(explicit_spec(a) is None for a in arrays) else PartitionSpec()

@@ -1,0 +1,173 @@
+"""Run by `tests/test_sharding.py` in a fresh process with two CPU devices: rnnjax's programs on a batch
+sharded over a mesh, against the same programs on one device. Prints one JSON object, a record per case.
+
+Two kinds of mesh:
+- ``auto``: `AxisType.Auto` axes and no context mesh; the arrays are placed with `jax.device_put` and XLA's
+  partitioner propagates their shardings.
+- ``explicit``: `jax.make_mesh`'s default `AxisType.Explicit` axes under `jax.set_mesh`, where every array's
+  type carries its sharding and JAX checks them at trace time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import CELLS, rel_err
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rnnjax as rj
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+B, T, I, H = 6, 7, 5, 8
+xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float64)
+lengths = jnp.array([7, 3, 0, 5, 7, 1])
+tokens = jnp.array([0, 3, 1, 2, 0, 4])
+
+
+def unroll_loss(cell: rj.Cell, **kwargs: Any):
+    def loss(p, x, L):
+        return jnp.sum(jnp.sin(rj.unroll(cell, p, x, lengths=L, **kwargs)[1]))
+
+    return jax.value_and_grad(loss, (0, 1))
+
+
+def layer_loss(layer: rj.Layer):
+    def loss(p, x, L):
+        return jnp.sum(jnp.sin(layer.apply(p, x, lengths=L)[1]))
+
+    return jax.value_and_grad(loss, (0, 1))
+
+
+def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
+    """name: (function, arguments, which arguments are batch-sharded); the others are replicated."""
+    lstm = rj.lstm(H)
+    lstm_p = lstm.init(jax.random.key(0), I, jnp.float64)
+    out: dict[str, tuple[Any, tuple, tuple[bool, ...]]] = {}
+    for name, make in CELLS.items():
+        cell = make(H)
+        params = cell.init(jax.random.key(0), I, jnp.float64)
+        for grad in ("manual", "autodiff"):
+            out[f"{name}-{grad}"] = (unroll_loss(cell, grad=grad), (params, xs, lengths), (False, True, True))
+    for label, kwargs in {
+        "reverse": dict(reverse=True),
+        "checkpoint": dict(checkpoint=3),
+        "budget-binomial": dict(budget=21000),
+        "budget-nested": dict(budget=25000, schedule="nested"),
+    }.items():
+        out[f"lstm-{label}"] = (unroll_loss(lstm, **kwargs), (lstm_p, xs, lengths), (False, True, True))
+
+    def given_carry(p, x, L, c):
+        return jnp.sum(jnp.sin(rj.unroll(lstm, p, x, c, lengths=L)[1]))
+
+    carry = lstm.initial_carry(lstm_p, (B,))._replace(h=jnp.ones((B, H), jnp.float64))
+    # a replicated carry is resharded like xs; its gradient comes back as the carry was
+    out["lstm-replicated-carry"] = (
+        jax.value_and_grad(given_carry, (0, 1, 3)),
+        (lstm_p, xs, lengths, carry),
+        (False, True, True, False),
+    )
+    for label, layer in {
+        "bidirectional": rj.bidirectional(rj.lstm(H), rj.gru(H)),
+        "stack": rj.stack(rj.gru(H), rj.lstm(H), residual=True),
+    }.items():
+        params = layer.init(jax.random.key(2), I, jnp.float64)
+        out[label] = (layer_loss(layer), (params, xs, lengths), (False, True, True))
+
+    def norms(probe, x, L):
+        d_hs = jax.grad(lambda pr: jnp.sum(jnp.sin(rj.unroll(lstm, lstm_p, x, lengths=L, probe=pr)[1])))(
+            probe
+        )
+        return rj.diagnostics.hidden_grad_norms(d_hs, L)
+
+    out["hidden-grad-norms"] = (norms, (jnp.zeros((B, T, H), jnp.float64), xs, lengths), (True, True, True))
+
+    def xent(p, x, L):
+        logits = rj.unroll(lstm, p, x, lengths=L)[1]
+        return rj.losses.sequence_cross_entropy(logits, jnp.broadcast_to(tokens[:, None], (B, T)), L)
+
+    out["cross-entropy"] = (jax.value_and_grad(xent, (0, 1)), (lstm_p, xs, lengths), (False, True, True))
+
+    def chunk_loss(p, c, x):
+        c, ys = rj.unroll(lstm, p, x, c)
+        return jnp.sum(ys**2), c
+
+    def tbptt(p, c, x):
+        return rj.truncated_bptt(chunk_loss, p, c, x, chunk_size=3)
+
+    out["truncated-bptt"] = (tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, True, True))
+
+    embed = jax.random.normal(jax.random.key(3), (H, I), jnp.float64)
+    head = rj.dense(H)
+    head_p = head.init(jax.random.key(4), H, jnp.float64)
+
+    def step_fn(p):
+        def step(c, tok):
+            c, ys = rj.unroll(lstm, p, (jax.nn.one_hot(tok, H, dtype=jnp.float64) @ embed)[:, None, :], c)
+            return c, head.apply(head_p, ys[:, 0])
+
+        return step
+
+    carry0 = lstm.initial_carry(lstm_p, (B,))
+    out["greedy"] = (
+        lambda p, c, t: rj.decode.greedy(step_fn(p), c, t, 5, end_token=3),
+        (lstm_p, carry0, tokens),
+        (False, True, True),
+    )
+    out["sample-top-k"] = (
+        lambda p, c, t: rj.decode.sample(step_fn(p), c, t, 5, jax.random.key(5), top_k=3),
+        (lstm_p, carry0, tokens),
+        (False, True, True),
+    )
+    out["beam-search"] = (
+        lambda p, c, t: rj.decode.beam_search(step_fn(p), c, t, 5, beam_size=3, end_token=3),
+        (lstm_p, carry0, tokens),
+        (False, True, True),
+    )
+    return out
+
+
+def run(kind: str, only: set[str] | None) -> dict[str, dict]:
+    axis_type = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+    batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    records = {}
+    for name, (fn, args, sharded) in cases().items():
+        if only and name not in only:
+            continue
+        step = jax.jit(fn)
+        one = step(*args)
+        placed = [jax.device_put(a, batch if s else replicated) for a, s in zip(args, sharded, strict=True)]
+        with jax.set_mesh(mesh) if kind == "explicit" else contextlib.nullcontext():
+            compiled = step.lower(*placed).compile()
+            two, hlo = compiled(*placed), compiled.as_text()
+        record = {"error": rel_err(two, one), "all_gathers": hlo.count("all-gather(")}
+        if isinstance(two, tuple) and len(two) == 2 and isinstance(two[1], tuple):  # value_and_grad
+            d_params, d_xs = two[1][0], two[1][1]
+            record["d_xs_batch_sharded"] = d_xs.sharding.is_equivalent_to(batch, d_xs.ndim)
+            record["d_params_replicated"] = all(
+                g.sharding.is_fully_replicated for g in jax.tree.leaves(d_params)
+            )
+            record["all_reduces"] = hlo.count("all-reduce(")
+        records[name] = record
+    return records
+
+
+if __name__ == "__main__":
+    kinds = sys.argv[1].split(",")
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    print(
+        json.dumps(
+            {kind: run(kind, only) for kind in kinds},
+            default=lambda v: bool(v) if isinstance(v, np.bool_) else v,
+        )
+    )
