@@ -239,12 +239,27 @@ def _dispatch(
 _run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 
-def _check_cell(cell: Any) -> None:
+def _check_cell(cell: Any, what: str = "cell") -> Cell:
+    """``cell`` if it is a `Cell` that can be a static argument of `jax.jit` (hashable), else a clear error.
+
+    Every public function compiles its program with the cell static (`_run`), so a cell must hash; a
+    user-written cell with, say, a list among its fields would otherwise fail deep inside JAX.
+    """
     if not isinstance(cell, Cell):
         raise TypeError(
-            f"cell must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru or rj.Cell(...)), "
+            f"{what} must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru or rj.Cell(...)), "
             f"got {type(cell).__name__}"
         )
+    for field, value in zip(cell._fields, cell, strict=True):
+        try:
+            hash(value)
+        except TypeError as e:
+            raise TypeError(
+                f"{what}.{field} must be hashable (rnnjax compiles a cell as a static argument of jax.jit), "
+                f"got a {type(value).__name__}: {e}. Use a tuple for a list, and a function or a frozen "
+                f"dataclass rather than an object with mutable state."
+            ) from None
+    return cell
 
 
 def _check_unroll(unroll: Any) -> None:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
-from rnnjax.driver import unroll
+from rnnjax.driver import _check_cell, unroll
 
 Array = jax.Array
 PyTree = Any
@@ -89,14 +89,6 @@ def _output_size(cell: Cell) -> int:
             "its output size"
         )
     return cell.output_size
-
-
-def _check_cell(cell: Any, what: str) -> Cell:
-    if not isinstance(cell, Cell):
-        raise TypeError(
-            f"{what} must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru, ...), got {type(cell).__name__}"
-        )
-    return cell
 
 
 def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool | None = None) -> Layer:

@@ -142,6 +142,24 @@ def test_bad_modes_and_flags(lstm_setup):
         rj.unroll(lambda p, c, x: (c, x), params, xs)
 
 
+def test_unhashable_user_cell(lstm_setup):
+    """A cell is a static argument of the compiled programs: a field that does not hash is named, at the
+    call, for every public entry point, instead of JAX's error from inside jit."""
+    _, _, xs = lstm_setup
+    base = rj.elman(4)
+    params = base.init(jax.random.key(0), xs.shape[-1])
+    cell = base._replace(gate_names=["h"])
+    match = r"cell.gate_names must be hashable .* got a list"
+    with pytest.raises(TypeError, match=match):
+        rj.unroll(cell, params, xs)
+    with pytest.raises(TypeError, match=match):
+        rj.diagnostics.jacobian_spectrum(cell, params, xs)
+    with pytest.raises(TypeError, match=r"cell_fw.gate_names must be hashable"):
+        rj.bidirectional(cell)
+    with pytest.raises(TypeError, match=match):
+        rj.rnn(cell)
+
+
 def test_cell_constructors():
     with pytest.raises(
         ValueError, match=r"activation must be one of \('tanh', 'relu', 'sigmoid', 'identity'\), got 'gelu'"
