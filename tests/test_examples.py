@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 
@@ -16,6 +22,8 @@ from examples import (
     seq2seq,
     speech_ctc,
 )
+
+ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_gradcheck_table_quick(capsys):
@@ -34,6 +42,31 @@ def test_digits_quick_learns(tmp_path, monkeypatch):
         assert h["loss"][-1] < 0.9 * h["loss"][0], name
         assert h["test_accuracy"][-1] > 0.3, name  # chance is 0.1
     assert (tmp_path / "runs/digits/digits.png").stat().st_size > 0
+
+
+def test_digits_data_parallel_equals_one_device(tmp_path):
+    """``--data-parallel`` on two host devices: every batch split over both, and the training follows the
+    one-device run (the losses and accuracies of each epoch, to float32 rounding of the gradient sums)."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    script = (
+        "import json; from examples import digits\n"
+        "args = ['--quick', '--no-progress', '--cells', 'lstm']\n"
+        "print(json.dumps([digits.main(args)['lstm'], digits.main(args + ['--data-parallel'])['lstm']]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path])),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "each batch split over 2 cpu devices" in run.stdout
+    one, two = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (one["rows_per_device"], two["rows_per_device"]) == (64, 32)
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["test_accuracy"], one["test_accuracy"], atol=3 / 450)  # <= 3 test digits
 
 
 def test_adding_problem_quick_learns(tmp_path, monkeypatch):
