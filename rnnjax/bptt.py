@@ -78,6 +78,7 @@ from rnnjax.scan import (
     shift_carries,
     zero_where_not,
 )
+from rnnjax.sharding import sum_to_type, vary_like
 
 Array = jax.Array
 PyTree = Any
@@ -269,10 +270,10 @@ def _backward(
     elif cell.extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
         grads.update(cell.extra_grads(params, grads, dzx, dzh, carries, res, *aux))
-    d_params = params._replace(**grads)
-    d_xs = jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1)
+    d_params = sum_to_type(params._replace(**grads), params)
+    d_xs = sum_to_type(jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1), xs_rows)
     d_hs = None if d_hs is None else d_hs[o : T + o]
-    return d_params, d_xs, d_carry0, None, d_hs
+    return d_params, d_xs, sum_to_type(d_carry0, carries), None, d_hs
 
 
 bptt_unroll.defvjp(_bptt_fwd, _bptt_bwd)
@@ -371,6 +372,9 @@ def _stepwise_bwd(
         d_prev = select(m_t, d_prev, d_carry)
         return (d_prev, jax.tree.map(jnp.add, d_params, d_p)), d_x
 
+    # inside shard_map: the params cast to vary like the steps' other inputs, so that each step's VJP keeps
+    # its parameter gradient per device (summed over the devices once, below, not once per step)
+    typed, params = params, vary_like(params, xs, carries, d_ys)
     zeros_params = jax.tree.map(jnp.zeros_like, params)
     (d_carry0, d_params), d_xs = jax.lax.scan(
         body,
@@ -384,7 +388,8 @@ def _stepwise_bwd(
         reverse=not reverse,
         unroll=unroll,
     )
-    return d_params, jnp.swapaxes(d_xs, 0, 1), d_carry0, None
+    d_xs, d_carry0 = sum_to_type((jnp.swapaxes(d_xs, 0, 1), d_carry0), (xs, carry0))
+    return sum_to_type(d_params, typed), d_xs, d_carry0, None
 
 
 stepwise_bptt_unroll.defvjp(_stepwise_fwd, _stepwise_bwd)

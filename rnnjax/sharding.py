@@ -12,6 +12,7 @@ these functions do what the plain ones do; XLA's partitioner then propagates the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -22,12 +23,48 @@ Array = jax.Array
 PyTree = Any
 
 
+def _type(like: Any) -> Any:
+    """The type of ``like``: an array's or a tracer's abstract value, or ``like`` itself when it is one (a
+    `jax.ShapeDtypeStruct` or an abstract value)."""
+    return like if isinstance(like, (jax.ShapeDtypeStruct, jax.core.ShapedArray)) else jax.typeof(like)
+
+
 def _named(like: Any) -> NamedSharding | None:
-    """The sharding in the type of ``like`` (an array, a tracer, a `jax.ShapeDtypeStruct` or an abstract
-    value), if it names a mesh."""
-    typed = isinstance(like, (jax.ShapeDtypeStruct, jax.core.ShapedArray))
-    sharding = like.sharding if typed else jax.typeof(like).sharding
+    """The sharding in the type of ``like``, if it names a mesh."""
+    sharding = _type(like).sharding
     return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
+
+
+def _split(mesh: Any) -> int:
+    """How many ways ``mesh`` splits an array: the product of its axes that are not manual (inside
+    `jax.shard_map` each device holds its own block and the manual axes split nothing further)."""
+    manual = jax.sharding.AxisType.Manual
+    return math.prod(n for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True) if t != manual)
+
+
+def varying(like: Any) -> frozenset:
+    """The manual mesh axes (inside `jax.shard_map`) over which ``like``'s value varies from device to
+    device."""
+    manual = getattr(_type(like), "manual_axis_type", None)
+    return frozenset() if manual is None else frozenset(manual.varying)
+
+
+def vary_like(tree: PyTree, *others: PyTree) -> PyTree:
+    """``tree``'s leaves cast to vary over every manual axis that a leaf of ``others`` varies over.
+
+    Inside `jax.shard_map` a value computed from device-varying inputs varies too, and `jax.lax.scan` needs
+    its carry to keep its type: zeros (the same on every device) entering a step that reads a varying
+    ``xs`` must be declared varying first (`jax.lax.pcast`).
+    """
+    axes = frozenset().union(*(varying(leaf) for leaf in jax.tree.leaves(others)))
+    if not axes:
+        return tree
+
+    def cast(leaf: Any) -> Any:
+        missing = tuple(sorted(axes - varying(leaf)))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def explicit_spec(like: Any) -> tuple | None:
@@ -45,14 +82,16 @@ def zeros_rows(like: Any, rows: tuple[int, ...] = ()) -> Array:
     and the new leading ``rows`` axes replicated (e.g. a ``[T+1, B, G]`` buffer of ``[B, G]`` rows)."""
     spec = explicit_spec(like)
     sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
-    return jnp.zeros((*rows, *like.shape), like.dtype, out_sharding=sharding)
+    return vary_like(jnp.zeros((*rows, *like.shape), like.dtype, out_sharding=sharding), like)
 
 
 def fill_rows(value: Array, like: Any, rows: tuple[int, ...]) -> Array:
     """The scalar ``value`` broadcast to ``[*rows, *like.shape]``, sharded as `zeros_rows` is."""
     spec = explicit_spec(like)
     sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
-    return jnp.broadcast_to(value.astype(like.dtype), (*rows, *like.shape), out_sharding=sharding)
+    return vary_like(
+        jnp.broadcast_to(value.astype(like.dtype), (*rows, *like.shape), out_sharding=sharding), like
+    )
 
 
 def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
@@ -84,9 +123,9 @@ def under_mesh(*arrays: Any) -> bool:
     with `~jax.sharding.AxisType.Auto` axes, whose types show no sharding) give their mesh to every value
     computed from them, so the backward of a custom VJP sees it too."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    if not mesh.empty and _split(mesh) > 1:
         return True
-    return any((s := _named(a)) is not None and s.mesh.size > 1 for a in arrays)
+    return any((s := _named(a)) is not None and _split(s.mesh) > 1 for a in arrays)
 
 
 def replicated_if_explicit(*arrays: Any) -> PartitionSpec | None:
@@ -94,3 +133,20 @@ def replicated_if_explicit(*arrays: Any) -> PartitionSpec | None:
     where an operand is sharded explicitly, whose contracted axes leave the result's sharding ambiguous;
     else None, the default."""
     return None if all(explicit_spec(a) is None for a in arrays) else PartitionSpec()
+
+
+def sum_to_type(cotangents: PyTree, primals: PyTree) -> PyTree:
+    """Each cotangent summed over the devices of every manual axis it varies over and its primal does not
+    (``jax.lax.psum``), so that it has its primal's type, as a custom VJP must return.
+
+    Inside `jax.shard_map` a replicated parameter meets each device's own rows: its gradient from those rows
+    varies by device, and its whole gradient is their sum. (JAX's autodiff does the same: the transpose of
+    the implicit cast of an invariant value to a varying one is a ``psum``.) Summed here once, after the
+    whole backward, not once per step.
+    """
+
+    def reduce(ct: Any, primal: Any) -> Any:
+        extra = tuple(sorted(varying(ct) - varying(primal)))
+        return jax.lax.psum(ct, extra) if extra else ct
+
+    return jax.tree.map(reduce, cotangents, primals)

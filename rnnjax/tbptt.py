@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rnnjax.sharding import sum_to_type, vary_like
+
 Array = jax.Array
 PyTree = Any
 ChunkLoss = Callable[[PyTree, PyTree, PyTree], tuple[Array, PyTree]]
@@ -66,8 +68,15 @@ def _truncated(
         (loss, carry), grads = grad_fn(params, jax.lax.stop_gradient(carry), chunk)
         return loss, grads, carry
 
-    total = jnp.zeros((), jnp.result_type(*jax.tree.leaves(params)))
-    grads = jax.tree.map(jnp.zeros_like, params)
+    # Inside jax.shard_map, the params cast to vary by device like the stream: each chunk's gradient stays
+    # per device and is summed over the devices once, at the end (a replicated parameter's gradient through
+    # jax.grad is that sum), not once per chunk. The loop's accumulators take the types one chunk gives.
+    typed, params = params, vary_like(params, stream, carry)
+    first = jax.tree.map(lambda a: a[:, : min(chunk_size, T)], stream)
+    loss_t, grads_t, carry_t = jax.eval_shape(one_chunk, params, carry, first)
+    total = vary_like(jnp.zeros((), jnp.result_type(*jax.tree.leaves(params))), loss_t)
+    grads = vary_like(jax.tree.map(jnp.zeros_like, params), grads_t)
+    carry = vary_like(carry, carry_t)
     if n_full:
         # [B, n_full*K, ...] -> [n_full, B, K, ...]: one scan over the chunks
         chunks = jax.tree.map(
@@ -86,4 +95,4 @@ def _truncated(
     if rest:
         loss, g, carry = one_chunk(params, carry, jax.tree.map(lambda a: a[:, n_full * chunk_size :], stream))
         total, grads = total + loss.astype(total.dtype), jax.tree.map(jnp.add, grads, g)
-    return total, grads, carry
+    return total, sum_to_type(grads, typed), carry

@@ -6,6 +6,9 @@ Two kinds of mesh:
   partitioner propagates their shardings.
 - ``explicit``: `jax.make_mesh`'s default `AxisType.Explicit` axes under `jax.set_mesh`, where every array's
   type carries its sharding and JAX checks them at trace time.
+- ``shard_map``: the program written per device under `jax.shard_map` (each device its own rows; a value
+  computed from them varies by device, and JAX checks that a scan's carry keeps that type). The loss is
+  summed over the devices with ``psum``; ``jax.grad`` sums a replicated parameter's gradient itself.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,30 +51,49 @@ def layer_loss(layer: rj.Layer):
     return jax.value_and_grad(loss, (0, 1))
 
 
-def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
-    """name: (function, arguments, which arguments are batch-sharded); the others are replicated."""
+class Case(NamedTuple):
+    fn: Any
+    args: tuple
+    sharded: tuple[bool, ...]  # which arguments are batch-sharded; the others are replicated
+    # what fn returns, for shard_map: "grad", (loss summed over the batch, (d params, d xs)); "batch", leaves
+    # that all lead with the batch; "loss-grads-carry", (loss, d params, carry); None, anything else (not
+    # run under shard_map)
+    output: str | None = None
+
+
+def user_cell(hidden_size: int) -> rj.Cell:
+    """A user-written cell (only init, initial_carry and step): its "manual" backward chains per-step VJPs."""
+    base = rj.elman(hidden_size)
+    return rj.Cell(init=base.init, initial_carry=base.initial_carry, step=base.step, name="user")
+
+
+def cases() -> dict[str, Case]:
     lstm = rj.lstm(H)
     lstm_p = lstm.init(jax.random.key(0), I, jnp.float64)
-    out: dict[str, tuple[Any, tuple, tuple[bool, ...]]] = {}
-    for name, make in CELLS.items():
+    out: dict[str, Case] = {}
+    for name, make in {**CELLS, "user-cell": user_cell}.items():
         cell = make(H)
         params = cell.init(jax.random.key(0), I, jnp.float64)
         for grad in ("manual", "autodiff"):
-            out[f"{name}-{grad}"] = (unroll_loss(cell, grad=grad), (params, xs, lengths), (False, True, True))
+            out[f"{name}-{grad}"] = Case(
+                unroll_loss(cell, grad=grad), (params, xs, lengths), (False, True, True), "grad"
+            )
     for label, kwargs in {
         "reverse": dict(reverse=True),
         "checkpoint": dict(checkpoint=3),
         "budget-binomial": dict(budget=21000),
         "budget-nested": dict(budget=25000, schedule="nested"),
     }.items():
-        out[f"lstm-{label}"] = (unroll_loss(lstm, **kwargs), (lstm_p, xs, lengths), (False, True, True))
+        out[f"lstm-{label}"] = Case(
+            unroll_loss(lstm, **kwargs), (lstm_p, xs, lengths), (False, True, True), "grad"
+        )
 
     def given_carry(p, x, L, c):
         return jnp.sum(jnp.sin(rj.unroll(lstm, p, x, c, lengths=L)[1]))
 
     carry = lstm.initial_carry(lstm_p, (B,))._replace(h=jnp.ones((B, H), jnp.float64))
     # a replicated carry is resharded like xs; its gradient comes back as the carry was
-    out["lstm-replicated-carry"] = (
+    out["lstm-replicated-carry"] = Case(
         jax.value_and_grad(given_carry, (0, 1, 3)),
         (lstm_p, xs, lengths, carry),
         (False, True, True, False),
@@ -81,7 +103,7 @@ def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
         "stack": rj.stack(rj.gru(H), rj.lstm(H), residual=True),
     }.items():
         params = layer.init(jax.random.key(2), I, jnp.float64)
-        out[label] = (layer_loss(layer), (params, xs, lengths), (False, True, True))
+        out[label] = Case(layer_loss(layer), (params, xs, lengths), (False, True, True), "grad")
 
     def norms(probe, x, L):
         d_hs = jax.grad(lambda pr: jnp.sum(jnp.sin(rj.unroll(lstm, lstm_p, x, lengths=L, probe=pr)[1])))(
@@ -89,13 +111,15 @@ def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
         )
         return rj.diagnostics.hidden_grad_norms(d_hs, L)
 
-    out["hidden-grad-norms"] = (norms, (jnp.zeros((B, T, H), jnp.float64), xs, lengths), (True, True, True))
+    out["hidden-grad-norms"] = Case(
+        norms, (jnp.zeros((B, T, H), jnp.float64), xs, lengths), (True, True, True)
+    )
 
     def xent(p, x, L):
         logits = rj.unroll(lstm, p, x, lengths=L)[1]
         return rj.losses.sequence_cross_entropy(logits, jnp.broadcast_to(tokens[:, None], (B, T)), L)
 
-    out["cross-entropy"] = (jax.value_and_grad(xent, (0, 1)), (lstm_p, xs, lengths), (False, True, True))
+    out["cross-entropy"] = Case(jax.value_and_grad(xent, (0, 1)), (lstm_p, xs, lengths), (False, True, True))
 
     def chunk_loss(p, c, x):
         c, ys = rj.unroll(lstm, p, x, c)
@@ -104,7 +128,9 @@ def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
     def tbptt(p, c, x):
         return rj.truncated_bptt(chunk_loss, p, c, x, chunk_size=3)
 
-    out["truncated-bptt"] = (tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, True, True))
+    out["truncated-bptt"] = Case(
+        tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, True, True), "loss-grads-carry"
+    )
 
     embed = jax.random.normal(jax.random.key(3), (H, I), jnp.float64)
     head = rj.dense(H)
@@ -118,36 +144,55 @@ def cases() -> dict[str, tuple[Any, tuple, tuple[bool, ...]]]:
         return step
 
     carry0 = lstm.initial_carry(lstm_p, (B,))
-    out["greedy"] = (
+    out["greedy"] = Case(
         lambda p, c, t: rj.decode.greedy(step_fn(p), c, t, 5, end_token=3),
         (lstm_p, carry0, tokens),
         (False, True, True),
+        "batch",
     )
-    out["sample-top-k"] = (
+    out["sample-top-k"] = Case(
         lambda p, c, t: rj.decode.sample(step_fn(p), c, t, 5, jax.random.key(5), top_k=3),
         (lstm_p, carry0, tokens),
         (False, True, True),
     )
-    out["beam-search"] = (
+    out["beam-search"] = Case(
         lambda p, c, t: rj.decode.beam_search(step_fn(p), c, t, 5, beam_size=3, end_token=3),
         (lstm_p, carry0, tokens),
         (False, True, True),
+        "batch",
     )
     return out
 
 
+def per_device(case: Case) -> Any:
+    """``case.fn`` under `jax.shard_map`: each device runs it on its own rows."""
+    in_specs = tuple(P("data") if s else P() for s in case.sharded)
+    if case.output == "batch":
+        return jax.shard_map(case.fn, in_specs=in_specs, out_specs=P("data"))
+
+    def local(*args: Any) -> Any:
+        loss, *rest = case.fn(*args)
+        return jax.lax.psum(loss, "data"), *rest
+
+    rest = (P(), P("data")) if case.output == "loss-grads-carry" else ((P(), P("data")),)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=(P(), *rest))
+
+
 def run(kind: str, only: set[str] | None) -> dict[str, dict]:
-    axis_type = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit
     mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     records = {}
-    for name, (fn, args, sharded) in cases().items():
+    for name, case in cases().items():
         if only and name not in only:
             continue
-        step = jax.jit(fn)
-        one = step(*args)
-        placed = [jax.device_put(a, batch if s else replicated) for a, s in zip(args, sharded, strict=True)]
-        with jax.set_mesh(mesh) if kind == "explicit" else contextlib.nullcontext():
+        one = jax.jit(case.fn)(*case.args)
+        placed = [
+            jax.device_put(a, batch if s else replicated)
+            for a, s in zip(case.args, case.sharded, strict=True)
+        ]
+        with jax.set_mesh(mesh) if kind != "auto" else contextlib.nullcontext():
+            step = jax.jit(per_device(case) if kind == "shard_map" else case.fn)
             compiled = step.lower(*placed).compile()
             two, hlo = compiled(*placed), compiled.as_text()
         record = {"error": rel_err(two, one), "all_gathers": hlo.count("all-gather(")}

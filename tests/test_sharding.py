@@ -5,7 +5,10 @@ starts) on two kinds of mesh, against the same programs on one device:
 - ``auto``: `AxisType.Auto` axes, no context mesh, arrays placed with `jax.device_put`;
 - ``explicit``: `jax.make_mesh`'s default `AxisType.Explicit` axes under `jax.set_mesh`, where JAX checks
   every array's sharding at trace time (a replicated initial carry or zero row beside a batch-sharded step
-  is a type error there).
+  is a type error there);
+- ``shard_map``: the program written per device under `jax.shard_map`, where JAX checks which values vary
+  by device (zeros entering a scan beside each device's own rows must be cast to vary, and a custom VJP's
+  parameter gradient must be summed over the devices to have its replicated parameter's type).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from helpers import CELLS
 # every cell's hand-derived backward, autodiff (whose forward is the same code, and whose transpose is JAX's)
 # for two, and the rest of the API that a data-parallel user meets
 EXPLICIT = [f"{name}-manual" for name in CELLS] + [
+    "user-cell-manual",
     "lstm-autodiff",
     "gru-autodiff",
     "lstm-reverse",
@@ -47,8 +51,32 @@ AUTO = [
     "mgu-manual",
     "lstm-projected-manual",
     "indrnn-tanh-manual",
+    "user-cell-manual",
     "lstm-checkpoint",
     "lstm-budget-binomial",
+    "beam-search",
+]
+# per device under shard_map: the cells whose backward differs, a user-written cell (per-step VJPs), the
+# schedules, the layers and the decoders
+SHARD_MAP = [
+    "lstm-manual",
+    "lstm-autodiff",
+    "gru-manual",
+    "gru-autodiff",
+    "mgu-manual",
+    "lstm-layernorm-manual",
+    "lru-manual",
+    "lstm-projected-manual",
+    "user-cell-manual",
+    "user-cell-autodiff",
+    "lstm-reverse",
+    "lstm-checkpoint",
+    "lstm-budget-binomial",
+    "lstm-budget-nested",
+    "bidirectional",
+    "stack",
+    "truncated-bptt",
+    "greedy",
     "beam-search",
 ]
 # the gradient with respect to a replicated input is replicated: gathering it is the right answer
@@ -96,4 +124,10 @@ def test_explicit_mesh():
 def test_auto_mesh():
     records = _run("auto", AUTO)
     assert sorted(records) == sorted(AUTO)
+    assert not _failures(records), _failures(records)
+
+
+def test_shard_map():
+    records = _run("shard_map", SHARD_MAP)
+    assert sorted(records) == sorted(SHARD_MAP)
     assert not _failures(records), _failures(records)
