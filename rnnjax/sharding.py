@@ -1,13 +1,18 @@
-"""Arrays that rnnjax creates, sharded like the user's on a mesh with explicit axes.
+"""The arrays rnnjax creates, typed like the user's when the batch is split over devices.
 
-On a `jax.sharding.AxisType.Explicit` mesh (the default of `jax.make_mesh`, used under `jax.set_mesh`)
-every array's type carries its sharding, ``float32[8@data, 16]``, and operations check it at trace time:
-`jax.lax.scan` needs its carry's sharding unchanged by a step, a concatenation or an in-place row update
-needs equal shardings on its operands. Zeros made from a shape alone are replicated, so the initial carry,
-the time-padding row and the hand-derived BPTT's row buffers must take the sharding of the arrays they
-meet (a batch-sharded ``xs`` gives batch-sharded ``zx``, carries and gate gradients). On an
-`~jax.sharding.AxisType.Auto` mesh, or with no mesh, types carry no sharding (every axis ``None``) and
-these functions do what the plain ones do; XLA's partitioner then propagates the shardings itself.
+Three ways to split a batch over a device mesh, and what each asks of the arrays rnnjax makes itself (the
+initial carry, the time-padding row, the hand-derived BPTT's row buffers, the decoders' state):
+- `jax.sharding.AxisType.Explicit` axes (the default of `jax.make_mesh`, used under `jax.set_mesh`): every
+  array's type carries its sharding, ``float32[8@data, 16]``, and operations check it at trace time
+  (`jax.lax.scan` needs its carry's sharding unchanged by a step; a concatenation or an in-place row update
+  needs equal shardings). Zeros made from a shape alone are replicated, so they take the sharding of the
+  rows they meet (`zeros_rows`, `fill_rows`, `shard_batch_like`).
+- `jax.sharding.AxisType.Auto` axes: types show no sharding and XLA's partitioner propagates it; these
+  functions then do what the plain ones do. Only `under_mesh` looks, to keep the batch axis of the weight
+  gradients' contractions apart (`rnnjax.cells.base.time_gemm`).
+- per device, under `jax.shard_map`: types record the manual axes a value varies over, and a scan's carry
+  must keep them; zeros are cast to vary (`vary_like`), and a custom VJP's gradient of a replicated
+  parameter is summed over the devices to get its type back (`sum_to_type`).
 """
 
 from __future__ import annotations
@@ -77,21 +82,19 @@ def explicit_spec(like: Any) -> tuple | None:
     return spec if any(a is not None for a in spec) else None
 
 
+def fill_rows(value: Array, like: Any, rows: tuple[int, ...] = ()) -> Array:
+    """The scalar ``value`` broadcast to ``[*rows, *like.shape]`` in ``like``'s dtype (an array, a tracer
+    or a shape struct), typed like ``like`` on its axes (sharding, manual axes it varies over), the new
+    leading ``rows`` axes replicated: e.g. a ``[T+1, B, G]`` buffer of ``[B, G]`` rows."""
+    spec = explicit_spec(like)
+    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
+    value = jnp.asarray(value).astype(like.dtype)
+    return vary_like(jnp.broadcast_to(value, (*rows, *like.shape), out_sharding=sharding), like)
+
+
 def zeros_rows(like: Any, rows: tuple[int, ...] = ()) -> Array:
-    """Zeros ``[*rows, *like.shape]`` in ``like``'s dtype, with ``like``'s explicit sharding on its axes
-    and the new leading ``rows`` axes replicated (e.g. a ``[T+1, B, G]`` buffer of ``[B, G]`` rows)."""
-    spec = explicit_spec(like)
-    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
-    return vary_like(jnp.zeros((*rows, *like.shape), like.dtype, out_sharding=sharding), like)
-
-
-def fill_rows(value: Array, like: Any, rows: tuple[int, ...]) -> Array:
-    """The scalar ``value`` broadcast to ``[*rows, *like.shape]``, sharded as `zeros_rows` is."""
-    spec = explicit_spec(like)
-    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
-    return vary_like(
-        jnp.broadcast_to(value.astype(like.dtype), (*rows, *like.shape), out_sharding=sharding), like
-    )
+    """`fill_rows` of zeros."""
+    return fill_rows(jnp.zeros((), like.dtype), like, rows)
 
 
 def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:

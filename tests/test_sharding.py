@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 from helpers import CELLS
 
 # every cell's hand-derived backward, autodiff (whose forward is the same code, and whose transpose is JAX's)
@@ -87,6 +88,13 @@ def _run(kind: str, cases: list[str]) -> dict:
     here = pathlib.Path(__file__).parent
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
+    cache = jax.config.jax_compilation_cache_dir  # this worker's (conftest.py): the runs share references
+    if cache:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     run = subprocess.run(
         [sys.executable, str(here / "sharded_run.py"), kind, ",".join(cases)],
         env=env,
