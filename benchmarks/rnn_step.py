@@ -134,16 +134,65 @@ def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, An
     return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "results": result}
 
 
+def interleaved(runs: dict[Any, Any], rounds: int) -> dict[Any, float]:
+    """Median wall time in ms of each of ``runs`` (callables that block until done), after two warm-up
+    calls each, timed in turn A B C ... for ``rounds`` rounds."""
+    for f in runs.values():
+        f()
+        f()
+    times: dict[Any, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def own_gemms(B: int, T: int, I: int, H: int, G: int) -> tuple[Any, Any, tuple]:
+    """The GEMMs of one forward pass and of one training step of a cell with ``G`` gate blocks, alone, at
+    their own shapes, each as one jitted program: ``(forward, train, args)``.
+
+    Forward: the input projection ``[B T, I] x [I, G H]`` and T recurrent ``[B, H] x [H, G H]`` in a loop.
+    Training (the benchmark's step: gradients to the parameters, not to ``xs``) adds T backward recurrent
+    ``[B, G H] x [G H, H]`` and the weight gradients ``[I, B T] x [B T, G H]`` and ``[H, B T] x [B T, G H]``.
+    Each loop step feeds the next through a scaled add, so that nothing leaves the loop. What no
+    implementation of the cell can beat on this device's GEMMs.
+    """
+    import jax.numpy as jnp
+
+    def forward(x: Any, w_ih: Any, w_hh: Any) -> Any:
+        zx = x.reshape(B * T, I) @ w_ih
+        h, _ = jax.lax.scan(lambda h, _: ((h @ w_hh)[:, :H] * 1e-3 + h, None), jnp.zeros((B, H)), None, T)
+        return zx, h
+
+    def train(x: Any, w_ih: Any, w_hh: Any, dz: Any, hs: Any) -> Any:
+        zx, h = forward(x, w_ih, w_hh)
+        dh, _ = jax.lax.scan(lambda d, dz_t: ((dz_t @ w_hh.T) * 1e-3 + d, None), jnp.zeros((B, H)), dz)
+        dz_rows = dz.reshape(B * T, G * H)
+        d_w_ih = x.reshape(B * T, I).T @ dz_rows
+        d_w_hh = hs.reshape(B * T, H).T @ dz_rows
+        return zx, h, dh, d_w_ih, d_w_hh
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    shapes = [(B, T, I), (I, G * H), (H, G * H), (T, B, G * H), (T, B, H)]
+    args = tuple(jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes, strict=True))
+    return jax.jit(forward), jax.jit(train), args
+
+
 def inference_vs_floor(config: tuple, rounds: int) -> dict[str, Any]:
-    """rnnjax's forward pass (inference) against the GEMM floor: one GEMM of the same FLOPs.
+    """rnnjax's forward pass (inference) and training step against two GEMM floors.
 
     The forward of a cell with G gate blocks does ``2 B T (I + H) G H`` multiply-add FLOPs in its two
-    GEMMs (input projection and recurrence); the floor is ``[B T, I + H] @ [I + H, G H]`` as one GEMM,
-    which no recurrent implementation can beat. Interleaved, medians.
+    GEMMs (input projection and recurrence); the floor of issue 5 is ``[B T, I + H] @ [I + H, G H]`` as one
+    GEMM, which no recurrent implementation can beat. The other floor is the cell's own GEMMs at their own
+    shapes (`own_gemms`), for the forward and for the training step: T small recurrent GEMMs run slower per
+    FLOP than one large one. Interleaved, medians.
     """
     import jax.numpy as jnp
 
     import rnnjax as rj
+    from benchmarks.peers import rnnjax_step
 
     cell_name, B, T, I, H = config
     cell = {"lstm": rj.lstm, "gru": rj.gru, "elman": rj.elman}[cell_name](H)
@@ -151,21 +200,32 @@ def inference_vs_floor(config: tuple, rounds: int) -> dict[str, Any]:
     params = cell.init(jax.random.key(0), I)
     xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
     forward = jax.jit(lambda p, x: rj.unroll(cell, p, x)[1])
+    train = rnnjax_step(cell_name, B, T, I, H)
     a = jax.random.normal(jax.random.key(2), (B * T, I + H), jnp.float32)
     w = jax.random.normal(jax.random.key(3), (I + H, G * H), jnp.float32)
     gemm = jax.jit(jnp.dot)
-    runs = {"forward": lambda: jax.block_until_ready(forward(params, xs)), "gemm": lambda: gemm(a, w)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for f in runs.values():
-        jax.block_until_ready(f())
-    for _ in range(rounds):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    fwd, floor = statistics.median(times["forward"]), statistics.median(times["gemm"])
+    fwd_gemms, train_gemms, args = own_gemms(B, T, I, H, G)
+    ms = interleaved(
+        {
+            "forward": lambda: jax.block_until_ready(forward(params, xs)),
+            "gemm": lambda: jax.block_until_ready(gemm(a, w)),
+            "forward_gemms": lambda: jax.block_until_ready(fwd_gemms(*args[:3])),
+            "train": train.step,
+            "train_gemms": lambda: jax.block_until_ready(train_gemms(*args)),
+        },
+        rounds,
+    )
     flops = 2 * B * T * (I + H) * G * H
-    return {"forward_ms": fwd, "gemm_floor_ms": floor, "ratio": fwd / floor, "gflops": flops / 1e9}
+    return {
+        "forward_ms": ms["forward"],
+        "gemm_floor_ms": ms["gemm"],
+        "ratio": ms["forward"] / ms["gemm"],
+        "gflops": flops / 1e9,
+        "forward_gemms_ms": ms["forward_gemms"],
+        "train_ms": ms["train"],
+        "train_gemms_ms": ms["train_gemms"],
+        "train_gflops": 2 * B * T * (2 * I + 3 * H) * G * H / 1e9,
+    }
 
 
 UNROLL_FACTORS = (1, 2, 4, 8)
@@ -191,19 +251,8 @@ def unroll_sweep(config: tuple, rounds: int) -> dict[str, Any]:
         forward = jax.jit(lambda p, x, u=u: rj.unroll(cell, p, x, unroll=u)[1])
         runs[("train", u)] = train.step
         runs[("forward", u)] = lambda f=forward: jax.block_until_ready(f(params, xs))
-    for f in runs.values():
-        f()
-        f()
-    times: dict[tuple, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    return {
-        kind: {str(u): statistics.median(times[(kind, u)]) for u in UNROLL_FACTORS}
-        for kind in ("train", "forward")
-    }
+    ms = interleaved(runs, rounds)
+    return {kind: {str(u): ms[(kind, u)] for u in UNROLL_FACTORS} for kind in ("train", "forward")}
 
 
 def device_label(device: dict[str, Any]) -> str:
@@ -263,6 +312,25 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['gflops']:.2f} | "
                 f"{f['forward_ms']:.2f} ms | {f['gemm_floor_ms']:.2f} ms | {f['ratio']:.2f}x |"
+            )
+    lines += [
+        "",
+        "rnnjax against its own GEMMs: the same GEMMs at their own shapes, alone (the input projection, T "
+        "recurrent `[B, H] x [H, G]` GEMMs, and for training the backward's T recurrent GEMMs and "
+        "the weight gradients; `benchmarks.rnn_step.own_gemms`). GFLOP/s: the training GEMMs' rate:",
+        "",
+        "| config | forward | its GEMMs | forward / GEMMs | train | its GEMMs | train / GEMMs | GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in record["configs"]:
+        f = c.get("inference")
+        if f and "train_gemms_ms" in f:
+            lines.append(
+                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['forward_ms']:.2f} ms | "
+                f"{f['forward_gemms_ms']:.2f} ms | {f['forward_ms'] / f['forward_gemms_ms']:.2f}x | "
+                f"{f['train_ms']:.1f} ms | {f['train_gemms_ms']:.1f} ms | "
+                f"{f['train_ms'] / f['train_gemms_ms']:.2f}x | "
+                f"{f['train_gflops'] / f['train_gemms_ms'] * 1e3:.0f} |"
             )
     sweeps = [c for c in record["configs"] if c.get("unroll")]
     if sweeps:

@@ -25,6 +25,13 @@ def test_rnn_step_quick(tmp_path):
         inference = config["inference"]
         assert inference["forward_ms"] > 0 and inference["gemm_floor_ms"] > 0
         assert (
+            inference["forward_gemms_ms"] > 0
+            and inference["train_gemms_ms"] > 0
+            and inference["train_ms"] > 0
+        )
+        G = {"lstm": 4, "gru": 3, "elman": 1}[config["cell"]]
+        assert inference["train_gflops"] == 2 * 4 * 16 * (2 * 8 + 3 * 8) * G * 8 / 1e9  # forward + backward
+        assert (
             inference["gflops"]
             == 2 * 4 * 16 * 16 * {"lstm": 4, "gru": 3, "elman": 1}[config["cell"]] * 8 / 1e9
         )
@@ -37,7 +44,7 @@ def test_rnn_step_quick(tmp_path):
     assert "| lstm B=4 T=16 I=8 H=8 |" in table
     on_cpu = jax.devices()[0].platform == "cpu"
     assert ("jax cudnn" in table) != on_cpu  # a library that ran nowhere gets no column
-    assert "forward / floor" in table
+    assert "forward / floor" in table and "train / GEMMs" in table
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
 
 
