@@ -266,15 +266,27 @@ def environment_label(device: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "defaults"
 
 
+def config_label(c: dict[str, Any]) -> str:
+    return f"{c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']}"
+
+
+def config_table(record: dict[str, Any], title: str, columns: list[str], row: Any) -> list[str]:
+    """A titled markdown table, one row per config for which ``row(config)`` gives the cells (a falsy
+    value skips the config)."""
+    lines = ["", title, "", "| config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for c in record["configs"]:
+        if cells := row(c):
+            lines.append(f"| {config_label(c)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def library_table(record: dict[str, Any], libs: list[str], cell: Any) -> list[str]:
     """A markdown table, one row per config and one column per library: ``cell(result)`` of each library's
     result (a string, or None for "n/a")."""
     lines = ["| config | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
     for c in record["configs"]:
         cells = [cell(c["results"].get(name, {})) or "n/a" for name in libs]
-        lines.append(
-            f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-        )
+        lines.append(f"| {config_label(c)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -299,39 +311,39 @@ def markdown(record: dict[str, Any]) -> str:
     lines += library_table(
         record, libs, lambda r: f"{r['median_faults']:.0f}" if r.get("median_faults") is not None else None
     )
-    lines += [
-        "",
+    lines += config_table(
+        record,
         "Inference (rnnjax forward only) against the GEMM floor, one GEMM of the forward's FLOPs:",
-        "",
-        "| config | GFLOP | forward | GEMM floor | forward / floor |",
-        "|---|---|---|---|---|",
-    ]
-    for c in record["configs"]:
-        f = c.get("inference")
-        if f:
-            lines.append(
-                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['gflops']:.2f} | "
-                f"{f['forward_ms']:.2f} ms | {f['gemm_floor_ms']:.2f} ms | {f['ratio']:.2f}x |"
-            )
-    lines += [
-        "",
+        ["GFLOP", "forward", "GEMM floor", "forward / floor"],
+        lambda c: (
+            (f := c.get("inference"))
+            and [
+                f"{f['gflops']:.2f}",
+                f"{f['forward_ms']:.2f} ms",
+                f"{f['gemm_floor_ms']:.2f} ms",
+                f"{f['ratio']:.2f}x",
+            ]
+        ),
+    )
+    lines += config_table(
+        record,
         "rnnjax against its own GEMMs: the same GEMMs at their own shapes, alone (the input projection, T "
         "recurrent `[B, H] x [H, G]` GEMMs, and for training the backward's T recurrent GEMMs and "
         "the weight gradients; `benchmarks.rnn_step.own_gemms`). GFLOP/s: the training GEMMs' rate:",
-        "",
-        "| config | forward | its GEMMs | forward / GEMMs | train | its GEMMs | train / GEMMs | GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in record["configs"]:
-        f = c.get("inference")
-        if f and "train_gemms_ms" in f:
-            lines.append(
-                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | {f['forward_ms']:.2f} ms | "
-                f"{f['forward_gemms_ms']:.2f} ms | {f['forward_ms'] / f['forward_gemms_ms']:.2f}x | "
-                f"{f['train_ms']:.1f} ms | {f['train_gemms_ms']:.1f} ms | "
-                f"{f['train_ms'] / f['train_gemms_ms']:.2f}x | "
-                f"{f['train_gflops'] / f['train_gemms_ms'] * 1e3:.0f} |"
-            )
+        ["forward", "its GEMMs", "forward / GEMMs", "train", "its GEMMs", "train / GEMMs", "GFLOP/s"],
+        lambda c: (
+            (f := c.get("inference", {})).get("train_gemms_ms")
+            and [
+                f"{f['forward_ms']:.2f} ms",
+                f"{f['forward_gemms_ms']:.2f} ms",
+                f"{f['forward_ms'] / f['forward_gemms_ms']:.2f}x",
+                f"{f['train_ms']:.1f} ms",
+                f"{f['train_gemms_ms']:.1f} ms",
+                f"{f['train_ms'] / f['train_gemms_ms']:.2f}x",
+                f"{f['train_gflops'] / f['train_gemms_ms'] * 1e3:.0f}",
+            ]
+        ),
+    )
     sweeps = [c for c in record["configs"] if c.get("unroll")]
     if sweeps:
         factors = list(sweeps[0]["unroll"]["train"])
@@ -350,9 +362,7 @@ def markdown(record: dict[str, Any]) -> str:
         for c in sweeps:
             row = [f"{c['unroll']['train'][u]:.1f}" for u in factors]
             row += [f"{c['unroll']['forward'][u]:.1f}" for u in factors]
-            lines.append(
-                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(row) + " |"
-            )
+            lines.append(f"| {config_label(c)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
