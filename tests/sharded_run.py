@@ -59,6 +59,9 @@ class Case(NamedTuple):
     # that all lead with the batch; "loss-grads-carry", (loss, d params, carry); None, anything else (not
     # run under shard_map)
     output: str | None = None
+    # the one-device reference, when not fn itself: jax.grad through the plain scan (grad="autodiff"), so
+    # that a sharded hand-derived gradient is checked against autodiff directly, not only through test_bptt
+    reference: Any = None
 
 
 def user_cell(hidden_size: int) -> rj.Cell:
@@ -76,7 +79,11 @@ def cases() -> dict[str, Case]:
         params = cell.init(jax.random.key(0), I, jnp.float64)
         for grad in ("manual", "autodiff"):
             out[f"{name}-{grad}"] = Case(
-                unroll_loss(cell, grad=grad), (params, xs, lengths), (False, True, True), "grad"
+                unroll_loss(cell, grad=grad),
+                (params, xs, lengths),
+                (False, True, True),
+                "grad",
+                unroll_loss(cell, grad="autodiff"),
             )
     for label, kwargs in {
         "reverse": dict(reverse=True),
@@ -85,7 +92,11 @@ def cases() -> dict[str, Case]:
         "budget-nested": dict(budget=25000, schedule="nested"),
     }.items():
         out[f"lstm-{label}"] = Case(
-            unroll_loss(lstm, **kwargs), (lstm_p, xs, lengths), (False, True, True), "grad"
+            unroll_loss(lstm, **kwargs),
+            (lstm_p, xs, lengths),
+            (False, True, True),
+            "grad",
+            unroll_loss(lstm, **{k: v for k, v in kwargs.items() if k == "reverse"}, grad="autodiff"),
         )
 
     def given_carry(p, x, L, c):
@@ -186,7 +197,7 @@ def run(kind: str, only: set[str] | None) -> dict[str, dict]:
     for name, case in cases().items():
         if only and name not in only:
             continue
-        one = jax.jit(case.fn)(*case.args)
+        one = jax.jit(case.reference or case.fn)(*case.args)
         placed = [
             jax.device_put(a, batch if s else replicated)
             for a, s in zip(case.args, case.sharded, strict=True)
