@@ -41,6 +41,7 @@ from jax.flatten_util import ravel_pytree
 from rnnjax.cells.base import Cell
 from rnnjax.driver import _check_carry, _check_cell, _check_lengths, _check_xs
 from rnnjax.losses import valid_mask
+from rnnjax.sharding import batch_like
 
 Array = jax.Array
 PyTree = Any
@@ -103,8 +104,8 @@ def _checked(cell: Cell, params: PyTree, xs: Any, carry: PyTree | None) -> tuple
 
 def _state_steps(cell: Cell, params: PyTree, xs: Array, carry0: PyTree) -> tuple[Array, Any]:
     """The flat states entering each step ``[T, B, S]``, and the step on one sequence's flat state."""
-    B = xs.shape[0]
-    one = jax.tree.map(lambda a: a[0], carry0)
+    carry0 = batch_like(carry0, xs, 1)  # on a device mesh, its rows split like xs's
+    one = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), carry0)  # one sequence's carry
     _, unravel = ravel_pytree(one)
 
     def flat_step(s: Array, x: Array) -> Array:
@@ -112,7 +113,7 @@ def _state_steps(cell: Cell, params: PyTree, xs: Array, carry0: PyTree) -> tuple
         new, _ = cell.step(params, jax.tree.map(lambda a: a[None], unravel(s)), x[None])
         return ravel_pytree(jax.tree.map(lambda a: a[0], new))[0]
 
-    s0 = jax.vmap(lambda i: ravel_pytree(jax.tree.map(lambda a: a[i], carry0))[0])(jnp.arange(B))  # [B, S]
+    s0 = jax.vmap(lambda c: ravel_pytree(c)[0])(carry0)  # [B, S]
 
     def body(s: Array, x_t: Array) -> tuple[Array, Array]:
         return jax.vmap(flat_step)(s, x_t), s
@@ -147,7 +148,7 @@ def _spectrum(cell: Cell, params: PyTree, xs: Array, carry0: PyTree) -> Jacobian
         return P, P
 
     S = J.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(S, dtype=J.dtype), J.shape[1:])
+    eye = batch_like(jnp.broadcast_to(jnp.eye(S, dtype=J.dtype), J.shape[1:]), J[0], 1)
     _, products = jax.lax.scan(body, eye, J, reverse=True)  # products[t] = ∂s_T/∂s_{t−1}, k = T − t
     products = jnp.flip(products, axis=0)  # [k-1]: distance k
     sv = jnp.linalg.svd(products, compute_uv=False)  # [T, B, S]
@@ -191,7 +192,7 @@ def lyapunov_exponent(
 def _lyapunov(cell: Cell, discard: int, params: PyTree, xs: Array, carry0: PyTree, key: Array) -> Array:
     entering, flat_step = _state_steps(cell, params, xs, carry0)
     _, B, S = entering.shape
-    v = jax.random.normal(key, (B, S), entering.dtype)
+    v = batch_like(jax.random.normal(key, (B, S), entering.dtype), entering[0], 1)
     v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
     def body(v: Array, inp: tuple[Array, Array]) -> tuple[Array, Array]:

@@ -26,7 +26,7 @@ from rnnjax.remat import (
     step_sizes,
 )
 from rnnjax.scan import mask_from_lengths
-from rnnjax.sharding import shard_batch_like, vary_like
+from rnnjax.sharding import batch_like
 
 Array = jax.Array
 PyTree = Any
@@ -147,7 +147,7 @@ def unroll(
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
     # on an explicit mesh sharded like xs; inside shard_map varying like the values the steps read
-    carry0 = vary_like(shard_batch_like(carry0, xs, len(batch_shape)), params, xs, lengths)
+    carry0 = batch_like(carry0, xs, len(batch_shape), params, lengths)
     if probe is not None:
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
 

@@ -43,6 +43,7 @@ import numpy as np
 from rnnjax.cells.base import Cell
 from rnnjax.driver import unroll
 from rnnjax.scan import forward, mask_from_lengths
+from rnnjax.sharding import batch_like
 
 Array = jax.Array
 PyTree = Any
@@ -328,9 +329,11 @@ def _cell_readout(
         """The same read-out in complex128, through the very forward `rj.unroll` runs (flat batch)."""
         T, I = xs.shape[-2:]
         B = int(np.prod(batch_shape))
+        flat_xs = xs.reshape(B, T, I)
         flat_carry = jax.tree.map(lambda a: a.reshape((B, *a.shape[len(batch_shape) :])), carry)
+        flat_carry = batch_like(flat_carry, flat_xs, 1)  # on a device mesh, split as `unroll` splits it
         mask = None if lengths is None else mask_from_lengths(jnp.asarray(lengths).reshape(B), T)
-        out = forward(cell, params, xs.reshape(B, T, I), flat_carry, mask, reverse, 1)
+        out = forward(cell, params, flat_xs, flat_carry, mask, reverse, 1)
         out = jax.tree.map(lambda a: a.reshape(batch_shape + a.shape[1:]), out)
         return sum(jnp.sum(a * w.astype(a.dtype)) for a, w in zip(jax.tree.leaves(out), weights, strict=True))
 

@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 from rnnjax.cells.base import Cell, HCarry, input_projection
 from rnnjax.driver import _check_carry, _check_cell, _check_lengths, _check_xs
 from rnnjax.scan import mask_from_lengths
+from rnnjax.sharding import batch_like, replicated_if_explicit, sum_to_type, vary_like
 
 Array = jax.Array
 PyTree = Any
@@ -113,14 +114,32 @@ def _rtrl(
     carry0: PyTree,
     lengths: Array | None,
 ) -> tuple[Array, tuple[PyTree, PyTree], PyTree]:
-    B, T, _ = xs.shape
+    T = xs.shape[1]
     mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
-    if diagonal:
-        return _diagonal_rtrl(cell, params, readout_params, xs, targets, step_loss, carry0, mask)
+    # On a device mesh: the carry's rows split like xs's, and, under `jax.shard_map`, each device's
+    # sums over its own rows (the loss, the gradients) varying until the one `sum_to_type` at the end.
+    carry0 = batch_like(carry0, xs, 1, lengths)
+    typed_ro, readout_params = readout_params, vary_like(readout_params, xs, lengths)
+    run = _diagonal_rtrl if diagonal else _dense_rtrl
+    total, (d_params, d_ro), final = run(cell, params, readout_params, xs, targets, step_loss, carry0, mask)
+    return total, (sum_to_type(d_params, params), sum_to_type(d_ro, typed_ro)), final
 
+
+def _dense_rtrl(
+    cell: Cell,
+    params: PyTree,
+    readout_params: PyTree,
+    xs: Array,
+    targets: PyTree,
+    step_loss: StepLoss,
+    carry0: PyTree,
+    mask: Array | None,
+) -> tuple[Array, tuple[PyTree, PyTree], PyTree]:
+    """`rtrl_value_and_grad` for any cell: the full sensitivity ``M [B, S, P]`` of each sequence's state."""
+    B, T, _ = xs.shape
     theta, unravel_params = ravel_pytree(params)
     P = theta.shape[0]
-    one = jax.tree.map(lambda a: a[0], carry0)
+    one = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), carry0)  # one sequence's carry
     s_flat, unravel_state = ravel_pytree(one)
     S = s_flat.shape[0]
 
@@ -147,25 +166,22 @@ def _rtrl(
         s, M, total, g_theta, g_ro = state  # s [B, S], M [B, S, P]
         x_t = jax.lax.dynamic_index_in_dim(xs, t, axis=1, keepdims=False)  # no [T, B, I] copy of xs
         tgt_t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), targets)
-        valid = jnp.ones((B,), bool) if mask is None else mask[t]
+        valid = None if mask is None else mask[t]
         (new_s, y), ((ds_ds, ds_dth), (dy_ds, dy_dth)) = batched(s, theta, x_t)
         # sensitivities of this step's output and of the new state to θ, through the whole past
         dy = jnp.einsum("bhs,bsp->bhp", dy_ds, M) + dy_dth  # [B, H, P]
         new_M = jnp.einsum("bks,bsp->bkp", ds_ds, M) + ds_dth  # [B, S, P]
         value, (d_ro, d_y) = loss_grads(readout_params, y, tgt_t, valid)
-        g_theta = g_theta + jnp.einsum("bh,bhp->p", d_y, dy)
+        g_theta = g_theta + jnp.einsum("bh,bhp->p", d_y, dy, out_sharding=replicated_if_explicit(d_y, dy))
         g_ro = jax.tree.map(jnp.add, g_ro, d_ro)
-        keep = valid[:, None]
-        s = jnp.where(keep, new_s, s)
-        M = jnp.where(keep[..., None], new_M, M)
+        s, M = (new_s, new_M) if valid is None else _keep(valid, (new_s, new_M), (s, M))
         return (s, M, total + value, g_theta, g_ro), None
 
-    s0 = jax.vmap(lambda i: ravel_pytree(jax.tree.map(lambda a: a[i], carry0))[0])(jnp.arange(B))
+    s0 = jax.vmap(lambda c: ravel_pytree(c)[0])(carry0)  # [B, S]
     init = (
         s0,
-        jnp.zeros((B, S, P), theta.dtype),
-        jnp.zeros((), theta.dtype),
-        jnp.zeros((P,), theta.dtype),
+        batch_like(jnp.zeros((B, S, P), theta.dtype), s0, 1),
+        *vary_like((jnp.zeros((), theta.dtype), jnp.zeros((P,), theta.dtype)), s0),
         jax.tree.map(jnp.zeros_like, readout_params),
     )
     (s, _, total, g_theta, g_ro), _ = jax.lax.scan(body, init, jnp.arange(T))
@@ -174,17 +190,22 @@ def _rtrl(
 
 
 def _loss_grads(step_loss: StepLoss, B: int) -> Callable:
-    """``(readout_params, y [B, H], targets_t, valid [B]) -> (Σ valid losses, (d readout, d y))``."""
+    """``(readout_params, y [B, H], targets_t, valid [B] or None) -> (Σ valid losses, (d readout, d y))``."""
 
-    def per_example_loss(ro: PyTree, y: Array, tgt: PyTree, valid: Array) -> Array:
+    def per_example_loss(ro: PyTree, y: Array, tgt: PyTree, valid: Array | None) -> Array:
         losses = step_loss(ro, y, tgt)
         if jnp.shape(losses) != (B,):
             raise ValueError(
                 f"step_loss must return per-sequence losses of shape [B] = ({B},), got {jnp.shape(losses)}"
             )
-        return jnp.sum(jnp.where(valid, losses, jnp.zeros_like(losses)))
+        return jnp.sum(losses if valid is None else jnp.where(valid, losses, jnp.zeros_like(losses)))
 
     return jax.value_and_grad(per_example_loss, argnums=(0, 1))
+
+
+def _keep(valid: Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where the step is valid (``valid [B]``), ``old`` (the state entering it) elsewhere."""
+    return jax.tree.map(lambda n, o: jnp.where(valid.reshape(-1, *(1,) * (n.ndim - 1)), n, o), new, old)
 
 
 def _diagonal_rtrl(
@@ -219,21 +240,21 @@ def _diagonal_rtrl(
         """``[B, S] -> [B, r, N]``: entry a of unit j at ``[:, a, j]``."""
         return v.reshape(B, r, N)
 
-    def slot(n: int, j: int) -> Array:
-        """A tangent over ``[B, n·N]`` that is 1 in block j (of N entries) and 0 elsewhere."""
-        return jnp.zeros((B, n * N), xs.dtype).at[:, j * N : (j + 1) * N].set(1)
+    def slot(like: Array, j: int) -> Array:
+        """A tangent typed like ``like [B, n·N]``, 1 in block j (of N entries) and 0 elsewhere."""
+        return jnp.zeros_like(like).at[:, j * N : (j + 1) * N].set(1)
 
     def local_derivatives(zx: Array, h: Array) -> tuple[Array, Array, Array, dict[str, Array]]:
         """``(h_t, D [B, r, r, N], J [B, r, G], {leaf: ∂h_t/∂leaf [B, r, N]})`` from jvps of the gates."""
         h_new = new_h(params, zx, h)
         # D[:, a, c, j] = ∂h_t[a·N + j] / ∂h_{t-1}[c·N + j]: one jvp per entry c of every unit
         D = jnp.stack(
-            [blocks(jax.jvp(lambda v: new_h(params, zx, v), (h,), (slot(r, c),))[1]) for c in range(r)],
+            [blocks(jax.jvp(lambda v: new_h(params, zx, v), (h,), (slot(h, c),))[1]) for c in range(r)],
             axis=2,
         )
         # J[:, a, q·N + j] = ∂h_t[a·N + j] / ∂zx_t[q·N + j]: one jvp per gate block q
         J = jnp.concatenate(
-            [blocks(jax.jvp(lambda z: new_h(params, z, h), (zx,), (slot(k, q),))[1]) for q in range(k)],
+            [blocks(jax.jvp(lambda z: new_h(params, z, h), (zx,), (slot(zx, q),))[1]) for q in range(k)],
             axis=-1,
         )
         by_leaf = {
@@ -256,7 +277,7 @@ def _diagonal_rtrl(
         h, m_w, m_b, m_u, total, g_w, g_b, g_u, g_ro = state
         x_t = jax.lax.dynamic_index_in_dim(xs, t, axis=1, keepdims=False)  # [B, I]
         tgt_t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), targets)
-        valid = jnp.ones((B,), bool) if mask is None else mask[t]
+        valid = None if mask is None else mask[t]
         h_new, D, J, dh_du = local_derivatives(input_projection(params, x_t), h)
         Dg = per_gate(D)  # [B, r, r, G]
         # each sensitivity goes through its own unit's recurrence and gains this step's direct effect
@@ -266,27 +287,39 @@ def _diagonal_rtrl(
         value, (d_ro, d_y) = loss_grads(readout_params, h_new, tgt_t, valid)  # y_t = h_t
         d_y = blocks(d_y)  # [B, r, N]
         dyg = per_gate(d_y)  # [B, r, G]
-        g_w = g_w + jnp.einsum("bag,baig->ig", dyg, new_m_w)
-        g_b = g_b + jnp.einsum("bag,bag->g", dyg, new_m_b)
-        g_u = {f: g_u[f] + jnp.einsum("ban,ban->n", d_y, new_m_u[f]) for f in unit_leaves}
-        keep = valid[:, None]
-        h = jnp.where(keep, h_new, h)
-        m_w = jnp.where(keep[..., None, None], new_m_w, m_w)
-        m_b = jnp.where(keep[..., None], new_m_b, m_b)
-        m_u = {f: jnp.where(keep[..., None], new_m_u[f], m_u[f]) for f in unit_leaves}
+        over_batch = replicated_if_explicit(d_y)  # the weight gradients sum the batch's rows
+        g_w = g_w + jnp.einsum("bag,baig->ig", dyg, new_m_w, out_sharding=over_batch)
+        g_b = g_b + jnp.einsum("bag,bag->g", dyg, new_m_b, out_sharding=over_batch)
+        g_u = {
+            f: g_u[f] + jnp.einsum("ban,ban->n", d_y, new_m_u[f], out_sharding=over_batch)
+            for f in unit_leaves
+        }
+        new = (h_new, new_m_w, new_m_b, new_m_u)
+        h, m_w, m_b, m_u = new if valid is None else _keep(valid, new, (h, m_w, m_b, m_u))
         g_ro = jax.tree.map(jnp.add, g_ro, d_ro)
         return (h, m_w, m_b, m_u, total + value, g_w, g_b, g_u, g_ro), None
 
     dtype = xs.dtype
     init = (
         carry0.h,
-        jnp.zeros((B, r, I, G), dtype),
-        jnp.zeros((B, r, G), dtype),
-        {f: jnp.zeros((B, r, N), dtype) for f in unit_leaves},
-        jnp.zeros((), dtype),
-        jnp.zeros((I, G), dtype),
-        jnp.zeros((G,), dtype),
-        {f: jnp.zeros((N,), dtype) for f in unit_leaves},
+        *batch_like(
+            (
+                jnp.zeros((B, r, I, G), dtype),
+                jnp.zeros((B, r, G), dtype),
+                {f: jnp.zeros((B, r, N), dtype) for f in unit_leaves},
+            ),
+            carry0.h,
+            1,
+        ),
+        *vary_like(
+            (
+                jnp.zeros((), dtype),
+                jnp.zeros((I, G), dtype),
+                jnp.zeros((G,), dtype),
+                {f: jnp.zeros((N,), dtype) for f in unit_leaves},
+            ),
+            carry0.h,
+        ),
         jax.tree.map(jnp.zeros_like, readout_params),
     )
     (h, _, _, _, total, g_w, g_b, g_u, g_ro), _ = jax.lax.scan(body, init, jnp.arange(T))

@@ -112,6 +112,13 @@ def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
     return jax.tree.map(reshard, tree)
 
 
+def batch_like(tree: PyTree, xs: Array, n_batch: int, *others: PyTree) -> PyTree:
+    """``tree``'s leaves (``[*batch, ...]``: a carry, a state the library makes from shapes) typed as rows of
+    ``xs``: their ``n_batch`` leading axes sharded as those of ``xs`` (`shard_batch_like`), and varying
+    over every manual axis that ``xs`` or a leaf of ``others`` varies over (`vary_like`)."""
+    return vary_like(shard_batch_like(tree, xs, n_batch), xs, *others)
+
+
 def first_element(a: Array) -> Array:
     """A scalar that depends on ``a``: its first element, or, where axes of ``a`` are sharded explicitly,
     the sum of their first elements across the shards (a scalar all-reduce: a sharded axis cannot be

@@ -56,8 +56,9 @@ class Case(NamedTuple):
     args: tuple
     sharded: tuple[bool, ...]  # which arguments are batch-sharded; the others are replicated
     # what fn returns, for shard_map: "grad", (loss summed over the batch, (d params, d xs)); "batch", leaves
-    # that all lead with the batch; "loss-grads-carry", (loss, d params, carry); None, anything else (not
-    # run under shard_map)
+    # that all lead with the batch; "loss-grads-carry", (loss, d params, carry); "loss-grads", (loss,
+    # gradients of replicated arguments); "report", a `rj.gradcheck` report (run eagerly, on a mesh only);
+    # None, anything else (not run under shard_map)
     output: str | None = None
     # the one-device reference, when not fn itself: jax.grad through the plain scan (grad="autodiff"), so
     # that a sharded hand-derived gradient is checked against autodiff directly, not only through test_bptt
@@ -143,6 +144,57 @@ def cases() -> dict[str, Case]:
         tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, True, True), "loss-grads-carry"
     )
 
+    # online learning (RTRL) of a loss on every step through a read-out parameter, against BPTT by autodiff
+    targets = jax.random.normal(jax.random.key(6), (B, T), jnp.float64)
+
+    def step_loss(scale, y, target):
+        return jnp.sum(jnp.sin(scale * y), axis=-1) * target
+
+    for name in ("lstm", "indrnn-tanh", "lru"):  # the dense sensitivities, and the diagonal ones (r = 1, 2)
+        cell = CELLS[name](H)
+        params = cell.init(jax.random.key(0), I, jnp.float64)
+
+        def rtrl(p, x, L, tg, scale, cell=cell):
+            return rj.rtrl_value_and_grad(cell, p, scale, x, tg, step_loss, lengths=L)[:2]
+
+        def bptt(p, x, L, tg, scale, cell=cell):
+            def loss(p, scale):
+                ys = rj.unroll(cell, p, x, lengths=L, grad="autodiff")[1]
+                per_step = jax.vmap(step_loss, in_axes=(None, 1, 1), out_axes=1)(scale, ys, tg)  # [B, T]
+                return jnp.sum(jnp.where(jnp.arange(T)[None, :] < L[:, None], per_step, 0.0))
+
+            return jax.value_and_grad(loss, (0, 1))(p, scale)
+
+        out[f"rtrl-{name}"] = Case(
+            rtrl,
+            (params, xs, lengths, targets, jnp.asarray(0.7, jnp.float64)),
+            (False, True, True, True, False),
+            "loss-grads",
+            bptt,
+        )
+    out["jacobian-spectrum"] = Case(
+        lambda p, x: rj.diagnostics.jacobian_spectrum(lstm, p, x)[1:],  # the [B, ...] fields
+        (lstm_p, xs),
+        (False, True),
+        "batch",
+    )
+    out["lyapunov-exponent"] = Case(
+        lambda p, x: rj.diagnostics.lyapunov_exponent(lstm, p, x, discard=2), (lstm_p, xs), (False, True)
+    )
+
+    # the gradient check itself (manual against autodiff, RTRL, the complex step, finite differences) of a
+    # cell whose xs, lengths and carry are placed on the mesh
+    for name in ("gru", "lru"):
+        cell = CELLS[name](H)
+        params = cell.init(jax.random.key(0), I, jnp.float64)
+        carry = jax.tree.map(lambda a: a + 0.3, cell.initial_carry(params, (B,)))
+        out[f"gradcheck-{name}"] = Case(
+            lambda p, x, L, c, cell=cell: rj.gradcheck(cell, p, x, carry=c, lengths=L),
+            (params, xs, lengths, carry),
+            (False, True, True, True),
+            "report",
+        )
+
     embed = jax.random.normal(jax.random.key(3), (H, I), jnp.float64)
     head = rj.dense(H)
     head_p = head.init(jax.random.key(4), H, jnp.float64)
@@ -185,7 +237,7 @@ def per_device(case: Case) -> Any:
         loss, *rest = case.fn(*args)
         return jax.lax.psum(loss, "data"), *rest
 
-    rest = (P(), P("data")) if case.output == "loss-grads-carry" else ((P(), P("data")),)
+    rest = {"loss-grads-carry": (P(), P("data")), "loss-grads": (P(),)}.get(case.output, ((P(), P("data")),))
     return jax.shard_map(local, in_specs=in_specs, out_specs=(P(), *rest))
 
 
@@ -193,27 +245,48 @@ def run(kind: str, only: set[str] | None) -> dict[str, dict]:
     axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit
     mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def place(case: Case) -> list:
+        return [
+            jax.device_put(a, batch if s else replicated)
+            for a, s in zip(case.args, case.sharded, strict=True)
+        ]
+
     records = {}
     for name, case in cases().items():
         if only and name not in only:
             continue
+        if case.output == "report":
+            with jax.set_mesh(mesh) if kind != "auto" else contextlib.nullcontext():
+                report = case.fn(*place(case))
+            measures = ("manual_vs_autodiff", "manual_vs_rtrl", "manual_vs_complex", "manual_vs_fd")
+            errors = [getattr(r, m) for r in report.rows for m in measures if getattr(r, m) is not None]
+            # every oracle ran on every leaf (a failing one would leave a note and a None), and all agree
+            complete = len(errors) == len(measures) * len(report.rows)
+            records[name] = {"passed": report.passed and complete, "worst_relative_error": max(errors)}
+            continue
         one = jax.jit(case.reference or case.fn)(*case.args)
-        placed = [
-            jax.device_put(a, batch if s else replicated)
-            for a, s in zip(case.args, case.sharded, strict=True)
-        ]
+        placed = place(case)
         with jax.set_mesh(mesh) if kind != "auto" else contextlib.nullcontext():
             step = jax.jit(per_device(case) if kind == "shard_map" else case.fn)
             compiled = step.lower(*placed).compile()
             two, hlo = compiled(*placed), compiled.as_text()
         record = {"error": rel_err(two, one), "all_gathers": hlo.count("all-gather(")}
-        if isinstance(two, tuple) and len(two) == 2 and isinstance(two[1], tuple):  # value_and_grad
+        if (
+            case.output != "loss-grads"
+            and isinstance(two, tuple)
+            and len(two) == 2
+            and isinstance(two[1], tuple)
+        ):
+            # value_and_grad with respect to (params, xs)
             d_params, d_xs = two[1][0], two[1][1]
             record["d_xs_batch_sharded"] = d_xs.sharding.is_equivalent_to(batch, d_xs.ndim)
             record["d_params_replicated"] = all(
                 g.sharding.is_fully_replicated for g in jax.tree.leaves(d_params)
             )
             record["all_reduces"] = hlo.count("all-reduce(")
+        if case.output == "loss-grads":
+            record["grads_replicated"] = all(g.sharding.is_fully_replicated for g in jax.tree.leaves(two[1]))
         records[name] = record
     return records
 
