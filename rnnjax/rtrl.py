@@ -79,6 +79,10 @@ def rtrl_value_and_grad(
     Returns:
       ``(loss, (d_params, d_readout_params), final_carry)``. ``d_params`` equals
       ``jax.grad`` of the same loss through `rnnjax.unroll` (BPTT).
+
+    With the batch split over a device mesh each device carries its own sequences' sensitivities, and the
+    gradients come out replicated; per device under `jax.shard_map` the loss is the device's own (``psum``
+    it) and the gradients are already summed over the devices, as ``jax.grad`` returns them there.
     """
     _check_cell(cell)
     xs = _check_xs(xs)
