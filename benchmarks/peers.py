@@ -23,6 +23,29 @@ class Built(NamedTuple):
     args: tuple  # its arguments
 
 
+def on_all_devices(built: Built, batch: int) -> Built:
+    """The same jitted step with its arguments placed on a mesh of every device (JAX's own data parallelism):
+    the leaves that lead with the batch (``xs``, an initial carry) split over the devices, the rest (the
+    parameters) replicated. The mesh's axis is `~jax.sharding.AxisType.Auto`, so XLA partitions any
+    library's program from these placements alone, none of them written for it. On a CPU the devices are
+    the host's, split by ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
+
+    The benchmark's widths are never equal to the batch (checked), so no parameter is split by mistake.
+    """
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Auto,))
+
+    def place(a: Any) -> Any:
+        if not isinstance(a, jax.Array):
+            return a
+        return jax.device_put(a, NamedSharding(mesh, P("data") if a.ndim and a.shape[0] == batch else P()))
+
+    args = jax.tree.map(place, built.args)
+    return Built(lambda: jax.block_until_ready(built.jitted(*args)), built.jitted, args)
+
+
 def _jax(fn: Callable, *args: Any) -> Built:
     jitted = jax.jit(fn)
     return Built(lambda: jax.block_until_ready(jitted(*args)), jitted, args)

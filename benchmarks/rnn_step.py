@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.peers import LIBRARIES
+from benchmarks.peers import LIBRARIES, on_all_devices
 
 CONFIGS = [
     ("lstm", 32, 128, 256, 256),
@@ -102,23 +102,40 @@ def save_results(
     print(f"wrote {out}/{name}_{tag}.json, .md and {plot_dir}/{name}_{tag}.png")
 
 
+def split_name(name: str, devices: int) -> str:
+    """The result's name of library ``name``'s step with the batch split over ``devices`` devices."""
+    return f"{name} on {devices} devices"
+
+
 def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, Any]:
+    """Every library's training step at ``config``, interleaved; with several devices, also each JAX
+    library's step with the batch split over all of them (`benchmarks.peers.on_all_devices`)."""
     cell, B, T, I, H = config
+    devices = len(jax.devices())
+    if devices > 1 and B in (I, H):
+        raise ValueError(f"B={B} equals I or H: the parameters could not be told from the batch")
     built, result = {}, {}
+
+    def warm_up(name: str, b: Any) -> None:
+        t0 = time.perf_counter()
+        b.step()
+        first = time.perf_counter() - t0
+        temp = None
+        if b.jitted is not None:
+            temp = b.jitted.lower(*b.args).compile().memory_analysis().temp_size_in_bytes / 2**20
+        b.step()  # a second warm-up call
+        built[name] = b
+        result[name] = {"first_call_s": first, "temp_mib": temp, "times_ms": [], "faults": []}
+
     for name in libraries:
         try:
             b = LIBRARIES[name](cell, B, T, I, H)
-            t0 = time.perf_counter()
-            b.step()
-            first = time.perf_counter() - t0
-            temp = None
-            if b.jitted is not None:
-                temp = b.jitted.lower(*b.args).compile().memory_analysis().temp_size_in_bytes / 2**20
-            b.step()  # a second warm-up call
-            built[name] = b
-            result[name] = {"first_call_s": first, "temp_mib": temp, "times_ms": [], "faults": []}
+            warm_up(name, b)
         except (ImportError, NotImplementedError) as e:
             result[name] = {"unavailable": f"{type(e).__name__}: {e}"}
+            continue
+        if devices > 1 and b.jitted is not None and name != "jax cudnn":
+            warm_up(split_name(name, devices), on_all_devices(b, B))
     for _ in range(rounds):
         for name, b in built.items():
             f0, t0 = minor_faults(), time.perf_counter()
@@ -131,7 +148,7 @@ def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, An
         r["median_ms"] = statistics.median(r["times_ms"])
         r["median_faults"] = statistics.median(r["faults"])
         r["ratio_to_rnnjax"] = r["median_ms"] / base if base else None
-    return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "results": result}
+    return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "devices": devices, "results": result}
 
 
 def interleaved(runs: dict[Any, Any], rounds: int) -> dict[Any, float]:
@@ -344,6 +361,37 @@ def markdown(record: dict[str, Any]) -> str:
             ]
         ),
     )
+    devices = max(c.get("devices", 1) for c in record["configs"])
+    split = [n for n in libs if any(split_name(n, devices) in c["results"] for c in record["configs"])]
+    if split:
+
+        def split_row(c: dict[str, Any]) -> list[str]:
+            r = c["results"]
+            cells = []
+            for n in split:
+                one, many = r.get(n, {}), r.get(split_name(n, devices), {})
+                ok = "median_ms" in one and "median_ms" in many
+                cells.append(
+                    f"{many['median_ms']:.1f} ms ({one['median_ms'] / many['median_ms']:.2f}x)"
+                    if ok
+                    else "n/a"
+                )
+            manual, torch = r.get(split_name("rnnjax manual", devices), {}), r.get("pytorch", {})
+            if "median_ms" in manual and "median_ms" in torch:
+                cells.append(f"{torch['median_ms'] / manual['median_ms']:.2f}x")
+            return cells
+
+        lines += config_table(
+            record,
+            f"The same training steps with the batch split over {devices} devices (JAX's own data "
+            "parallelism: each device its own rows, the gradients summed by an all-reduce; "
+            "`benchmarks.peers.on_all_devices`), median of the same interleaved rounds; in brackets: the "
+            "library's speedup over its own one-device step. Last column: PyTorch's step (one process, all "
+            "cores) / rnnjax manual's split step:",
+            [split_name(n, devices) for n in split]
+            + (["pytorch / rnnjax split"] if "pytorch" in libs else []),
+            split_row,
+        )
     sweeps = [c for c in record["configs"] if c.get("unroll")]
     if sweeps:
         factors = list(sweeps[0]["unroll"]["train"])
@@ -396,7 +444,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--libraries", nargs="*", default=list(LIBRARIES), choices=list(LIBRARIES))
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON record and table")
     parser.add_argument("--plot-dir", default="runs/benchmarks", help="folder for the plot (git-ignored)")
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=None,
+        help="on a CPU, split the host into N XLA devices (before JAX starts) and also time every JAX "
+        "library's step with the batch split over them",
+    )
     args = parser.parse_args(argv)
+    if args.host_devices:
+        flag = f"--xla_force_host_platform_device_count={args.host_devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        if len(jax.devices()) != args.host_devices:
+            raise SystemExit(
+                f"--host-devices {args.host_devices}: JAX had started already "
+                f"with {len(jax.devices())} device(s); pass it to a fresh process"
+            )
     on_gpu = jax.devices()[0].platform == "gpu"
     configs = QUICK_CONFIGS if args.quick else GPU_CONFIGS if on_gpu else CONFIGS
     rounds = 3 if args.quick else args.rounds

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
+import pytest
 
 from benchmarks import rnn_step
 
@@ -46,6 +51,38 @@ def test_rnn_step_quick(tmp_path):
     assert ("jax cudnn" in table) != on_cpu  # a library that ran nowhere gets no column
     assert "forward / floor" in table and "train / GEMMs" in table
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
+
+
+def test_rnn_step_split_over_host_devices(tmp_path):
+    """`--host-devices 2` in a fresh process: every JAX library's step also runs with the batch split over
+    two host devices, and the table says how much faster each got than on one."""
+    libraries = ["rnnjax manual", "flax nnx", "pytorch"]
+    out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
+    command = ["-m", "benchmarks.rnn_step", "--quick", "--host-devices", "2", "--libraries", *libraries, *out]
+    run = subprocess.run(
+        [sys.executable, *command],
+        cwd=pathlib.Path(__file__).parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "rnn_step_quick.json").read_text())
+    for config in record["configs"]:
+        assert config["devices"] == 2
+        ran = {name for name, r in config["results"].items() if "median_ms" in r}
+        # PyTorch is not a JAX program: it has no split run
+        assert ran == {*libraries, "rnnjax manual on 2 devices", "flax nnx on 2 devices"}
+    table = (tmp_path / "rnn_step_quick.md").read_text().split("split over 2 devices")[1]
+    assert "| rnnjax manual on 2 devices | flax nnx on 2 devices | pytorch / rnnjax split |" in table
+    assert "| lstm B=4 T=16 I=8 H=8 | " in table
+
+
+def test_rnn_step_host_devices_need_a_fresh_process(tmp_path):
+    jax.devices()  # JAX has started in this process
+    with pytest.raises(SystemExit, match="fresh process"):
+        rnn_step.main(["--quick", "--host-devices", "2", "--out", str(tmp_path)])
 
 
 def test_scaling_quick(tmp_path):
