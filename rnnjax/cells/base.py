@@ -180,11 +180,23 @@ def time_gemm(a: Array, b: Array) -> Array:
 def batch_sum(v: Array) -> Array:
     """``v [..., n]`` summed over every axis but the last: a step's share of a per-unit parameter's gradient.
 
-    `Cell.gates_bwd` returns such sums as its ``aux`` (e.g. IndRNN's ``Σ_b dz ⊙ h_{t-1}``): reduced over
-    the batch inside the loop, they stack as ``[T+1, n]``, where the ``[T+1, B, n]`` products after the
-    loop would take a buffer each, or a copy per column block.
+    `Cell.gates_bwd` returns such sums as its ``aux`` (e.g. IndRNN's ``Σ_b dz ⊙ h_{t-1}``), and
+    `Cell.extra_grads` adds the stacked shares with `steps_sum`. Reduced over the batch inside the loop,
+    they stack as ``[T+1, n]``, where the ``[T+1, B, n]`` products after the loop would take a buffer each,
+    or a copy per column block.
+
+    Under a device mesh (`rnnjax.sharding.under_mesh`) the rows are kept, ``[B, n]``: a sum over a batch
+    split across devices is an all-reduce, and inside the loop that was one all-reduce per step (the GRU's
+    ``d b_hn``, the peepholes', IndRNN's, the LRU's, the layer norm's gains). Each device then stacks its own
+    ``[T+1, B/devices, n]``, and `steps_sum` sums them with one all-reduce after the loop.
     """
-    return jnp.sum(v, axis=tuple(range(v.ndim - 1)))
+    return v if under_mesh(v) else jnp.sum(v, axis=tuple(range(v.ndim - 1)))
+
+
+def steps_sum(a: Array) -> Array:
+    """The shares of `batch_sum` stacked by the time loop, ``[T+1, n]`` (``[T+1, B, n]`` under a device
+    mesh), added up to ``[n]``: once, after the loop."""
+    return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
 
 
 def add_bias(z: Array, b: Array) -> Array:

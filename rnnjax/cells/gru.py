@@ -49,6 +49,7 @@ from rnnjax.cells.base import (
     check_input_size,
     check_projection_params,
     projection_step,
+    steps_sum,
     uniform_init,
 )
 
@@ -148,7 +149,7 @@ def gru(
     def extra_grads(
         params: GRUParams, grads: dict, dzx: None, dzh: None, prevs: None, res: None, d_b_hn: Array
     ) -> dict[str, Array]:
-        return {"b_hn": jnp.sum(d_b_hn, axis=0)}  # the steps' batch sums of dhn, added once over all T
+        return {"b_hn": steps_sum(d_b_hn)}  # the steps' batch sums of dhn, added once over all T
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(

@@ -37,6 +37,7 @@ from rnnjax.cells.base import (
     check_input_size,
     check_projection_params,
     projection_step,
+    steps_sum,
     uniform_init,
 )
 from rnnjax.cells.elman import ACTIVATION_FUNCTIONS, ACTIVATIONS
@@ -113,7 +114,7 @@ def indrnn(
         params: IndRNNParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: tuple, d_u: Array
     ) -> dict[str, Array]:
         # d u = Σ_t Σ_b dz_t ⊙ h_{t-1}: the steps' batch sums, added once over all T
-        return {"u": jnp.sum(d_u, axis=0)}
+        return {"u": steps_sum(d_u)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(

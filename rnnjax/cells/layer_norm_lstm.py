@@ -47,6 +47,7 @@ from rnnjax.cells.base import (
     check_input_size,
     check_projection_params,
     projection_step,
+    steps_sum,
     uniform_init,
 )
 from rnnjax.cells.lstm import lstm_update, lstm_update_bwd
@@ -184,7 +185,7 @@ def layer_norm_lstm(
     ) -> dict[str, Array]:
         # the steps' batch sums ([T+1, 4H] or [T+1, H], zero at masked steps), added once over all T
         names = ("gamma_ih", "gamma_hh", "beta", "gamma_c", "beta_c")
-        return {name: jnp.sum(s, axis=0) for name, s in zip(names, sums, strict=True)}
+        return {name: steps_sum(s) for name, s in zip(names, sums, strict=True)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(

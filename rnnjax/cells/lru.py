@@ -55,6 +55,7 @@ from rnnjax.cells.base import (
     check_input_size,
     check_projection_params,
     projection_step,
+    steps_sum,
 )
 
 Array = jax.Array
@@ -156,7 +157,7 @@ def lru(
         a, b, gamma = _eigenvalues(params, dr)
         dzx = jnp.concatenate([gamma * dr, gamma * di], axis=-1)
         dh_prev = jnp.concatenate([a * dr + b * di, a * di - b * dr], axis=-1)
-        d_ab = jnp.stack([batch_sum(dr * s_re + di * s_im), batch_sum(di * s_re - dr * s_im)])
+        d_ab = jnp.concatenate([batch_sum(dr * s_re + di * s_im), batch_sum(di * s_re - dr * s_im)], axis=-1)
         return dzx, None, HCarry(h=dh_prev), d_ab
 
     def extra_grads(
@@ -168,7 +169,8 @@ def lru(
         res: tuple,
         d_ab: Array,
     ) -> dict[str, Array]:
-        d_a, d_b = jnp.sum(d_ab, axis=0)  # over the steps: [2, N], zero at masked steps
+        d_ab = steps_sum(d_ab)  # over the steps: [2N], zero at masked steps
+        d_a, d_b = d_ab[:N], d_ab[N:]
         # γ scales zx = x w_ih + b, linear in w_ih and b: d γ_log = Σ_i w_ih ⊙ d w_ih + b ⊙ d b, per column
         d_cols = jnp.sum(params.w_ih * grads["w_ih"], axis=0) + params.b * grads["b"]  # [2N]
         # through a = m cos φ, b = m sin φ with m = exp(−exp(ν)), φ = exp(θ)

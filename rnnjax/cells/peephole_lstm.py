@@ -42,6 +42,7 @@ from rnnjax.cells.base import (
     check_projection_params,
     gate_blocks,
     projection_step,
+    steps_sum,
     uniform_init,
 )
 
@@ -135,7 +136,9 @@ def peephole_lstm(
         dc_prev = dc * f + da_i * p_i + da_f * p_f
         dz = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
         # this step's share of d p (the peepholes read c_{t-1}, c_{t-1} and c_t), summed over the batch
-        d_p = jnp.concatenate([batch_sum(da_i * prev.c), batch_sum(da_f * prev.c), batch_sum(da_o * new.c)])
+        d_p = jnp.concatenate(
+            [batch_sum(da_i * prev.c), batch_sum(da_f * prev.c), batch_sum(da_o * new.c)], axis=-1
+        )
         return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), d_p
 
     def extra_grads(
@@ -147,7 +150,7 @@ def peephole_lstm(
         act: Array,
         d_p: Array,
     ) -> dict[str, Array]:
-        return {"p": jnp.sum(d_p, axis=0)}  # the steps' batch sums [T+1, 3H], added once over all T
+        return {"p": steps_sum(d_p)}  # the steps' batch sums [T+1, 3H], added once over all T
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
