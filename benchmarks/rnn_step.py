@@ -8,6 +8,7 @@ faster). For JAX libraries the compiled temporary memory is reported too.
 
     python -m benchmarks.rnn_step                 # the configs of issue 5; writes benchmarks/results/
     python -m benchmarks.rnn_step --quick         # a smoke run (small shapes, 3 rounds)
+    python -m benchmarks.rnn_step --host-devices 2  # also each JAX step with the batch split over 2 CPUs
 """
 
 from __future__ import annotations
@@ -452,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         "library's step with the batch split over them",
     )
     args = parser.parse_args(argv)
+    if args.host_devices is not None and args.host_devices < 1:
+        parser.error(f"--host-devices must be >= 1, got {args.host_devices}")
     if args.host_devices:
         flag = f"--xla_force_host_platform_device_count={args.host_devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()

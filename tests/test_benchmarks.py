@@ -79,10 +79,13 @@ def test_rnn_step_split_over_host_devices(tmp_path):
     assert "| lstm B=4 T=16 I=8 H=8 | " in table
 
 
-def test_rnn_step_host_devices_need_a_fresh_process(tmp_path):
+def test_rnn_step_host_devices_need_a_fresh_process(tmp_path, capsys):
     jax.devices()  # JAX has started in this process
     with pytest.raises(SystemExit, match="fresh process"):
         rnn_step.main(["--quick", "--host-devices", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse's usage error, before anything runs
+        rnn_step.main(["--quick", "--host-devices", "0", "--out", str(tmp_path)])
+    assert "--host-devices must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_scaling_quick(tmp_path):
