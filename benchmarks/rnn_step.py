@@ -246,6 +246,61 @@ def inference_vs_floor(config: tuple, rounds: int) -> dict[str, Any]:
     }
 
 
+def recurrent_gemms(config: tuple, rounds: int) -> dict[str, Any]:
+    """The T per-step recurrent GEMMs of one training step alone, in XLA and in PyTorch, interleaved.
+
+    Forward: T GEMMs ``[B, H] x [H, G H]``; backward: T GEMMs ``[B, G H] x [G H, H]`` (``dz_t w_hhᵀ``), each
+    step fed by the one before through a scaled add so that nothing leaves the loop. XLA runs each chain as
+    one jitted ``lax.scan``; PyTorch as a Python loop of ``torch.mm`` (its per-op overhead counts against
+    it). The two chains have the same FLOPs; where a library runs one slower, its fused RNN cannot hide
+    it. Float32, on the device PyTorch's step runs on.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    cell_name, B, T, _, H = config
+    GH = {"lstm": 4, "gru": 3, "elman": 1}[cell_name] * H
+    rng = np.random.default_rng(0)
+    w, dz = rng.standard_normal((H, GH), np.float32), rng.standard_normal((T, B, GH), np.float32)
+
+    def xla_forward(w: Any) -> Any:
+        return jax.lax.scan(lambda h, _: ((h @ w)[:, :H] * 1e-3 + h, None), jnp.ones((B, H)), None, T)[0]
+
+    def xla_backward(w: Any, dz: Any) -> Any:
+        return jax.lax.scan(lambda d, dz_t: ((dz_t @ w.T) * 1e-3 + d, None), jnp.zeros((B, H)), dz)[0]
+
+    on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    tw, tdz = torch.from_numpy(w).to(device), torch.from_numpy(dz).to(device)
+
+    def torch_forward() -> None:
+        h = torch.ones((B, H), device=device)
+        for _ in range(T):
+            h = h.add(torch.mm(h, tw)[:, :H], alpha=1e-3)
+        float(h[0, 0])  # waits for the GPU, if any
+
+    def torch_backward() -> None:
+        d = torch.zeros((B, H), device=device)
+        for t in range(T):
+            d = d.add(torch.mm(tdz[t], tw.t()), alpha=1e-3)
+        float(d[0, 0])
+
+    fwd, bwd = jax.jit(xla_forward), jax.jit(xla_backward)
+    jw, jdz = jnp.asarray(w), jnp.asarray(dz)
+    with torch.no_grad():
+        ms = interleaved(
+            {
+                "xla_forward": lambda: jax.block_until_ready(fwd(jw)),
+                "xla_backward": lambda: jax.block_until_ready(bwd(jw, jdz)),
+                "torch_forward": torch_forward,
+                "torch_backward": torch_backward,
+            },
+            rounds,
+        )
+    return {f"{k}_ms": v for k, v in ms.items()} | {"gflops": 2 * B * H * GH * T / 1e9}
+
+
 UNROLL_FACTORS = (1, 2, 4, 8)
 
 
@@ -393,6 +448,37 @@ def markdown(record: dict[str, Any]) -> str:
             + (["pytorch / rnnjax split"] if "pytorch" in libs else []),
             split_row,
         )
+    if any(c.get("recurrent_gemms") for c in record["configs"]):
+        lines += config_table(
+            record,
+            "The per-step recurrent GEMMs alone, T of them in a chain, in XLA (one jitted `lax.scan`) and in "
+            "PyTorch (a loop of `torch.mm`); the same FLOPs forward and backward "
+            "(`benchmarks.rnn_step.recurrent_gemms`), median ms, GFLOP/s in brackets:",
+            [
+                "forward `[B, H] x [H, G]`: XLA",
+                "PyTorch",
+                "backward `[B, G] x [G, H]`: XLA",
+                "PyTorch",
+                "XLA / PyTorch, forward",
+                "backward",
+            ],
+            lambda c: (
+                (g := c.get("recurrent_gemms"))
+                and [
+                    *(
+                        f"{g[k]:.2f} ms ({g['gflops'] / g[k] * 1e3:.0f})"
+                        for k in (
+                            "xla_forward_ms",
+                            "torch_forward_ms",
+                            "xla_backward_ms",
+                            "torch_backward_ms",
+                        )
+                    ),
+                    f"{g['xla_forward_ms'] / g['torch_forward_ms']:.2f}x",
+                    f"{g['xla_backward_ms'] / g['torch_backward_ms']:.2f}x",
+                ]
+            ),
+        )
     sweeps = [c for c in record["configs"] if c.get("unroll")]
     if sweeps:
         factors = list(sweeps[0]["unroll"]["train"])
@@ -472,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_config(config, rounds, args.libraries)
         if "rnnjax manual" in args.libraries:
             result["inference"] = inference_vs_floor(config, rounds)
+        if "median_ms" in result["results"].get("pytorch", {}):  # PyTorch ran: compare its GEMMs
+            result["recurrent_gemms"] = recurrent_gemms(config, rounds)
             if not args.quick or config == configs[0]:  # quick: one sweep, as a smoke test
                 result["unroll"] = unroll_sweep(config, rounds)
         record["configs"].append(result)

@@ -40,6 +40,9 @@ def test_rnn_step_quick(tmp_path):
             inference["gflops"]
             == 2 * 4 * 16 * 16 * {"lstm": 4, "gru": 3, "elman": 1}[config["cell"]] * 8 / 1e9
         )
+        gemms = config["recurrent_gemms"]  # the per-step GEMMs alone, XLA's and PyTorch's
+        assert gemms["gflops"] == 2 * 4 * 8 * G * 8 * 16 / 1e9
+        assert all(gemms[f"{lib}_{way}_ms"] > 0 for lib in ("xla", "torch") for way in ("forward", "backward"))
     sweep = record["configs"][0]["unroll"]  # one unroll sweep in quick mode
     assert set(sweep) == {"train", "forward"} and list(sweep["train"]) == ["1", "2", "4", "8"]
     assert all(ms > 0 for kind in sweep.values() for ms in kind.values())
@@ -50,6 +53,7 @@ def test_rnn_step_quick(tmp_path):
     on_cpu = jax.devices()[0].platform == "cpu"
     assert ("jax cudnn" in table) != on_cpu  # a library that ran nowhere gets no column
     assert "forward / floor" in table and "train / GEMMs" in table
+    assert "| lstm B=4 T=16 I=8 H=8 |" in table.split("recurrent GEMMs alone")[1].split("unroll factor")[0]
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
 
 
