@@ -73,7 +73,7 @@ def _grad_norms(d_hs: Array, lengths: Array | None) -> Array:
     norms = jnp.linalg.norm(d_hs, axis=-1)  # [B, T]
     if lengths is None:
         return jnp.mean(norms, axis=0)
-    valid = valid_mask(lengths, B, T)
+    valid = valid_mask(lengths, B, T, norms)
     count = jnp.sum(valid, axis=0)
     total = jnp.sum(jnp.where(valid, norms, jnp.zeros_like(norms)), axis=0)
     return jnp.where(count > 0, total / jnp.maximum(count, 1).astype(norms.dtype), jnp.nan)

@@ -28,9 +28,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
 from rnnjax.driver import _check_cell, unroll
+from rnnjax.sharding import explicit_spec
 
 Array = jax.Array
 PyTree = Any
@@ -366,6 +368,32 @@ def dense(output_size: int) -> Dense:
         return add_bias(x @ params.w, params.b)
 
     return Dense(init=init, apply=apply, output_size=O)
+
+
+def embed(table: Array, tokens: Array) -> Array:
+    """The rows of an embedding table at ``tokens``: ``table [V, E]``, integer ``tokens [...] -> [..., E]``.
+
+    ``table[tokens]``, and its gradient reaches ``table``. Where ``tokens`` are split over the devices of a
+    mesh with explicit axes (`jax.set_mesh`), the rows come out split as the tokens are: JAX refuses a plain
+    ``table[tokens]`` there, whose output sharding it cannot infer. Token ids are not range-checked (they
+    may be traced); ids outside ``[0, V)`` follow JAX's indexing rules.
+
+    Example:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> rj.embed(jnp.arange(6.0).reshape(3, 2), jnp.array([[2, 0]]))
+      Array([[[4., 5.],
+              [0., 1.]]], dtype=float32)
+    """
+    table, tokens = jnp.asarray(table), jnp.asarray(tokens)
+    if table.ndim != 2:
+        raise ValueError(f"table must have shape [V, E], got shape {table.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+    spec = explicit_spec(tokens)
+    if spec is None:
+        return table[tokens]
+    e_spec = (explicit_spec(table) or (None, None))[1]  # the table's own split of E, if any
+    return table.at[tokens].get(out_sharding=PartitionSpec(*spec, e_spec))
 
 
 def last_valid(ys: Array, lengths: Array | None = None) -> Array:

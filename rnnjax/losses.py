@@ -14,20 +14,27 @@ import jax.numpy as jnp
 import optax
 
 from rnnjax.scan import mask_from_lengths
+from rnnjax.sharding import batch_like, batch_split
 
 Array = jax.Array
 
 
-def valid_mask(lengths: Array | None, B: int, T: int) -> Array:
-    """``mask [B, T]`` bool, True at steps ``t < lengths[b]`` (all True when ``lengths`` is None)."""
+def valid_mask(lengths: Array | None, B: int, T: int, like: Array | None = None) -> Array:
+    """``mask [B, T]`` bool, True at steps ``t < lengths[b]`` (all True when ``lengths`` is None).
+
+    With ``like`` (an array ``[B, ...]``, the values the mask selects), the mask is typed as its rows: its
+    batch axis split over devices as ``like``'s is, so that a ``where`` may join them on an explicit mesh
+    whatever the sharding of ``lengths`` (or with none at all)."""
     if lengths is None:
-        return jnp.ones((B, T), bool)
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths must have shape [B] = ({B},), got shape {lengths.shape}")
-    return mask_from_lengths(lengths, T).T
+        mask = jnp.ones((B, T), bool)
+    else:
+        lengths = jnp.asarray(lengths)
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape [B] = ({B},), got shape {lengths.shape}")
+        mask = mask_from_lengths(lengths, T).T
+    return mask if like is None else batch_like(mask, like, 1)
 
 
 def _masked_mean(values: Array, mask: Array) -> Array:
@@ -63,7 +70,7 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, _ = logits.shape
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return _masked_mean(per_step, valid_mask(lengths, B, T))
+    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
 
 
 def squared_error(predictions: Array, targets: Array, lengths: Array | None = None) -> Array:
@@ -87,7 +94,7 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
 def _squared_error(predictions: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, F = predictions.shape
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
-    return _masked_mean(per_step, valid_mask(lengths, B, T))
+    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
 
 
 def ctc(
@@ -110,6 +117,10 @@ def ctc(
       label_lengths: ``[B]`` valid labels per sequence.
       blank_id: the class id of the blank.
 
+    On a mesh with the batch split over explicit axes, each device runs its own sequences. Per device under
+    your own `jax.shard_map`, pass it ``check_vma=False``: optax's recursion starts from values that do not
+    vary by device, which its type check refuses.
+
     Returns:
       ``[B]`` negative log-likelihoods (take ``.mean()`` for a batch loss).
     """
@@ -125,9 +136,28 @@ def ctc(
 def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Array, blank_id: int) -> Array:
     B, T, _ = logits.shape
     N = labels.shape[1]
-    logit_paddings = 1.0 - valid_mask(lengths, B, T).astype(logits.dtype)
-    label_paddings = 1.0 - valid_mask(label_lengths, B, N).astype(logits.dtype)
-    # optax's CTC mixes float32 constants into its recursion: keep it working for callers who run with
-    # jax_numpy_dtype_promotion="strict" (as our tests do) by promoting normally inside it
-    with jax.numpy_dtype_promotion("standard"):
-        return optax.ctc_loss(logits, logit_paddings, labels, label_paddings, blank_id=blank_id)
+    labels = batch_like(labels, logits, 1)  # each sequence's labels beside its logits
+    logit_paddings = 1.0 - valid_mask(lengths, B, T, logits).astype(logits.dtype)
+    label_paddings = 1.0 - valid_mask(label_lengths, B, N, logits).astype(logits.dtype)
+
+    def per_sequence(logits: Array, logit_paddings: Array, labels: Array, label_paddings: Array) -> Array:
+        # optax's CTC mixes float32 constants into its recursion: keep it working for callers who run with
+        # jax_numpy_dtype_promotion="strict" (as our tests do) by promoting normally inside it
+        with jax.numpy_dtype_promotion("standard"):
+            return optax.ctc_loss(logits, logit_paddings, labels, label_paddings, blank_id=blank_id)
+
+    split = batch_split(logits)
+    if split is not None:
+        # with the batch split over an explicit mesh: per device, since optax starts its recursion from
+        # replicated values that a scan cannot join with split rows (each sequence's loss is its own, so
+        # no collective is needed and the varying-axes check is off: optax's start does not vary)
+        mesh, spec = split
+        per_sequence = jax.shard_map(
+            per_sequence,
+            mesh=mesh,
+            in_specs=spec,
+            out_specs=spec,
+            axis_names=set(jax.tree.leaves(spec[0])),
+            check_vma=False,
+        )
+    return per_sequence(logits, logit_paddings, labels, label_paddings)

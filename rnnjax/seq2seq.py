@@ -4,7 +4,7 @@ Training (teacher forcing): the encoder's final carry initialises the decoder, w
 sequence shifted right by one (``start, y_1, ..., y_{T-1}``) and predicts ``y_1, ..., y_T``::
 
     enc_carry, _ = rj.unroll(enc_cell, enc_params, xs, lengths=src_lengths)
-    dec_in = embedding[rj.seq2seq.shift_right(targets, start_token)]            # [B, T, E]
+    dec_in = rj.embed(embedding, rj.seq2seq.shift_right(targets, start_token))  # [B, T, E]
     _, hs = rj.unroll(dec_cell, dec_params, dec_in, enc_carry, lengths=tgt_lengths)
     loss = rj.losses.sequence_cross_entropy(head.apply(head_params, hs), targets, tgt_lengths)
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
-from rnnjax.layers import DenseParams, dense
+from rnnjax.layers import DenseParams, dense, embed
 
 Array = jax.Array
 PyTree = Any
@@ -53,7 +53,7 @@ def decoder_step(
     head = dense(head_params.w.shape[1])
 
     def step_fn(carry: PyTree, tokens: Array) -> tuple[PyTree, Array]:
-        carry, h = cell.step(params, carry, embedding[tokens])
+        carry, h = cell.step(params, carry, embed(embedding, tokens))
         return carry, head.apply(head_params, h)
 
     return step_fn

@@ -97,6 +97,15 @@ def zeros_rows(like: Any, rows: tuple[int, ...] = ()) -> Array:
     return fill_rows(jnp.zeros((), like.dtype), like, rows)
 
 
+def batch_split(like: Any) -> tuple[Any, PartitionSpec] | None:
+    """``(mesh, P(batch axes))`` where the leading (batch) axis of ``like`` is split over an explicit mesh,
+    else None: what `jax.shard_map` needs to run a per-sequence computation on each device's own rows."""
+    spec = explicit_spec(like)
+    if spec is None or spec[0] is None:
+        return None
+    return _named(like).mesh, PartitionSpec(spec[0])
+
+
 def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
     """``tree``'s leaves (``[*batch, ...]``, e.g. a carry) resharded so that their ``n_batch`` leading axes
     are sharded as those of ``xs`` are, their other axes replicated. Nothing changes when ``xs``'s batch

@@ -134,6 +134,23 @@ def cases() -> dict[str, Case]:
 
     out["cross-entropy"] = Case(jax.value_and_grad(xent, (0, 1)), (lstm_p, xs, lengths), (False, True, True))
 
+    # every loss with lengths of every kind: none (all steps valid), replicated while the batch is split
+    labels = jnp.array([[1, 2, 1], [3, 0, 0], [2, 2, 0], [4, 5, 6], [1, 0, 0], [7, 0, 0]])
+    label_lengths = jnp.array([3, 1, 2, 3, 1, 1])
+
+    def losses(p, x, L):
+        ys = rj.unroll(lstm, p, x, lengths=L)[1]
+        targets = jnp.broadcast_to(tokens[:, None], (B, T))
+        return (
+            rj.losses.sequence_cross_entropy(ys, targets)
+            + rj.losses.squared_error(ys, jnp.full_like(ys, 0.5), L)
+            + jnp.mean(rj.losses.ctc(ys, L, labels, jnp.minimum(label_lengths, L)))
+        )
+
+    out["losses-replicated-lengths"] = Case(
+        jax.value_and_grad(losses, (0, 1)), (lstm_p, xs, lengths), (False, True, False)
+    )
+
     def chunk_loss(p, c, x):
         c, ys = rj.unroll(lstm, p, x, c)
         return jnp.sum(ys**2), c
@@ -200,6 +217,19 @@ def cases() -> dict[str, Case]:
     head = rj.dense(H)
     head_p = head.init(jax.random.key(4), H, jnp.float64)
 
+    # token ids [B, T] split over the devices, looked up in a replicated table that the gradient reaches
+    token_seqs = jax.random.randint(jax.random.key(6), (B, T), 0, H)
+
+    def embed_loss(p, table, ids):
+        return jnp.sum(jnp.sin(rj.unroll(lstm, p, rj.embed(table, ids))[1]))
+
+    out["embed"] = Case(
+        jax.value_and_grad(embed_loss, (0, 1)),
+        (lstm_p, embed, token_seqs),
+        (False, False, True),
+        "loss-grads",
+    )
+
     def step_fn(p):
         def step(c, tok):
             c, ys = rj.unroll(lstm, p, (jax.nn.one_hot(tok, H, dtype=jnp.float64) @ embed)[:, None, :], c)
@@ -218,6 +248,14 @@ def cases() -> dict[str, Case]:
         lambda p, c, t: rj.decode.sample(step_fn(p), c, t, 5, jax.random.key(5), top_k=3),
         (lstm_p, carry0, tokens),
         (False, True, True),
+    )
+    out["decoder-step"] = Case(  # the encoder-decoder glue: its step looks tokens up with rj.embed
+        lambda p, c, t: rj.decode.greedy(
+            rj.seq2seq.decoder_step(lstm, p, embed, head_p), c, t, 5, end_token=3
+        ),
+        (lstm_p, carry0, tokens),
+        (False, True, True),
+        "batch",
     )
     out["beam-search"] = Case(
         lambda p, c, t: rj.decode.beam_search(step_fn(p), c, t, 5, beam_size=3, end_token=3),

@@ -1,4 +1,4 @@
-"""Layers: rnn, bidirectional, stack (residual, dropout), time_major, dense read-outs, last_valid."""
+"""Layers: rnn, bidirectional, stack (residual, dropout), time_major, dense read-outs, embed, last_valid."""
 
 from __future__ import annotations
 
@@ -112,6 +112,21 @@ def test_dense_and_last_valid(key):
     np.testing.assert_array_equal(last[np.array([0, 2])], carry.h[np.array([0, 2])])  # = the final carry
     np.testing.assert_array_equal(last[1], np.zeros(H))
     np.testing.assert_array_equal(rj.last_valid(ys), ys[:, -1])
+
+
+def test_embed(key):
+    table = jax.random.normal(key, (7, H), jnp.float64)
+    ids = jnp.array([[6, 0, 3], [1, 1, 5]])
+    np.testing.assert_array_equal(rj.embed(table, ids), np.asarray(table)[np.asarray(ids)])
+    assert rj.embed(table, np.int32(2)).shape == (H,) and rj.embed(table, [4, 2]).shape == (2, H)
+    # the gradient reaches the table: each row gets the sum of the cotangents of its lookups
+    cot = jax.random.normal(jax.random.key(1), (2, 3, H), jnp.float64)
+    d_table = jax.grad(lambda t: jnp.sum(rj.embed(t, ids) * cot))(table)
+    np.testing.assert_allclose(d_table, jnp.einsum("btv,bte->ve", jax.nn.one_hot(ids, 7), cot), rtol=1e-14)
+    with pytest.raises(ValueError, match=r"table must have shape \[V, E\], got shape \(7,\)"):
+        rj.embed(table[:, 0], ids)
+    with pytest.raises(TypeError, match="tokens must be an integer array, got dtype float"):
+        rj.embed(table, ids.astype(jnp.float64))
 
 
 COMPOSITIONS = {

@@ -37,6 +37,7 @@ EXPLICIT = [f"{name}-manual" for name in CELLS] + [
     "stack",
     "hidden-grad-norms",
     "cross-entropy",
+    "losses-replicated-lengths",
     "truncated-bptt",
     "rtrl-lstm",
     "rtrl-indrnn-tanh",
@@ -47,6 +48,8 @@ EXPLICIT = [f"{name}-manual" for name in CELLS] + [
     "gradcheck-lru",
     "greedy",
     "sample-top-k",
+    "decoder-step",
+    "embed",
     "beam-search",
 ]
 # the code paths that differ by cell in the hand-derived backward, on a mesh that nothing at trace time
@@ -65,6 +68,9 @@ AUTO = [
     "rtrl-lstm",
     "rtrl-lru",
     "gradcheck-gru",
+    "losses-replicated-lengths",
+    "decoder-step",
+    "embed",
     "beam-search",
 ]
 # per device under shard_map: the cells whose backward differs, a user-written cell (per-step VJPs), the
@@ -92,6 +98,8 @@ SHARD_MAP = [
     "rtrl-lru",
     "jacobian-spectrum",
     "greedy",
+    "decoder-step",
+    "embed",
     "beam-search",
 ]
 # the gradient with respect to a replicated input is replicated: gathering it is the right answer
