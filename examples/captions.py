@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return rj.HCarry(jnp.tanh(bridge.apply(params["bridge"], images)))  # one input, the initial state
 
     def loss_fn(params: Any, images: jax.Array, captions: jax.Array, lengths: jax.Array) -> jax.Array:
-        inputs = params["embed"][rj.seq2seq.shift_right(captions, START)]  # teacher forcing
+        inputs = rj.embed(params["embed"], rj.seq2seq.shift_right(captions, START))  # teacher forcing
         _, hs = rj.unroll(cell, params["cell"], inputs, initial_state(params, images), lengths=lengths)
         return rj.losses.sequence_cross_entropy(head.apply(params["head"], hs), captions, lengths)
 

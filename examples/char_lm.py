@@ -12,11 +12,19 @@ temperature after priming the carry on a prompt (one-to-many).
     python -m examples.char_lm                # full run: validation < 2.0 bits/char within 30 min on 2 cores
     python -m examples.char_lm --minutes 3    # what `make demo` runs
     python -m examples.char_lm --quick        # a smoke run in seconds
+
+Data parallelism: ``--data-parallel`` splits the ``B`` tracks over all devices through JAX's own sharding
+(a `jax.make_mesh` of the devices under `jax.set_mesh`; each window and the carry placed as ``P("data")``,
+the parameters and optimizer state replicated). The training step is the same function. On a CPU, ask for
+one device per core before JAX starts; each device then runs its own tracks' small GEMMs on its core:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m examples.char_lm --data-parallel
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import math
@@ -30,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 import rnnjax as rj
 
@@ -121,16 +130,32 @@ def tracks(stream: np.ndarray, n: int, length: int | None = None) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--minutes", type=float, help="stop training after this many minutes")
+    parser.add_argument("--steps", type=int, help="stop training after this many steps")
+    parser.add_argument(
+        "--data-parallel", action="store_true", help="split the tracks over all devices (a device mesh)"
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     if args.minutes is not None:
         cfg = dataclasses.replace(cfg, max_minutes=args.minutes)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.data_parallel else None
+    for name in ("batch_size", "val_tracks"):
+        if mesh is not None and getattr(cfg, name) % mesh.size:
+            raise ValueError(
+                f"--data-parallel: {name} {getattr(cfg, name)} must divide over {mesh.size} devices"
+            )
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _main(cfg, args.no_progress, mesh)
+
+
+def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
 
     train_stream, val_stream = load_corpus(cfg)
     train_tracks = tracks(train_stream, cfg.batch_size)  # [B, L]: B parallel streams
@@ -147,12 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cell": cell.init(keys[1], cfg.embed_size),
         "head": head.init(keys[2], cfg.hidden_size),
     }
+    # with a mesh: the parameters (and so the optimizer state) on every device, the tracks split over them
+    rows = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, P("data")))
+    if mesh is not None:
+        params = jax.device_put(params, P())
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.learning_rate))
     opt_state = optimizer.init(params)
 
     def loss_fn(params: Any, carry: rj.LSTMCarry, tokens: jax.Array) -> tuple[jax.Array, rj.LSTMCarry]:
         """Mean next-character cross-entropy (nats) over a window ``tokens [B, T+1]``, and the carry after."""
-        carry, hs = rj.unroll(cell, params["cell"], params["embed"][tokens[:, :-1]], carry)
+        carry, hs = rj.unroll(cell, params["cell"], rj.embed(params["embed"], tokens[:, :-1]), carry)
         logits = head.apply(params["head"], hs)
         return rj.losses.sequence_cross_entropy(logits, tokens[:, 1:]), carry
 
@@ -172,24 +201,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def generate(params: Any, prompt: jax.Array, key: jax.Array) -> jax.Array:
         """Prime the carry on all but the prompt's last character, then sample from there."""
         carry0 = cell.initial_carry(params["cell"], (1,))
-        carry, _ = rj.unroll(cell, params["cell"], params["embed"][prompt[None, :-1]], carry0)
+        carry, _ = rj.unroll(cell, params["cell"], rj.embed(params["embed"], prompt[None, :-1]), carry0)
         step = rj.seq2seq.decoder_step(cell, params["cell"], params["embed"], params["head"])
         return rj.decode.sample(
             step, carry, prompt[-1:], cfg.sample_len, key, temperature=cfg.temperature
         ).tokens[0]
 
     prompt = jnp.asarray(encode(cfg.prompt))
-    carry = cell.initial_carry(params["cell"], (cfg.batch_size,))
     n_windows = (train_tracks.shape[1] - 1) // cfg.window
     history: dict[str, list] = {"step": [], "train_bits": [], "val_step": [], "val_bits": [], "val_time": []}
     samples: list[tuple[int, str]] = []
     reached_2: float | None = None
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="char_lm", disable=args.no_progress, leave=False)
+    bar = tqdm(total=cfg.steps, desc="char_lm", disable=no_progress, leave=False)
 
     def evaluate(step: int) -> None:
         nonlocal reached_2
-        bits = float(validation_bits(params, jnp.asarray(val_tracks)))
+        bits = float(validation_bits(params, rows(val_tracks)))
         elapsed = time.perf_counter() - start
         history["val_step"].append(step)
         history["val_bits"].append(bits)
@@ -205,9 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     while step < cfg.steps and time.perf_counter() - start < 60 * cfg.max_minutes:
         w = step % n_windows
         if w == 0:  # back to the start of every track: a fresh carry
-            carry = cell.initial_carry(params["cell"], (cfg.batch_size,))
+            carry = jax.tree.map(rows, cell.initial_carry(params["cell"], (cfg.batch_size,)))
         window = train_tracks[:, w * cfg.window : (w + 1) * cfg.window + 1]
-        params, opt_state, carry, loss = train_step(params, opt_state, carry, jnp.asarray(window))
+        params, opt_state, carry, loss = train_step(params, opt_state, carry, rows(window))
         if step % cfg.eval_every == 0:
             evaluate(step)
         step += 1
@@ -219,10 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluate(step)
     minutes = (time.perf_counter() - start) / 60
 
+    platform = jax.devices()[0].platform
+    devices = "" if mesh is None else f", the tracks split over {mesh.size} {platform} devices"
     print(
         f"\nvalidation {history['val_bits'][-1]:.3f} bits/char after {step} steps in {minutes:.1f} min "
         f"({step * cfg.batch_size * cfg.window:,} training characters); "
         + (f"below 2.0 after {reached_2 / 60:.1f} min" if reached_2 is not None else "not yet below 2.0")
+        + devices
     )
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "char_lm.png")
@@ -232,7 +263,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for s, text in samples:
             f.write(f"--- step {s}\n{cfg.prompt}{text}\n")
     print(f"plot: {path}\nsamples: {sample_path}")
-    return {**history, "samples": samples, "minutes_to_2_bits": None if reached_2 is None else reached_2 / 60}
+    return {
+        **history,
+        "samples": samples,
+        "minutes_to_2_bits": None if reached_2 is None else reached_2 / 60,
+        "steps_per_minute": step / minutes,
+        # the tracks of a window that each device holds: batch_size / devices when they are split
+        "rows_per_device": rows(train_tracks[:, :2]).addressable_shards[0].data.shape[0],
+    }
 
 
 def plot(history: dict[str, list], path: str) -> None:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opt_state = optimizer.init(params)
 
     def encode(params: Any, inputs: jax.Array, in_len: jax.Array) -> rj.HCarry:
-        carry, _ = encoder.apply(params["encoder"], params["in_embed"][inputs], lengths=in_len)
+        carry, _ = encoder.apply(params["encoder"], rj.embed(params["in_embed"], inputs), lengths=in_len)
         both = jnp.concatenate(
             [carry.fw.h, carry.bw.h], axis=-1
         )  # the end of the forward pass, the start of the reverse
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def loss_fn(
         params: Any, inputs: jax.Array, in_len: jax.Array, targets: jax.Array, out_len: jax.Array
     ) -> jax.Array:
-        dec_in = params["out_embed"][rj.seq2seq.shift_right(targets, START)]  # teacher forcing
+        dec_in = rj.embed(params["out_embed"], rj.seq2seq.shift_right(targets, START))  # teacher forcing
         _, hs = rj.unroll(decoder, params["decoder"], dec_in, encode(params, inputs, in_len), lengths=out_len)
         return rj.losses.sequence_cross_entropy(head.apply(params["head"], hs), targets, out_len)
 

@@ -158,6 +158,32 @@ def test_char_lm_quick_learns(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs/char_lm/samples.txt").read_text().startswith("--- step 0\ndef ")
 
 
+def test_char_lm_data_parallel_equals_one_device(tmp_path):
+    """``--data-parallel`` on two host devices: each window's tracks and the carry split over both, and the
+    training follows the one-device run step by step (to float32 rounding of the gradient sums)."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    script = (
+        "import json; from examples import char_lm\n"
+        "args = ['--quick', '--no-progress', '--steps', '40']\n"
+        "print(json.dumps([char_lm.main(args), char_lm.main(args + ['--data-parallel'])]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path])),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "the tracks split over 2 cpu devices" in run.stdout
+    one, two = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (one["rows_per_device"], two["rows_per_device"]) == (16, 8)
+    assert len(one["train_bits"]) == len(two["train_bits"]) == 40
+    np.testing.assert_allclose(two["train_bits"], one["train_bits"], rtol=1e-4)
+    np.testing.assert_allclose(two["val_bits"], one["val_bits"], rtol=1e-4)
+
+
 def test_char_lm_corpus():
     text = "def f(x):\n\treturn x  # é\n"
     tokens = char_lm.encode(text)
