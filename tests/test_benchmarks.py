@@ -42,7 +42,9 @@ def test_rnn_step_quick(tmp_path):
         )
         gemms = config["recurrent_gemms"]  # the per-step GEMMs alone, XLA's and PyTorch's
         assert gemms["gflops"] == 2 * 4 * 8 * G * 8 * 16 / 1e9
-        assert all(gemms[f"{lib}_{way}_ms"] > 0 for lib in ("xla", "torch") for way in ("forward", "backward"))
+        assert all(
+            gemms[f"{lib}_{way}_ms"] > 0 for lib in ("xla", "torch") for way in ("forward", "backward")
+        )
     sweep = record["configs"][0]["unroll"]  # one unroll sweep in quick mode
     assert set(sweep) == {"train", "forward"} and list(sweep["train"]) == ["1", "2", "4", "8"]
     assert all(ms > 0 for kind in sweep.values() for ms in kind.values())
