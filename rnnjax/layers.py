@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
 from rnnjax.driver import _check_cell, unroll
-from rnnjax.sharding import explicit_spec
+from rnnjax.sharding import batch_like, explicit_spec
 
 Array = jax.Array
 PyTree = Any
@@ -292,7 +292,8 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
             if residual and i > 0:
                 ys = ys + xs
             if drop and i < len(layers) - 1:
-                keep = jax.random.bernoulli(k_drop, 1.0 - dropout, ys.shape)
+                # the mask one device would draw, its rows split like ys's on a mesh (the same training)
+                keep = batch_like(jax.random.bernoulli(k_drop, 1.0 - dropout, ys.shape), ys, ys.ndim - 2)
                 ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys))
             carries.append(c)
             xs = ys

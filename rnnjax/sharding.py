@@ -121,6 +121,20 @@ def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
     return jax.tree.map(reshard, tree)
 
 
+def reshard_like(tree: PyTree, types: PyTree) -> PyTree:
+    """``tree``'s leaves resharded to the explicit shardings of the matching leaves of ``types`` (arrays or
+    shape structs, e.g. what one step of a loop gives back) where those differ: a loop's carry must enter
+    typed as it leaves."""
+
+    def reshard(leaf: Array, like: Any) -> Array:
+        want = explicit_spec(like)
+        if want == explicit_spec(leaf):
+            return leaf
+        return jax.sharding.reshard(leaf, PartitionSpec(*(want or ())))
+
+    return jax.tree.map(reshard, tree, types)
+
+
 def batch_like(tree: PyTree, xs: Array, n_batch: int, *others: PyTree) -> PyTree:
     """``tree``'s leaves (``[*batch, ...]``: a carry, a state the library makes from shapes) typed as rows of
     ``xs``: their ``n_batch`` leading axes sharded as those of ``xs`` (`shard_batch_like`), and varying

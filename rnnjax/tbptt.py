@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.sharding import sum_to_type, vary_like
+from rnnjax.sharding import reshard_like, sum_to_type, vary_like
 
 Array = jax.Array
 PyTree = Any
@@ -76,7 +76,7 @@ def _truncated(
     loss_t, grads_t, carry_t = jax.eval_shape(one_chunk, params, carry, first)
     total = vary_like(jnp.zeros((), jnp.result_type(*jax.tree.leaves(params))), loss_t)
     grads = vary_like(jax.tree.map(jnp.zeros_like, params), grads_t)
-    carry = vary_like(carry, carry_t)
+    carry = vary_like(reshard_like(carry, carry_t), carry_t)  # e.g. a replicated carry, a split stream
     if n_full:
         # [B, n_full*K, ...] -> [n_full, B, K, ...]: one scan over the chunks
         chunks = jax.tree.map(

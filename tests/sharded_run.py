@@ -161,6 +161,23 @@ def cases() -> dict[str, Case]:
     out["truncated-bptt"] = Case(
         tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, True, True), "loss-grads-carry"
     )
+    # a replicated initial carry beside a split stream: the chunks' loop takes the carry as one chunk
+    # gives it back (not under shard_map, where a replicated carry is every device's whole batch)
+    out["truncated-bptt-replicated-carry"] = Case(
+        tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, False, True), "loss-grads-carry"
+    )
+    # dropout between layers: the mask one device draws, split like the rows (not under shard_map, where
+    # each device would draw its own)
+    deep = rj.stack(rj.lstm(H), rj.gru(H), dropout=0.5)
+
+    def dropout_loss(p, x, L):
+        return jnp.sum(jnp.sin(deep.apply(p, x, lengths=L, train=True, key=jax.random.key(9))[1]))
+
+    out["stack-dropout"] = Case(
+        jax.value_and_grad(dropout_loss, (0, 1)),
+        (deep.init(jax.random.key(2), I, jnp.float64), xs, lengths),
+        (False, True, True),
+    )
 
     # online learning (RTRL) of a loss on every step through a read-out parameter, against BPTT by autodiff
     targets = jax.random.normal(jax.random.key(6), (B, T), jnp.float64)
