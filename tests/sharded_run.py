@@ -167,7 +167,7 @@ def cases() -> dict[str, Case]:
         tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, False, True), "loss-grads-carry"
     )
     # dropout between layers: the mask one device draws, split like the rows (not under shard_map, where
-    # each device would draw its own)
+    # each device draws a mask of its own rows from the key it is given)
     deep = rj.stack(rj.lstm(H), rj.gru(H), dropout=0.5)
 
     def dropout_loss(p, x, L):
