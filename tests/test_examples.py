@@ -44,24 +44,30 @@ def test_digits_quick_learns(tmp_path, monkeypatch):
     assert (tmp_path / "runs/digits/digits.png").stat().st_size > 0
 
 
-def test_digits_data_parallel_equals_one_device(tmp_path):
-    """``--data-parallel`` on two host devices: every batch split over both, and the training follows the
-    one-device run (the losses and accuracies of each epoch, to float32 rounding of the gradient sums)."""
+def on_two_host_devices(script: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """``python -c script`` in a fresh process whose CPU is split into two XLA devices; it must succeed."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    script = (
-        "import json; from examples import digits\n"
-        "args = ['--quick', '--no-progress', '--cells', 'lstm']\n"
-        "print(json.dumps([digits.main(args)['lstm'], digits.main(args + ['--data-parallel'])['lstm']]))"
-    )
     run = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=tmp_path,
+        cwd=cwd,
         env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path])),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_digits_data_parallel_equals_one_device(tmp_path):
+    """``--data-parallel`` on two host devices: every batch split over both, and the training follows the
+    one-device run (the losses and accuracies of each epoch, to float32 rounding of the gradient sums)."""
+    script = (
+        "import json; from examples import digits\n"
+        "args = ['--quick', '--no-progress', '--cells', 'lstm']\n"
+        "print(json.dumps([digits.main(args)['lstm'], digits.main(args + ['--data-parallel'])['lstm']]))"
+    )
+    run = on_two_host_devices(script, tmp_path)
     assert "each batch split over 2 cpu devices" in run.stdout
     one, two = json.loads(run.stdout.strip().splitlines()[-1])
     assert (one["rows_per_device"], two["rows_per_device"]) == (64, 32)
@@ -161,21 +167,12 @@ def test_char_lm_quick_learns(tmp_path, monkeypatch, capsys):
 def test_char_lm_data_parallel_equals_one_device(tmp_path):
     """``--data-parallel`` on two host devices: each window's tracks and the carry split over both, and the
     training follows the one-device run step by step (to float32 rounding of the gradient sums)."""
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     script = (
         "import json; from examples import char_lm\n"
         "args = ['--quick', '--no-progress', '--steps', '40']\n"
         "print(json.dumps([char_lm.main(args), char_lm.main(args + ['--data-parallel'])]))"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path])),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = on_two_host_devices(script, tmp_path)
     assert "the tracks split over 2 cpu devices" in run.stdout
     one, two = json.loads(run.stdout.strip().splitlines()[-1])
     assert (one["rows_per_device"], two["rows_per_device"]) == (16, 8)
