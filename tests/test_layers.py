@@ -123,6 +123,15 @@ def test_embed(key):
     cot = jax.random.normal(jax.random.key(1), (2, 3, H), jnp.float64)
     d_table = jax.grad(lambda t: jnp.sum(rj.embed(t, ids) * cot))(table)
     np.testing.assert_allclose(d_table, jnp.einsum("btv,bte->ve", jax.nn.one_hot(ids, 7), cot), rtol=1e-14)
+    # and through a recurrence, against autodiff and finite differences (the oracles of rj.gradcheck)
+    cell = rj.gru(H)
+    params = cell.init(key, H, jnp.float64)
+
+    def loss(table, params, grad="manual"):
+        return jnp.sum(jnp.sin(rj.unroll(cell, params, rj.embed(table, ids), grad=grad)[1]))
+
+    report = rj.gradcheck(loss, table, params)
+    assert report.passed, report
     with pytest.raises(ValueError, match=r"table must have shape \[V, E\], got shape \(7,\)"):
         rj.embed(table[:, 0], ids)
     with pytest.raises(TypeError, match="tokens must be an integer array, got dtype float"):
