@@ -44,7 +44,10 @@ backward loop 40% of its time.
 
 For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
 from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
-`jax.vjp` and chains them from ``t = T-1`` down to ``0``.
+`jax.vjp` and chains them from ``t = T-1`` down to ``0``. With the batch split over an explicit mesh (and
+the parameters replicated) that recursion runs per device under `jax.shard_map`, each device on its own
+rows, so that the parameter gradient is summed over the devices once, after the loop, not at every step.
+That relies on what every RNN cell does: its ``step`` treats the rows of the batch independently.
 
 Plain forward mode (``jax.jvp``, ``jax.jacfwd``) does not exist for a `jax.custom_vjp` function;
 `rnnjax.unroll` turns JAX's error into one that points to ``grad="autodiff"``. Forward-over-reverse
@@ -78,7 +81,7 @@ from rnnjax.scan import (
     shift_carries,
     zero_where_not,
 )
-from rnnjax.sharding import sum_to_type, vary_like
+from rnnjax.sharding import batch_split, explicit_spec, reshard_like, sum_to_type, vary_like
 
 Array = jax.Array
 PyTree = Any
@@ -360,6 +363,58 @@ def _stepwise_bwd(
 ) -> tuple[PyTree, Array, PyTree, None]:
     params, xs, carry0, mask, carries = saved
     d_final, d_ys = cotangents
+    backward = partial(_stepwise_backward, cell, reverse, unroll)
+    split = _rows_split(params, xs)
+    if split is None:
+        return (*backward(params, xs, carry0, mask, carries, d_final, d_ys), None)
+    # The batch split over an explicit mesh: each device runs the recursion on its own rows, and the
+    # parameter gradient is summed over the devices once, after the loop (`sum_to_type`). Run globally,
+    # each step's VJP summed its parameter gradient over the batch, and so over the devices: one all-reduce
+    # per step. Rows are independent in every RNN cell's step (masks and lengths are per row too).
+    mesh, rows = split
+    (axes,) = rows
+    time_rows = jax.P(None, axes)  # [T, B, ...] leaves: the carries, the mask
+    specs = (jax.P(), rows, rows, None if mask is None else time_rows, time_rows, rows, rows)
+    per_device = jax.shard_map(
+        backward,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=(jax.P(), rows, rows),
+        axis_names=set(jax.tree.leaves(axes)),
+    )
+    args = (params, xs, carry0, mask, carries, d_final, d_ys)
+    # each argument placed as its spec says, as shard_map requires (a replicated initial carry is split)
+    place = lambda tree, spec: jax.tree.map(lambda a: jax.sharding.reshard(a, spec), tree)  # noqa: E731
+    d_params, d_xs, d_carry0 = per_device(*map(place, args, specs))
+    # typed as the primals are (a replicated initial carry gets a replicated gradient)
+    return d_params, reshard_like(d_xs, xs), reshard_like(d_carry0, carry0), None
+
+
+def _rows_split(params: PyTree, xs: Array) -> tuple[Any, Any] | None:
+    """``(mesh, P(batch axes))`` when ``xs [B, T, I]`` is split over an explicit mesh by its batch axis alone
+    and every parameter is replicated: then each device can run the stepwise backward on its own rows."""
+    split = batch_split(xs)
+    if split is None or any(a is not None for a in explicit_spec(xs)[1:]):
+        return None
+    if any(explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
+        return None
+    return split
+
+
+def _stepwise_backward(
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    carries: PyTree,
+    d_final: PyTree,
+    d_ys: PyTree,
+) -> tuple[PyTree, Array, PyTree]:
+    """``(d params, d xs, d carry0)``: the reverse recursion of `stepwise_bptt_unroll`, per-step VJPs chained
+    from ``t = T-1`` down to ``0``."""
     prevs = shift_carries(carry0, carries, reverse)
 
     def body(acc: tuple[PyTree, PyTree], inp: tuple) -> tuple[tuple[PyTree, PyTree], Array]:
@@ -389,7 +444,7 @@ def _stepwise_bwd(
         unroll=unroll,
     )
     d_xs, d_carry0 = sum_to_type((jnp.swapaxes(d_xs, 0, 1), d_carry0), (xs, carry0))
-    return sum_to_type(d_params, typed), d_xs, d_carry0, None
+    return sum_to_type(d_params, typed), d_xs, d_carry0
 
 
 stepwise_bptt_unroll.defvjp(_stepwise_fwd, _stepwise_bwd)

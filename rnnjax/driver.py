@@ -211,13 +211,16 @@ def _dispatch(
     ``segment`` steps, and restores the axes."""
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     B = math.prod(batch_shape)
-    mask = None if lengths is None else mask_from_lengths(lengths.reshape(B), T)
+    xs = xs.reshape(B, T, I)
+    mask = None
+    if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
+        mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
     args = (
         cell,
         reverse,
         unroll,
         params,
-        xs.reshape(B, T, I),
+        xs,
         _reshape_batch(carry0, len(batch_shape), (B,)),
         mask,
     )

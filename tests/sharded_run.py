@@ -111,6 +111,20 @@ def cases() -> dict[str, Case]:
         (lstm_p, xs, lengths, carry),
         (False, True, True, False),
     )
+    user = user_cell(H)
+    user_p = user.init(jax.random.key(0), I, jnp.float64)
+
+    def user_given_carry(p, x, L, c):
+        masked = rj.unroll(user, p, x, c, lengths=L, reverse=True)[1]
+        return jnp.sum(jnp.sin(masked)) + jnp.sum(jnp.cos(rj.unroll(user, p, x, c)[1]))
+
+    # a user-written cell's backward runs per device on an explicit mesh: a replicated carry and lengths
+    # beside split rows, in reverse, and with no lengths
+    out["user-cell-replicated-carry"] = Case(
+        jax.value_and_grad(user_given_carry, (0, 1, 3)),
+        (user_p, xs, lengths, user.initial_carry(user_p, (B,))._replace(h=jnp.ones((B, H), jnp.float64))),
+        (False, True, False, False),
+    )
     for label, layer in {
         "bidirectional": rj.bidirectional(rj.lstm(H), rj.gru(H)),
         "stack": rj.stack(rj.gru(H), rj.lstm(H), residual=True),

@@ -93,6 +93,9 @@ class Cell(NamedTuple):
     A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
 
         cell = rj.Cell(init=my_init, initial_carry=my_initial_carry, step=my_step)
+
+    Its ``step`` must treat the rows of the batch independently, as every RNN cell does (lengths mask rows
+    one by one; with the batch split over an explicit mesh, its backward runs on each device's own rows).
     """
 
     init: Callable[..., PyTree]
