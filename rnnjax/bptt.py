@@ -208,8 +208,9 @@ def _backward(
         # through the gates, by the cell's hand-derived derivative
         dzx, dzh, d_prev, *aux = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
-        if w_hh_t is not None:
-            d_prev = d_prev._replace(h=d_prev.h + (dzx if dzh is None else dzh) @ w_hh_t)
+        if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
+            dh = reshard_like((dzx if dzh is None else dzh) @ w_hh_t, d_prev.h)
+            d_prev = d_prev._replace(h=d_prev.h + dh)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
         dzh_own = None if dzh is None else dzh[..., k:]  # the columns of dzh that dzx does not hold
@@ -273,8 +274,13 @@ def _backward(
     elif cell.extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
         grads.update(cell.extra_grads(params, grads, dzx, dzh, carries, res, *aux))
-    d_params = sum_to_type(params._replace(**grads), params)
+    # typed as the primals are: e.g. a weight split by its contracted axis gets a gradient split so
+    d_params = reshard_like(sum_to_type(params._replace(**grads), params), params)
     d_xs = sum_to_type(jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1), xs_rows)
+    rows_spec = explicit_spec(xs_rows)  # [T+1, B, I]: xs's, time-major
+    want = None if rows_spec is None else (rows_spec[1], rows_spec[0], rows_spec[2])
+    if explicit_spec(d_xs) != want:
+        d_xs = jax.sharding.reshard(d_xs, jax.P(*(want or ())))
     d_hs = None if d_hs is None else d_hs[o : T + o]
     return d_params, d_xs, sum_to_type(d_carry0, carries), None, d_hs
 

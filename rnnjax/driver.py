@@ -26,7 +26,7 @@ from rnnjax.remat import (
     step_sizes,
 )
 from rnnjax.scan import mask_from_lengths
-from rnnjax.sharding import batch_like
+from rnnjax.sharding import batch_like, explicit_spec
 
 Array = jax.Array
 PyTree = Any
@@ -144,6 +144,7 @@ def unroll(
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
+    _check_explicit_split(params, xs, len(batch_shape))
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
     # on an explicit mesh sharded like xs; inside shard_map varying like the values the steps read
@@ -289,6 +290,31 @@ def _check_xs(xs: Any) -> Array:
             f"xs must have shape [B, T, I] (rank >= 3), got shape {tuple(xs.shape)} of rank {xs.ndim}{hint}"
         )
     return xs
+
+
+def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> None:
+    """A clear error for what a mesh of `jax.sharding.AxisType.Explicit` axes cannot split here: a parameter
+    by its last axis (gates or hidden units: a step would return a carry split by unit, which the time
+    loop's carry, rows of the batch, cannot take), or the time axis of ``xs`` (each step reads one time
+    row). The batch, the input features and a weight's contracted (leading) axis may be split; on
+    `~jax.sharding.AxisType.Auto` axes XLA's partitioner splits any of them."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        spec = explicit_spec(leaf) if hasattr(leaf, "shape") else None
+        if spec is not None and spec[-1] is not None:
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} is split by its last axis (gates or hidden units) over "
+                f"an explicit mesh, as {jax.P(*spec)}; on AxisType.Explicit axes rnnjax splits the batch, "
+                "and a weight only by its contracted (leading) axis. To split hidden units (model "
+                "parallelism), place the arrays on a mesh of AxisType.Auto axes, where XLA's partitioner "
+                "splits the work"
+            )
+    spec = explicit_spec(xs)
+    if spec is not None and spec[n_batch] is not None:
+        raise ValueError(
+            f"xs [B, T, I] is split by its time axis over an explicit mesh, as {jax.P(*spec)}; the time "
+            f"loop reads one step at a time, so T must stay whole: e.g. "
+            f"{jax.P(*spec[:n_batch], None, spec[n_batch + 1])}"
+        )
 
 
 def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array | None:

@@ -380,12 +380,81 @@ def run(kind: str, only: set[str] | None) -> dict[str, dict]:
     return records
 
 
+def run_model_split(only: set[str] | None) -> dict[str, dict]:
+    """Weights split by their contracted (leading) axis over a ``model`` axis, on both kinds of mesh: every
+    cell's training step, hand-derived and autodiff, against one device; each gradient typed as its primal.
+    And the clear errors of an explicit mesh for what it cannot split: a weight's last axis, xs's time."""
+    records: dict[str, dict] = {}
+    for name, make in {**CELLS, "user-cell": user_cell}.items():
+        cell = make(H)
+        params = cell.init(jax.random.key(0), I, jnp.float64)
+        for grad in ("manual", "autodiff"):
+            case = f"{name}-{grad}"
+            if only and case not in only:
+                continue
+            fn = unroll_loss(cell, grad=grad)
+            one = jax.jit(fn)(params, xs, lengths)
+            errors, typed = [], True
+            for axis_type in (AxisType.Explicit, AxisType.Auto):
+                mesh = jax.make_mesh((2,), ("model",), axis_types=(axis_type,))
+
+                def place(a: Any, mesh: Any = mesh) -> Any:
+                    split = a.ndim >= 2 and a.shape[0] % 2 == 0  # a weight: split by its rows
+                    return jax.device_put(a, NamedSharding(mesh, P("model") if split else P()))
+
+                placed = (jax.tree.map(place, params), jax.device_put(xs, NamedSharding(mesh, P())), lengths)
+                explicit = axis_type == AxisType.Explicit
+                with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+                    two = jax.jit(fn)(*placed)
+                errors.append(rel_err(two, one))
+                if explicit:  # the types say how each gradient is split: as its parameter
+                    typed = typed and all(
+                        g.sharding.is_equivalent_to(p.sharding, p.ndim)
+                        for g, p in zip(jax.tree.leaves(two[1][0]), jax.tree.leaves(placed[0]), strict=True)
+                    )
+            records[case] = {"error": max(errors), "grads_typed_as_params": typed}
+    # hidden units split (every parameter by its last axis) on an Auto mesh, where the error below points
+    for name in ("lstm", "gru"):
+        case = f"{name}-units-auto"
+        if only and case not in only:
+            continue
+        cell = CELLS[name](H)
+        params = cell.init(jax.random.key(0), I, jnp.float64)
+        fn = unroll_loss(cell)
+        mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Auto,))
+        specs = {1: P("model"), 2: P(None, "model")}  # every parameter by its last axis, the units'
+        split = [jax.device_put(a, NamedSharding(mesh, specs[a.ndim])) for a in jax.tree.leaves(params)]
+        split = jax.tree.unflatten(jax.tree.structure(params), split)
+        records[case] = {"error": rel_err(jax.jit(fn)(split, xs, lengths), jax.jit(fn)(params, xs, lengths))}
+    # what an explicit mesh refuses, with the message the user sees
+    lstm = rj.lstm(H)
+    lstm_p = lstm.init(jax.random.key(0), I, jnp.float64)
+    mesh = jax.make_mesh((2,), ("model",))
+    refused = {
+        "split-gates": (
+            lstm_p._replace(w_hh=jax.device_put(lstm_p.w_hh, NamedSharding(mesh, P(None, "model")))),
+            xs,
+        ),
+        "split-time": (lstm_p, jax.device_put(xs[:, :6], NamedSharding(mesh, P(None, "model")))),
+    }
+    for case, (p, x) in refused.items():
+        if only and case not in only:
+            continue
+        try:
+            with jax.set_mesh(mesh):
+                rj.unroll(lstm, p, x)
+            records[case] = {"error_message": None}
+        except ValueError as e:
+            records[case] = {"error_message": str(e)}
+    return records
+
+
 if __name__ == "__main__":
     kinds = sys.argv[1].split(",")
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
     print(
         json.dumps(
-            {kind: run(kind, only) for kind in kinds},
+            {kind: run_model_split(only) if kind == "model" else run(kind, only) for kind in kinds},
             default=lambda v: bool(v) if isinstance(v, np.bool_) else v,
         )
     )

@@ -203,3 +203,26 @@ def test_shard_map():
     records = _run("shard_map", SHARD_MAP)
     assert sorted(records) == sorted(SHARD_MAP)
     assert not _failures(records), _failures(records)
+
+
+# weights split by their contracted axis (both meshes), hidden units on an Auto mesh, and the explicit
+# mesh's clear errors for what it cannot split
+MODEL_SPLIT = [f"{name}-{grad}" for name in [*CELLS, "user-cell"] for grad in ("manual", "autodiff")] + [
+    "lstm-units-auto",
+    "gru-units-auto",
+    "split-gates",
+    "split-time",
+]
+
+
+def test_model_split():
+    records = _run("model", MODEL_SPLIT)
+    assert sorted(records) == sorted(MODEL_SPLIT)
+    for case, r in records.items():
+        if "error_message" in r:
+            continue
+        assert r["error"] <= 1e-12, (case, r)
+        assert r.get("grads_typed_as_params", True), (case, r)
+    gates, time = records["split-gates"]["error_message"], records["split-time"]["error_message"]
+    assert gates and "params.w_hh" in gates and "P(None, 'model')" in gates and "AxisType.Auto" in gates
+    assert time and "time axis" in time and "P(None, None, None)" in time

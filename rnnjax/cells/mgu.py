@@ -41,7 +41,7 @@ from rnnjax.cells.base import (
     projection_step,
     uniform_init,
 )
-from rnnjax.sharding import replicated_if_explicit
+from rnnjax.sharding import replicated_if_explicit, reshard_like
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -110,7 +110,7 @@ def mgu(
         f, cand = res[..., :H], res[..., H:]
         h, dh = prev.h, d_new.h
         dah = dh * f * (1 - cand * cand)
-        dfh = dah @ params.u_h.T
+        dfh = reshard_like(dah @ params.u_h.T, dah)  # as dah: a u_h split by rows would split it by unit
         daf = (dh * (cand - h) + dfh * h) * f * (1 - f)
         return jnp.concatenate([daf, dah], axis=-1), daf, HCarry(h=dh * (1 - f) + dfh * f)
 
