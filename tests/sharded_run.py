@@ -233,8 +233,9 @@ def cases() -> dict[str, Case]:
 
     # the gradient check itself (manual against autodiff, RTRL, the complex step, finite differences) of a
     # cell whose xs, lengths and carry are placed on the mesh
-    for name in ("gru", "lru"):
-        cell = CELLS[name](H)
+    # (and of a user-written cell, whose manual backward runs per device on an explicit mesh)
+    for name, make in {"gru": CELLS["gru"], "lru": CELLS["lru"], "user-cell": user_cell}.items():
+        cell = make(H)
         params = cell.init(jax.random.key(0), I, jnp.float64)
         carry = jax.tree.map(lambda a: a + 0.3, cell.initial_carry(params, (B,)))
         out[f"gradcheck-{name}"] = Case(
@@ -393,7 +394,7 @@ def run_model_split(only: set[str] | None) -> dict[str, dict]:
             if only and case not in only:
                 continue
             fn = unroll_loss(cell, grad=grad)
-            one = jax.jit(fn)(params, xs, lengths)
+            one = jax.jit(unroll_loss(cell, grad="autodiff"))(params, xs, lengths)  # jax.grad on one device
             errors, typed = [], True
             for axis_type in (AxisType.Explicit, AxisType.Auto):
                 mesh = jax.make_mesh((2,), ("model",), axis_types=(axis_type,))

@@ -49,6 +49,7 @@ EXPLICIT = [f"{name}-manual" for name in CELLS] + [
     "lyapunov-exponent",
     "gradcheck-gru",
     "gradcheck-lru",
+    "gradcheck-user-cell",
     "greedy",
     "sample-top-k",
     "decoder-step",
