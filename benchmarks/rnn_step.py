@@ -307,7 +307,7 @@ UNROLL_FACTORS = (1, 2, 4, 8)
 def unroll_sweep(config: tuple, rounds: int) -> dict[str, Any]:
     """rnnjax's training step and inference at each of `UNROLL_FACTORS`, interleaved, medians in ms.
 
-    The measurement behind ``unroll=None``, which runs every loop at 1.
+    The measurement behind ``unroll_steps=None``, which runs every loop at 1.
     """
     import jax.numpy as jnp
 
@@ -320,8 +320,8 @@ def unroll_sweep(config: tuple, rounds: int) -> dict[str, Any]:
     xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
     runs = {}
     for u in UNROLL_FACTORS:
-        train = rnnjax_step(cell_name, B, T, I, H, unroll=u)
-        forward = jax.jit(lambda p, x, u=u: rj.unroll(cell, p, x, unroll=u)[1])
+        train = rnnjax_step(cell_name, B, T, I, H, unroll_steps=u)
+        forward = jax.jit(lambda p, x, u=u: rj.unroll(cell, p, x, unroll_steps=u)[1])
         runs[("train", u)] = train.step
         runs[("forward", u)] = lambda f=forward: jax.block_until_ready(f(params, xs))
     ms = interleaved(runs, rounds)
@@ -484,8 +484,8 @@ def markdown(record: dict[str, Any]) -> str:
         factors = list(sweeps[0]["unroll"]["train"])
         lines += [
             "",
-            "rnnjax manual at each unroll factor (`rj.unroll(..., unroll=k)`), median ms; the default "
-            "(`unroll=None`) runs every loop at 1:",
+            "rnnjax manual at each unroll factor (`rj.unroll(..., unroll_steps=k)`), median ms; the default "
+            "(`unroll_steps=None`) runs every loop at 1:",
             "",
             "| config | "
             + " | ".join(f"train, {u}" for u in factors)

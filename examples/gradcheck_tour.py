@@ -70,7 +70,7 @@ def lstm_with_bug(H: int) -> rj.Cell:
         f = act[..., H : 2 * H]
         return dz, dzh, d_prev._replace(c=d_prev.c / f)  # dc_{t-1} = dc, where it should be dc ⊙ f
 
-    return good._replace(gates_bwd=gates_bwd, name="lstm with a planted bug")
+    return good.replace(gates_bwd=gates_bwd, name="lstm with a planted bug")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ batch dimensions into one, builds the length mask, and dispatches to the hand-de
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,10 @@ from rnnjax.sharding import batch_like, explicit_spec
 Array = jax.Array
 PyTree = Any
 
-GRAD_MODES: tuple[str, ...] = ("manual", "autodiff")
-SCHEDULES: tuple[str, ...] = ("binomial", "nested")
+GradMode = Literal["manual", "autodiff"]
+Schedule = Literal["binomial", "nested"]
+GRAD_MODES: tuple[str, ...] = get_args(GradMode)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def unroll(
@@ -40,14 +42,15 @@ def unroll(
     params: PyTree,
     xs: Array,
     carry: PyTree | None = None,
+    *,
     lengths: Array | None = None,
     reverse: bool = False,
-    grad: str = "manual",
-    unroll: int | bool | None = None,
-    checkpoint: int | str | None = None,
-    probe: Array | None = None,
+    grad: GradMode = "manual",
+    unroll_steps: int | bool | None = None,
+    checkpoint: int | Literal["sqrt", "none"] | None = None,
     budget: int | None = None,
-    schedule: str | None = None,
+    schedule: Schedule | None = None,
+    probe: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -68,7 +71,8 @@ def unroll(
       params: the cell's params, e.g. from ``cell.init(key, input_size=I)``.
       xs: ``[B, T, I]`` floating-point inputs, batch-major. More leading batch dimensions are allowed:
         ``[B1, B2, ..., T, I]``.
-      carry: the initial carry (leaves ``[B, H]``, e.g. ``LSTMCarry(h, c)``); None means zeros.
+      carry: the initial carry (leaves ``[B, H]``, e.g. ``LSTMCarry(h, c)``); None means zeros. The
+        arguments after it are keyword-only.
       lengths: ``[B]`` integers in ``[0, T]``. Steps ``t >= lengths[b]`` leave row ``b``'s carry unchanged
         and output zeros, so the final carry is the carry after the last valid step (the initial carry when
         ``lengths[b] == 0``). None means every step is valid.
@@ -78,10 +82,9 @@ def unroll(
         `jax.hessian` (forward-over-reverse) differentiates that backward in forward mode, but plain forward
         mode (`jax.jvp`, `jax.jacfwd`) raises a TypeError. ``"autodiff"``: JAX differentiates the same
         forward scan, in either mode.
-      unroll: `jax.lax.scan`'s unroll factor for the time loops (forward and backward). None (default): 1.
-        On 2 CPU cores no factor made inference or the training step faster at every shape measured, and
-        4 slowed the cells without a recurrent GEMM (IndRNN, minGRU, minLSTM) by 17–70%. Pass an int for
-        your own shape and device (``python -m benchmarks.rnn_step`` sweeps it).
+      unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (forward and backward). None
+        (default): 1, which no other factor beat consistently on CPU. Pass an int tuned for your own shape
+        and device (``python -m benchmarks.rnn_step`` sweeps it).
       checkpoint: None (default) or ``"none"`` keeps every step's residuals for the backward. An int K
         keeps only the carry every K steps and recomputes each segment in the backward (`rnnjax.remat`);
         ``"sqrt"`` uses K = ⌈√T⌉, for residual memory O(√T) at the cost of one more forward pass.
@@ -121,7 +124,7 @@ def unroll(
     _check_cell(cell)
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
-    _check_unroll(unroll)
+    _check_unroll_steps(unroll_steps)
     if isinstance(checkpoint, str) and checkpoint == "none":
         checkpoint = None
     if checkpoint is not None:
@@ -169,14 +172,16 @@ def unroll(
     if probe is not None:
         impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
     plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
-    if unroll is None and not plain_bptt:
-        unroll = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
+    if unroll_steps is None and not plain_bptt:
+        unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
     segment = None if checkpoint is None else segment_length(checkpoint, T)
     # the memory-saving schedules run uncompiled: jit's transpose makes the cotangent of an unused ys a
     # zero array [B, T, H], whose O(T) memory they exist to avoid (3x the compiled temp memory at T=4096)
     run = _run if plan is None and not nesting and segment is None else _dispatch
     try:
-        return run(impl, cell, reverse, unroll, plan, nesting, segment, params, xs, carry0, lengths, probe)
+        return run(
+            impl, cell, reverse, unroll_steps, plan, nesting, segment, params, xs, carry0, lengths, probe
+        )
     except TypeError as e:
         if plan is not None and "forward-mode" in str(e):
             raise TypeError(
@@ -245,35 +250,23 @@ _run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 
 def _check_cell(cell: Any, what: str = "cell") -> Cell:
-    """``cell`` if it is a `Cell` that can be a static argument of `jax.jit` (hashable), else a clear error.
-
-    Every public function compiles its program with the cell static (`_run`), so a cell must hash; a
-    user-written cell with, say, a list among its fields would otherwise fail deep inside JAX.
-    """
+    """``cell`` if it is a `Cell`, else a clear error. (A `Cell` hashes by construction, so that it can be a
+    static argument of the compiled programs.)"""
     if not isinstance(cell, Cell):
         raise TypeError(
             f"{what} must be an rnnjax Cell (rj.elman, rj.lstm, rj.gru or rj.Cell(...)), "
             f"got {type(cell).__name__}"
         )
-    for field, value in zip(cell._fields, cell, strict=True):
-        try:
-            hash(value)
-        except TypeError as e:
-            raise TypeError(
-                f"{what}.{field} must be hashable (rnnjax compiles a cell as a static argument of jax.jit), "
-                f"got a {type(value).__name__}: {e}. Use a tuple for a list, and a function or a frozen "
-                f"dataclass rather than an object with mutable state."
-            ) from None
     return cell
 
 
-def _check_unroll(unroll: Any) -> None:
-    if unroll is None:
+def _check_unroll_steps(unroll_steps: Any) -> None:
+    if unroll_steps is None:
         return
-    if isinstance(unroll, (bool, np.bool_)):
+    if isinstance(unroll_steps, (bool, np.bool_)):
         return
-    if not isinstance(unroll, (int, np.integer)) or unroll < 1:
-        raise ValueError(f"unroll must be an int >= 1 or a bool, got {unroll!r}")
+    if not isinstance(unroll_steps, (int, np.integer)) or unroll_steps < 1:
+        raise ValueError(f"unroll_steps must be an int >= 1 or a bool, got {unroll_steps!r}")
 
 
 def _check_xs(xs: Any) -> Array:

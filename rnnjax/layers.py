@@ -23,6 +23,7 @@ A `Layer` is the second abstraction beside `Cell`, a NamedTuple of pure function
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,18 +41,31 @@ PyTree = Any
 MERGES: tuple[str, ...] = ("concat", "sum")
 
 
-class Layer(NamedTuple):
+LAYER_KINDS: tuple[str, ...] = ("rnn", "bidirectional", "stack", "time_major")
+
+# the options of `rj.unroll` that a layer's ``apply`` passes on to every recurrence inside it
+UNROLL_OPTIONS: tuple[str, ...] = ("checkpoint", "budget", "schedule", "unroll_steps")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layer:
     """A sequence layer: ``apply(params, xs [B, T, I], ...) -> (carry, ys [B, T, output_size])``.
 
+    Layers are static structure like `Cell` s: frozen, hashable, with no pytree leaves; the built-in layers
+    compare equal by ``kind``, ``children`` and ``options`` (``rj.rnn(rj.lstm(8)) == rj.rnn(rj.lstm(8))``).
+
     Attributes:
-      init: ``init(key, input_size, dtype=jnp.float32) -> params``.
-      apply: ``apply(params, xs, *, carry=None, lengths=None, grad="manual", key=None, train=False)
-        -> (carry, ys)``; ``key`` and ``train`` drive dropout (layers without dropout ignore them).
+      init: ``init(key, input_size, dtype=None) -> params`` (``None``: JAX's default float dtype).
+      apply: ``apply(params, xs, *, carry=None, lengths=None, grad="manual", key=None, train=False,
+        checkpoint=None, budget=None, schedule=None, unroll_steps=None) -> (carry, ys)``; ``key`` and
+        ``train`` drive dropout (layers without dropout ignore them); the last four are `rj.unroll` 's,
+        passed to every recurrence inside.
       initial_carry: ``initial_carry(params, batch_shape) -> carry`` (zeros).
       output_size: the feature size of ``ys``.
       name: a short description.
-      kind: ``"rnn"``, ``"bidirectional"``, ``"stack"`` or ``"time_major"``; with ``children`` and
-        ``options`` it describes the layer to tools such as `rnnjax.to_torch`.
+      kind: ``"rnn"``, ``"bidirectional"``, ``"stack"`` or ``"time_major"`` (`LAYER_KINDS`); with
+        ``children`` and ``options`` it describes the layer to tools such as `rnnjax.to_torch`.
       children: the cells (``rnn``: one; ``bidirectional``: forward, backward) or layers it is made of.
       options: ``(name, value)`` pairs of the layer's settings.
     """
@@ -65,9 +79,31 @@ class Layer(NamedTuple):
     children: tuple
     options: tuple = ()
 
+    def _key(self) -> tuple:
+        if self.kind in LAYER_KINDS:  # its functions are written from these
+            return (self.kind, self.children, self.options, self.output_size)
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def option(self, name: str) -> Any:
         """The value of one of the layer's ``options``."""
         return dict(self.options)[name]
+
+
+def _unroll_options(options: dict[str, Any], what: str) -> dict[str, Any]:
+    """The `UNROLL_OPTIONS` given to a layer's ``apply``, or a TypeError naming the ones it accepts."""
+    unknown = sorted(set(options) - set(UNROLL_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{what}.apply got unexpected keyword argument(s) {unknown}; it accepts carry, lengths, grad, "
+            f"key, train and rj.unroll's {UNROLL_OPTIONS}"
+        )
+    return options
 
 
 class BidirectionalParams(NamedTuple):
@@ -93,13 +129,14 @@ def _output_size(cell: Cell) -> int:
     return cell.output_size
 
 
-def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool | None = None) -> Layer:
+def rnn(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool | None = None) -> Layer:
     """Lifts a cell to a layer: `rj.unroll` over the whole sequence.
 
     Args:
       cell: the cell.
       reverse: run from the last step to the first (from ``lengths[b] - 1`` with lengths).
-      unroll_factor: `rj.unroll`'s ``unroll`` (None: its default).
+      unroll_steps: `rj.unroll` 's ``unroll_steps`` (None: its default); ``apply(..., unroll_steps=)``
+        overrides it.
 
     Example:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -120,10 +157,10 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool | None =
         grad: str = "manual",
         key: Array | None = None,
         train: bool = False,
+        **options: Any,
     ) -> tuple[PyTree, Array]:
-        return unroll(
-            cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, unroll=unroll_factor
-        )
+        options = {"unroll_steps": unroll_steps, **_unroll_options(options, "rnn")}
+        return unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, **options)
 
     return Layer(
         init=cell.init,
@@ -133,7 +170,7 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll_factor: int | bool | None =
         name=f"rnn({cell.name}{', reverse' if reverse else ''})",
         kind="rnn",
         children=(cell,),
-        options=(("reverse", reverse),),
+        options=(("reverse", reverse), ("unroll_steps", unroll_steps)),
     )
 
 
@@ -167,7 +204,7 @@ def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "c
             f"merge='sum' needs equal hidden sizes in both directions, got H_fw={h_fw} and H_bw={h_bw}"
         )
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> BidirectionalParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> BidirectionalParams:
         k_fw, k_bw = jax.random.split(key)
         return BidirectionalParams(
             cell_fw.init(k_fw, input_size, dtype), cell_bw.init(k_bw, input_size, dtype)
@@ -187,15 +224,19 @@ def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "c
         grad: str = "manual",
         key: Array | None = None,
         train: bool = False,
+        **options: Any,
     ) -> tuple[BidirectionalCarry, Array]:
+        options = _unroll_options(options, "bidirectional")
         if carry is not None and not isinstance(carry, BidirectionalCarry):
             raise TypeError(
                 "carry of a bidirectional layer must be a BidirectionalCarry(fw, bw), "
                 f"got {type(carry).__name__}"
             )
         c_fw, c_bw = (None, None) if carry is None else carry
-        f_fw, ys_fw = unroll(cell_fw, params.fw, xs, c_fw, lengths=lengths, grad=grad)
-        f_bw, ys_bw = unroll(cell_bw, params.bw, xs, c_bw, lengths=lengths, reverse=True, grad=grad)
+        f_fw, ys_fw = unroll(cell_fw, params.fw, xs, c_fw, lengths=lengths, grad=grad, **options)
+        f_bw, ys_bw = unroll(
+            cell_bw, params.bw, xs, c_bw, lengths=lengths, reverse=True, grad=grad, **options
+        )
         ys = jnp.concatenate([ys_fw, ys_bw], axis=-1) if merge == "concat" else ys_fw + ys_bw
         return BidirectionalCarry(f_fw, f_bw), ys
 
@@ -247,7 +288,7 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
                     f"output size ({layers[i].output_size})"
                 )
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> tuple:
+    def init(key: Array, input_size: int, dtype: Any = None) -> tuple:
         keys = jax.random.split(key, len(layers))
         sizes = [input_size] + [layer.output_size for layer in layers[:-1]]
         return tuple(layer.init(k, n, dtype) for layer, k, n in zip(layers, keys, sizes, strict=True))
@@ -264,7 +305,9 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
         grad: str = "manual",
         key: Array | None = None,
         train: bool = False,
+        **options: Any,
     ) -> tuple[tuple, Array]:
+        options = _unroll_options(options, "stack")
         if not isinstance(params, (tuple, list)) or len(params) != len(layers):
             raise ValueError(
                 f"params of a stack of {len(layers)} layers must be a tuple of {len(layers)} params"
@@ -288,6 +331,7 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
                 grad=grad,
                 key=k_layer,
                 train=train,
+                **options,
             )
             if residual and i > 0:
                 ys = ys + xs
@@ -320,7 +364,9 @@ def time_major(layer: Layer) -> Layer:
         carry, ys = layer.apply(params, jnp.swapaxes(xs, 0, 1), **kwargs)
         return carry, jnp.swapaxes(ys, 0, 1)
 
-    return layer._replace(apply=apply, name=f"time_major({layer.name})", kind="time_major", children=(layer,))
+    return dataclasses.replace(
+        layer, apply=apply, name=f"time_major({layer.name})", kind="time_major", children=(layer,)
+    )
 
 
 class DenseParams(NamedTuple):
@@ -330,12 +376,22 @@ class DenseParams(NamedTuple):
     b: Array  # [O]
 
 
-class Dense(NamedTuple):
-    """A dense read-out ``y = x w + b`` over the last axis (any leading axes, e.g. ``[B, T, I]``)."""
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dense:
+    """A dense read-out ``y = x w + b`` over the last axis (any leading axes, e.g. ``[B, T, I]``).
+
+    Static structure, equal by ``output_size`` (``rj.dense(10) == rj.dense(10)``)."""
 
     init: Callable[..., DenseParams]
     apply: Callable[[DenseParams, Array], Array]
     output_size: int
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.output_size == other.output_size  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(("dense", self.output_size))
 
 
 def dense(output_size: int) -> Dense:
@@ -350,7 +406,7 @@ def dense(output_size: int) -> Dense:
     """
     O = check_hidden_size(output_size)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> DenseParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> DenseParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         bound = 1.0 / I**0.5

@@ -166,7 +166,7 @@ def test_budget_runs_the_binomial_schedule(key):
 
 def _temp_memory(T: int, **kwargs) -> int:
     cell = rj.lstm(32)
-    params = cell.init(jax.random.key(0), 16)
+    params = cell.init(jax.random.key(0), 16, jnp.float32)
     xs = jnp.ones((4, T, 16), jnp.float32)
     # many-to-one, xs an argument that is not differentiated: what grows with T is what BPTT keeps
     step = jax.jit(jax.grad(lambda p, x: jnp.sum(rj.unroll(cell, p, x, **kwargs)[0].h ** 2)))
@@ -178,7 +178,7 @@ def test_binomial_keeps_its_budget_and_recomputes_less_than_nested():
     (the model is calibrated to over-count), and fewer recomputed steps than the nested schedule's two
     passes. Ten times the budget holds every snapshot: one recomputation of each leaf, no advances."""
     cell = rj.lstm(32)
-    params = cell.init(jax.random.key(0), 16)
+    params = cell.init(jax.random.key(0), 16, jnp.float32)
     sizes = step_sizes(cell, params, cell.initial_carry(params, (4,)), jnp.ones((4, 1, 16), jnp.float32))
     T = 4096
     budget, ks = _best_nesting(T, 2, sizes)

@@ -100,7 +100,7 @@ def _planted_bug_cell(H: int) -> rj.Cell:
         flip = jnp.concatenate([jnp.ones(H), -jnp.ones(H), jnp.ones(H)]).astype(dzx.dtype)  # the z gate
         return dzx * flip[None], dzh * flip[None], d_prev, *aux
 
-    return good._replace(gates_bwd=gates_bwd, name="gru-with-bug")
+    return good.replace(gates_bwd=gates_bwd, name="gru-with-bug")
 
 
 def test_catches_a_planted_bug(key):
@@ -201,7 +201,7 @@ def _lstm_with_bug(H, where):
             return dzx * flip[None], None if dzh is None else dzh * flip[None], d_prev
         return dzx, dzh, d_prev._replace(c=-d_prev.c)
 
-    return good._replace(gates_bwd=gates_bwd, name=f"lstm-bug-{where}")
+    return good.replace(gates_bwd=gates_bwd, name=f"lstm-bug-{where}")
 
 
 @pytest.mark.parametrize("reverse", [False, True])

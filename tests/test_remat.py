@@ -59,7 +59,7 @@ def test_checkpointed_user_cell(key):
 
 def _temp_memory(T: int, checkpoint, budget=None) -> int:
     cell = rj.lstm(32)
-    params = cell.init(jax.random.key(0), 16)
+    params = cell.init(jax.random.key(0), 16, jnp.float32)
     xs = jnp.ones((4, T, 16), jnp.float32)
     kwargs = {"checkpoint": checkpoint} if budget is None else {"budget": budget, "schedule": "nested"}
     # many-to-one: the loss needs no O(T) outputs, so what grows with T is what BPTT keeps
@@ -124,7 +124,7 @@ def test_budget_bounds_compiled_memory_and_beats_sqrt():
     from rnnjax.remat import _best_nesting, budget_schedule, step_sizes
 
     cell = rj.lstm(32)
-    params = cell.init(jax.random.key(0), 16)
+    params = cell.init(jax.random.key(0), 16, jnp.float32)
     sizes = step_sizes(cell, params, cell.initial_carry(params, (4,)), jnp.ones((4, 1, 16), jnp.float32))
     budget, ks = _best_nesting(4096, 2, sizes)
     assert budget_schedule(4096, budget, sizes) == ks and len(ks) == 2

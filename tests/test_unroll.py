@@ -231,7 +231,7 @@ def test_unroll_factor_changes_nothing(unroll, key):
     params, xs, carry = random_problem(cell, key, B, T, I)
 
     def loss(p, u):
-        return jnp.sum(rj.unroll(cell, p, xs, carry, lengths=jnp.array([7, 0, 3, 1]), unroll=u)[1] ** 2)
+        return jnp.sum(rj.unroll(cell, p, xs, carry, lengths=jnp.array([7, 0, 3, 1]), unroll_steps=u)[1] ** 2)
 
     assert rel_err(jax.grad(loss)(params, unroll), jax.grad(loss)(params, 1)) <= 1e-13
 
@@ -252,12 +252,12 @@ def test_default_unroll_is_one_for_every_loop(name, key):
         return rj.unroll(cell, p, xs, carry, lengths=lengths, **kw)[1]
 
     assert _unroll_factors(ys, params) == ["1"]
-    assert _unroll_factors(lambda p: ys(p, unroll=4), params) == ["4"]
-    assert rel_err(ys(params), ys(params, unroll=4)) <= 1e-14
+    assert _unroll_factors(lambda p: ys(p, unroll_steps=4), params) == ["4"]
+    assert rel_err(ys(params), ys(params, unroll_steps=4)) <= 1e-14
     assert set(_unroll_factors(jax.grad(lambda p: jnp.sum(ys(p) ** 2)), params)) == {"1"}
     assert set(_unroll_factors(lambda p: ys(p, grad="autodiff"), params)) == {"1"}
     assert set(_unroll_factors(lambda p: ys(p, checkpoint=2), params)) == {"1"}
-    assert set(_unroll_factors(lambda p: ys(p, unroll=2), params)) == {"2"}
+    assert set(_unroll_factors(lambda p: ys(p, unroll_steps=2), params)) == {"2"}
 
 
 def test_compiles_once_per_shape(key):
@@ -332,7 +332,7 @@ def test_init_options(key):
     p = rj.gru(4, w_ih_init=ones, w_hh_init=ones, b_init=ones).init(key, 3, jnp.float64)
     assert p.w_ih.dtype == jnp.float64 and float(p.w_hh.min()) == 1 and float(p.b_hn.min()) == 1
     assert jax.tree.map(jnp.shape, rj.elman(4).init(key, 3)) == rj.ElmanParams((3, 4), (4, 4), (4,))
-    assert rj.elman(4).init(key, 3).w_ih.dtype == jnp.float32  # float32 unless told otherwise
+    assert rj.elman(4).init(key, 3).w_ih.dtype == jnp.float64  # JAX's default float dtype (x64 here)
 
 
 def test_lru_with_a_dense_read_out_is_the_papers_layer(key):
@@ -385,7 +385,7 @@ def test_shared_buffer_is_never_copied_in_a_loop(name, unroll, key):
     lengths = jnp.array([T, 0, 3, 1, T - 2, T, 5, T])
 
     def loss(p, x):
-        return jnp.sum(rj.unroll(cell, p, x, carry, lengths=lengths, unroll=unroll)[1] ** 2)
+        return jnp.sum(rj.unroll(cell, p, x, carry, lengths=lengths, unroll_steps=unroll)[1] ** 2)
 
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, xs).compile().as_text()
     computation, copies = None, []

@@ -1,6 +1,6 @@
 """Built-in cells, one file per family: forward step and hand-derived backward side by side."""
 
-from rnnjax.cells.base import Cell, HCarry, LSTMCarry
+from rnnjax.cells.base import Cell, GatesBackward, HCarry, HiddenCarry, LSTMCarry, ProjectionParams
 from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
 from rnnjax.cells.indrnn import IndRNNParams, indrnn
@@ -18,7 +18,9 @@ __all__ = [
     "Cell",
     "ElmanParams",
     "GRUParams",
+    "GatesBackward",
     "HCarry",
+    "HiddenCarry",
     "IndRNNParams",
     "LRUParams",
     "LSTMCarry",
@@ -29,6 +31,7 @@ __all__ = [
     "MinLSTMParams",
     "PeepholeLSTMParams",
     "ProjectedLSTMParams",
+    "ProjectionParams",
     "elman",
     "gru",
     "indrnn",

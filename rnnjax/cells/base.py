@@ -1,26 +1,33 @@
-"""The `Cell` type: a recurrent cell as a NamedTuple of pure functions.
+"""The `Cell` type: a recurrent cell as three pure functions, plus an optional hand-derived backward.
 
 A cell is what `jax.lax.scan` steps over time::
 
     carry, y = cell.step(params, carry, x)        # x [B, I] -> y [B, H]
 
-Any `step` works with `rj.unroll` and `rj.gradcheck`. The built-in cells (`elman`, `lstm`, `gru`) also supply
-the pieces that the hand-derived BPTT driver needs: every one of them is an affine input projection, an affine
+Any `step` works with `rj.unroll` and `rj.gradcheck`. The built-in cells also supply a `GatesBackward`, the
+pieces that the hand-derived BPTT driver needs: every one of them is an affine input projection, an affine
 recurrent projection and an elementwise "gates" function,
 
     zx_t = x_t w_ih + b          [B, G]   (hoisted: one GEMM over all T before the time loop)
     zh_t = h_{t-1} w_hh          [B, G]   (the only GEMM inside the loop)
     carry_t, res_t = gates(params, zx_t, zh_t, carry_{t-1})
 
-and `gates_bwd` is the hand-derived derivative of `gates` (see each cell's module). A cell whose params have
-no ``w_hh`` (a diagonal recurrence like `indrnn`, or none at all like `mingru`) gets ``zh_t = None`` and
-does its recurrence inside ``gates``.
+and `GatesBackward.gates_bwd` is the hand-derived derivative of `gates` (see each cell's module). A cell
+whose params have no ``w_hh`` (a diagonal recurrence like `indrnn`, or none at all like `mingru`) gets
+``zh_t = None`` and does its recurrence inside ``gates``. A cell with a `GatesBackward` has its ``step``
+written from its ``gates`` (`projection_step`), so that training and decoding cannot disagree.
+
+Cells are static structure: frozen, hashable, with no pytree leaves (`jax.tree_util.register_static`), so a
+cell may be an argument of `jax.jit`, `jax.grad` and `jax.vmap`, or a field of an Equinox module. Built-in
+cells compare equal by their configuration (``rj.lstm(8) == rj.lstm(8)``), so a rebuilt cell hits the
+compilation cache; a user-written cell compares by its functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -44,55 +51,134 @@ class LSTMCarry(NamedTuple):
     c: Array  # [B, H]
 
 
-class Cell(NamedTuple):
-    """A recurrent cell: pure functions over a parameter pytree.
+@runtime_checkable
+class HiddenCarry(Protocol):
+    """What the hand-derived backward reads of a carry: a NamedTuple with the hidden state ``h [B, H]``
+    (more fields, such as the LSTM's ``c``, may follow)."""
+
+    h: Array
+
+    def _replace(self, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class ProjectionParams(Protocol):
+    """What the hand-derived backward reads of a cell's params: a NamedTuple with the input weights
+    ``w_ih [I, G]``; ``w_hh [H, G]`` and ``b [G]`` where the cell has them (the driver reads them with
+    ``hasattr``), and any further per-cell fields (e.g. the GRU's ``b_hn``), whose gradients
+    `GatesBackward.extra_grads` computes."""
+
+    w_ih: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GatesBackward:
+    """The optional hand-derived backward of a cell: its gate math and the derivative of that math.
+
+    The hand-derived BPTT driver (`rnnjax.bptt`) runs every cell that has one; a cell without one is
+    differentiated step by step through `jax.vjp` of its ``step``. The params must be `ProjectionParams`
+    (``w_ih``, and ``w_hh``/``b`` where present) and the carry a `HiddenCarry` (a NamedTuple with ``h``).
 
     Attributes:
-      init: ``init(key, input_size, dtype=jnp.float32) -> params``.
-      initial_carry: ``initial_carry(params, batch_shape=()) -> carry``, zeros (S0 = 0).
-      step: ``step(params, carry, x) -> (carry, y)``, one time step; ``x [B, I]``.
-      hidden_size: H, where the cell has one.
-      name: a short human-readable name, used in reports.
-      gates: built-ins only. ``gates(params, zx [B, G], zh [B, G], carry) -> (carry, res)``.
-      gates_bwd: built-ins only. ``gates_bwd(params, res, carry_prev, carry_new, d_carry_new)
+      gates: ``gates(params, zx [B, G], zh [B, G] or None, carry) -> (carry, res)``: one step from the
+        projected input ``zx = x w_ih + b`` and the recurrent product ``zh = h w_hh``; ``res`` is whatever
+        the backward needs of the step (e.g. the LSTM's activations ``[B, 4H]``).
+      gates_bwd: ``gates_bwd(params, res, carry_prev, carry_new, d_carry_new)
         -> (dzx [B, G], dzh [B, G] or None, d_carry_prev)``; ``dzh=None`` means ``dzh == dzx``, and
         ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``). It may return
-        a fourth element, ``aux``: any per-step pytree that `extra_grads` needs besides the gate gradients
+        a fourth element, ``aux``: any per-step pytree that ``extra_grads`` needs besides the gate gradients
         (e.g. ``dh_t`` for a projection's weight, the normalised gates' gradient for layer norm gains).
-      extra_grads: built-ins only. ``extra_grads(params, grads, dzx, dzh, prevs, res[, aux]) -> dict`` of
-        gradients of the parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the MGU's ``u_h``,
-        IndRNN's ``u``), once over all T after the backward loop, from the driver's gradients of those
-        (``grads``, a dict by field name) and every step's gate gradients ``dzx``/``dzh``, entering carry
-        ``prevs``, residuals ``res`` and, when ``gates_bwd`` returns one, ``aux``; or None. Every stacked
-        leaf has T + 1 rows, in the same order for all: one per step, and one spare row where ``dzx``,
-        ``dzh``, ``res`` and ``aux`` are zero and ``prevs`` holds the final carry. So a sum over all rows
-        is a sum over the steps, and nothing is sliced (a slice of the T steps' rows is a copy).
-      extra_from_aux: built-ins only: True when ``extra_grads`` reads only ``params``, ``grads`` and
-        ``aux`` (it is then given None for ``dzx``, ``dzh``, ``prevs`` and ``res``). Per-unit parameters do
-        so with ``aux`` summed over the batch in the loop (`batch_sum`; the GRU's ``b_hn``, the peepholes,
-        the layer-norm gains). The backward may then write each step's ``dzx`` over its residuals
+      gate_names: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``, ``w_hh`` and
+        ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them, and the time
+        loops read each projected row (and each residual as wide) by these blocks
+        (`rnnjax.scan.read_row`), so that ``gates`` and ``gates_bwd`` should slice them by the same blocks.
+      extra_grads: ``extra_grads(params, grads, dzx, dzh, prevs, res[, aux]) -> dict`` of gradients of the
+        parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the MGU's ``u_h``, IndRNN's ``u``),
+        once over all T after the backward loop, from the driver's gradients of those (``grads``, a dict
+        by field name) and every step's gate gradients ``dzx``/``dzh``, entering carry ``prevs``,
+        residuals ``res`` and, when ``gates_bwd`` returns one, ``aux``; or None. Every stacked leaf has
+        T + 1 rows, in the same order for all: one per step, and one spare row where ``dzx``, ``dzh``,
+        ``res`` and ``aux`` are zero and ``prevs`` holds the final carry. So a sum over all rows is a sum
+        over the steps, and nothing is sliced (a slice of the T steps' rows is a copy).
+      extra_from_aux: True when ``extra_grads`` reads only ``params``, ``grads`` and ``aux`` (it is then
+        given None for ``dzx``, ``dzh``, ``prevs`` and ``res``). Per-unit parameters do so with ``aux``
+        summed over the batch in the loop (`batch_sum`; the GRU's ``b_hn``, the peepholes, the layer-norm
+        gains). The backward may then write each step's ``dzx`` over its residuals
         (`rnnjax.scan.residual_slot`). The LRU's ``d γ_log`` comes from ``grads``: γ scales ``zx``.
-      check_params: built-ins only. ``check_params(params, input_size, dtype)`` raises a clear error
-        when ``params`` do not fit the cell.
-      diagonal: built-ins only: 0, or r for a cell whose carry is `HCarry(h [B, r·N])` made of N independent
-        units of r entries (``h[:, a·N + j]`` is unit j's entry a: ``∂h_t/∂h_{t-1}`` is block-diagonal),
-        whose gate column g feeds only unit ``g mod N``, and whose parameters besides ``w_ih`` and ``b``
-        have one entry per unit ([N]). `rnnjax.rtrl_value_and_grad` then keeps r sensitivities per
-        parameter. 1 for `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts). The
-        backward reads the carries and the output gradients by these r blocks (`rnnjax.scan.read_row`).
+      dzh_shared: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals its ``dzx``
+        (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every step (the
+        GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
+      diagonal: 0, or r for a cell whose carry is `HCarry(h [B, r·N])` made of N independent units of r
+        entries (``h[:, a·N + j]`` is unit j's entry a: ``∂h_t/∂h_{t-1}`` is block-diagonal), whose gate
+        column g feeds only unit ``g mod N``, and whose parameters besides ``w_ih`` and ``b`` have one
+        entry per unit ([N]). `rnnjax.rtrl_value_and_grad` then keeps r sensitivities per parameter. 1 for
+        `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts). The backward reads the
+        carries and the output gradients by these r blocks (`rnnjax.scan.read_row`).
+    """
+
+    gates: Callable[..., tuple[PyTree, PyTree]]
+    gates_bwd: Callable[..., tuple[Any, ...]]
+    gate_names: tuple[str, ...] = ()
+    extra_grads: Callable[..., dict[str, Array]] | None = None
+    extra_from_aux: bool = False
+    dzh_shared: int = 0
+    diagonal: int = 0
+
+    def __post_init__(self) -> None:
+        for field in ("gates", "gates_bwd"):
+            if not callable(getattr(self, field)):
+                raise TypeError(
+                    f"GatesBackward.{field} must be a function, got {type(getattr(self, field)).__name__}"
+                )
+        if not isinstance(self.gate_names, tuple) or not all(isinstance(n, str) for n in self.gate_names):
+            raise TypeError(f"GatesBackward.gate_names must be a tuple of str, got {self.gate_names!r}")
+        _check_hashable(self)
+
+
+def _check_hashable(obj: Any) -> None:
+    """A clear error naming the field of a `Cell` or `GatesBackward` that does not hash (a cell is a static
+    argument of the compiled programs, compared and hashed by its fields)."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        try:
+            hash(value)
+        except TypeError as e:
+            raise TypeError(
+                f"{type(obj).__name__}.{field.name} must be hashable (a cell is static structure under "
+                f"jax.jit), got a {type(value).__name__}: {e}. Use a tuple for a list, and a function or a "
+                "frozen dataclass rather than an object with mutable state"
+            ) from None
+
+
+_BACKWARD_FIELDS = tuple(f.name for f in dataclasses.fields(GatesBackward))
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cell:
+    """A recurrent cell: three pure functions over a parameter pytree, and optionally a hand-derived backward.
+
+    Attributes:
+      init: ``init(key, input_size, dtype=None) -> params``; ``dtype=None`` means JAX's default float
+        dtype (float32, or float64 under ``jax_enable_x64``).
+      initial_carry: ``initial_carry(params, batch_shape=()) -> carry``, zeros (S0 = 0).
+      step: ``step(params, carry, x) -> (carry, y)``, one time step; ``x [B, I]``. With a ``backward``,
+        leave it out: it is written from ``backward.gates`` (`projection_step`).
+      hidden_size: H, where the cell has one (the layers need it to know their output size).
+      name: a short human-readable name, used in reports.
+      backward: a `GatesBackward` (built-in cells), or None: ``grad="manual"`` then runs a reverse-time
+        recursion of per-step `jax.vjp` s of ``step``.
+      check_params: ``check_params(params, input_size, dtype)`` raises a clear error when ``params`` do not
+        fit the cell; or None.
       proj_size: P, for a cell whose output (and ``h``) is a projection of width P of its H-wide state
         (`projected_lstm`); None otherwise. See `output_size`.
-      dzh_shared: built-ins only: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals
-        its ``dzx`` (0: none, or ``dzh`` is None). The backward then stores only ``dzh[:, k:]`` for every
-        step (the GRU's ``dhn``: 2H of its 3H columns are shared; the MGU's ``dzh`` is ``dzx[:, :H]``).
-      gate_names: built-ins: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``,
-        ``w_hh`` and ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them,
-        and the time loops read each projected row (and each residual as wide) by these blocks
-        (`rnnjax.scan.read_row`), so that ``gates`` and ``gates_bwd`` should slice them by the same blocks.
+      config: a hashable description of the cell's configuration (the built-in factories set it, e.g.
+        ``("lstm", 8, 0.0, None, None, None)``). Cells with equal ``config`` are equal and hash equal; a
+        cell with ``config=None`` is equal only to a cell with the same functions and settings.
 
     A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
 
-        cell = rj.Cell(init=my_init, initial_carry=my_initial_carry, step=my_step)
+        cell = rj.Cell(init=my_init, initial_carry=my_initial_carry, step=my_step, hidden_size=H)
 
     Its ``step`` must treat the rows of the batch independently, as every RNN cell does (lengths mask rows
     one by one; with the batch split over an explicit mesh, its backward runs on each device's own rows).
@@ -100,18 +186,71 @@ class Cell(NamedTuple):
 
     init: Callable[..., PyTree]
     initial_carry: Callable[..., PyTree]
-    step: Callable[[PyTree, PyTree, Array], tuple[PyTree, PyTree]]
+    step: Callable[[PyTree, PyTree, Array], tuple[PyTree, PyTree]] = None  # type: ignore[assignment]
     hidden_size: int | None = None
     name: str = "custom"
-    gates: Callable[..., tuple[PyTree, PyTree]] | None = None
-    gates_bwd: Callable[..., tuple[Array, Array | None, PyTree]] | None = None
-    extra_grads: Callable[[Array], dict[str, Array]] | None = None
+    backward: GatesBackward | None = None
     check_params: Callable[..., None] | None = None
-    gate_names: tuple[str, ...] = ()
     proj_size: int | None = None
-    diagonal: int = 0
-    dzh_shared: int = 0
-    extra_from_aux: bool = False
+    config: Hashable | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("init", "initial_carry"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"Cell.{field} must be a function, got {type(getattr(self, field)).__name__}")
+        if self.backward is not None and not isinstance(self.backward, GatesBackward):
+            raise TypeError(
+                f"Cell.backward must be an rj.GatesBackward or None, got {type(self.backward).__name__}"
+            )
+        if self.step is None:
+            if self.backward is None:
+                raise TypeError(
+                    "Cell needs a step function (or a backward=rj.GatesBackward to write it from)"
+                )
+            object.__setattr__(self, "step", projection_step(self.backward.gates))
+        elif not callable(self.step):
+            raise TypeError(f"Cell.step must be a function, got {type(self.step).__name__}")
+        elif (
+            self.backward is not None and getattr(self.step, "_rnnjax_gates", None) is not self.backward.gates
+        ):
+            raise ValueError(
+                "a Cell with a hand-derived backward writes its step from backward.gates, so that training "
+                "and decoding cannot disagree: pass step=None (leave it out), or backward=None to use "
+                "your own step"
+            )
+        if self.hidden_size is not None:
+            check_hidden_size(self.hidden_size)
+        _check_hashable(self)
+
+    def _key(self) -> tuple:
+        if self.config is not None:
+            return ("config", self.config)
+        # a step written from the backward's gates is a function of them: left out, so that two cells
+        # built from the same parts are equal
+        derived = self.backward is not None
+        return tuple(
+            getattr(self, f.name) for f in dataclasses.fields(self) if not (derived and f.name == "step")
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def replace(self, **changes: Any) -> Cell:
+        """A copy with ``changes``; the fields of the `backward` (``gates``, ``gates_bwd``, ...) may be given
+        by name. The copy's ``config`` is None unless given (it is no longer the built-in configuration),
+        and its ``step`` is written anew from the new gates unless given."""
+        back = {k: changes.pop(k) for k in list(changes) if k in _BACKWARD_FIELDS}
+        if back:
+            if self.backward is None:
+                raise ValueError(f"cell {self.name!r} has no backward to change {sorted(back)} in")
+            changes["backward"] = dataclasses.replace(self.backward, **back)
+        if "backward" in changes and "step" not in changes:
+            changes["step"] = None
+        changes.setdefault("config", None)
+        return dataclasses.replace(self, **changes)
 
     @property
     def output_size(self) -> int | None:
@@ -120,8 +259,48 @@ class Cell(NamedTuple):
 
     @property
     def is_builtin(self) -> bool:
-        """Whether the cell supplies its gate math and derivative (and so uses the fast BPTT driver)."""
-        return self.gates is not None and self.gates_bwd is not None
+        """Whether the cell supplies a hand-derived backward (and so uses the fast BPTT driver)."""
+        return self.backward is not None
+
+    # the backward's parts, read by the drivers (None or the defaults for a cell without one)
+    @property
+    def gates(self) -> Callable[..., tuple[PyTree, PyTree]] | None:
+        return None if self.backward is None else self.backward.gates
+
+    @property
+    def gates_bwd(self) -> Callable[..., tuple[Any, ...]] | None:
+        return None if self.backward is None else self.backward.gates_bwd
+
+    @property
+    def extra_grads(self) -> Callable[..., dict[str, Array]] | None:
+        return None if self.backward is None else self.backward.extra_grads
+
+    @property
+    def gate_names(self) -> tuple[str, ...]:
+        return () if self.backward is None else self.backward.gate_names
+
+    @property
+    def extra_from_aux(self) -> bool:
+        return False if self.backward is None else self.backward.extra_from_aux
+
+    @property
+    def dzh_shared(self) -> int:
+        return 0 if self.backward is None else self.backward.dzh_shared
+
+    @property
+    def diagonal(self) -> int:
+        return 0 if self.backward is None else self.backward.diagonal
+
+
+def cell_config(name: str, args: dict[str, Any]) -> Hashable | None:
+    """A built-in factory's `Cell.config`: its name and arguments, ``("lstm", ("forget_bias", 0.0), ...)``;
+    None when an argument does not hash (the cell is then equal only to itself)."""
+    config = (name, *sorted(args.items()))
+    try:
+        hash(config)
+    except TypeError:
+        return None
+    return config
 
 
 def check_hidden_size(hidden_size: Any, what: str = "hidden_size") -> int:
@@ -142,8 +321,16 @@ def check_input_size(input_size: Any) -> int:
     return input_size
 
 
+def default_float_dtype() -> jnp.dtype:
+    """JAX's default floating-point dtype: float64 under ``jax_enable_x64``, else float32."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def check_float_dtype(dtype: Any, what: str = "dtype") -> jnp.dtype:
-    """Returns ``dtype`` as a numpy dtype, or raises TypeError unless it is a floating-point type."""
+    """Returns ``dtype`` as a numpy dtype (None: `default_float_dtype`), or raises TypeError unless it is a
+    floating-point type."""
+    if dtype is None:
+        return default_float_dtype()
     dt = jnp.dtype(dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"{what} must be a floating-point dtype, got {dt}")
@@ -242,6 +429,7 @@ def projection_step(gates: Callable[..., tuple[PyTree, PyTree]]) -> Callable:
         new, _ = gates(params, zx, zh, carry)
         return new, new.h
 
+    step._rnnjax_gates = gates  # type: ignore[attr-defined]  # what `Cell` checks a given step against
     return step
 
 

@@ -30,12 +30,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     uniform_init,
 )
 
@@ -91,13 +92,14 @@ def elman(
       >>> ys.shape
       (2, 5, 8)
     """
+    config = cell_config("elman", locals())
     H = check_hidden_size(hidden_size)
     if activation not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     act, act_grad = ACTIVATION_FUNCTIONS[activation]
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> ElmanParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> ElmanParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_b1, k_b2 = jax.random.split(key, 4)
@@ -140,12 +142,13 @@ def elman(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name=f"elman-{activation}",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=None,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("z",),
+        ),
         check_params=check_params,
-        gate_names=("z",),
+        config=config,
     )

@@ -41,14 +41,15 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
     add_bias,
     batch_sum,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     steps_sum,
     uniform_init,
 )
@@ -92,10 +93,11 @@ def gru(
       >>> ys.shape
       (4, 6, 8)
     """
+    config = cell_config("gru", locals())
     H = check_hidden_size(hidden_size)
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> GRUParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> GRUParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_b1, k_b2, k_bhn = jax.random.split(key, 5)
@@ -166,14 +168,16 @@ def gru(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="gru",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("r", "z", "n"),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+            dzh_shared=2 * H,
+        ),
         check_params=check_params,
-        gate_names=("r", "z", "n"),
-        dzh_shared=2 * H,
-        extra_from_aux=True,
+        config=config,
     )

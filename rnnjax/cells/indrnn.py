@@ -30,13 +30,14 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
     batch_sum,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     steps_sum,
     uniform_init,
 )
@@ -82,13 +83,14 @@ def indrnn(
       >>> ys.shape, params.u.shape
       ((2, 5, 8), (8,))
     """
+    config = cell_config("indrnn", locals())
     H = check_hidden_size(hidden_size)
     if activation not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     act, act_grad = ACTIVATION_FUNCTIONS[activation]
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> IndRNNParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> IndRNNParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_u, k_b = jax.random.split(key, 3)
@@ -131,14 +133,16 @@ def indrnn(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name=f"indrnn-{activation}",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
-        extra_from_aux=True,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("z",),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+            diagonal=1,
+        ),
         check_params=check_params,
-        gate_names=("z",),
-        diagonal=1,
+        config=config,
     )

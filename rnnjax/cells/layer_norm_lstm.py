@@ -40,13 +40,14 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     LSTMCarry,
     batch_sum,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     steps_sum,
     uniform_init,
 )
@@ -120,12 +121,13 @@ def layer_norm_lstm(
       >>> ys.shape
       (3, 7, 16)
     """
+    config = cell_config("layer_norm_lstm", locals())
     H = check_hidden_size(hidden_size)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> LayerNormLSTMParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> LayerNormLSTMParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_gx, k_gh, k_gc, k_b, k_bc = jax.random.split(key, 7)
@@ -208,13 +210,15 @@ def layer_norm_lstm(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="layer_norm_lstm",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
-        extra_from_aux=True,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("i", "f", "g", "o"),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+        ),
         check_params=check_params,
-        gate_names=("i", "f", "g", "o"),
+        config=config,
     )

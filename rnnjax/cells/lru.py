@@ -48,13 +48,14 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
     batch_sum,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     steps_sum,
 )
 
@@ -110,13 +111,14 @@ def lru(
       >>> ys.shape                     # [B, T, 2N]: real parts, then imaginary parts
       (2, 100, 16)
     """
+    config = cell_config("lru", locals())
     N = check_hidden_size(state_size, "state_size")
     if not 0.0 <= r_min < r_max <= 1.0:
         raise ValueError(f"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got {r_min} and {r_max}")
     if not max_phase > 0:
         raise ValueError(f"max_phase must be > 0, got {max_phase}")
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> LRUParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> LRUParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_w, k_r, k_p = jax.random.split(key, 3)
@@ -198,14 +200,16 @@ def lru(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=2 * N,
         name="lru",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
-        extra_from_aux=True,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("re", "im"),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+            diagonal=2,
+        ),
         check_params=check_params,
-        gate_names=("re", "im"),
-        diagonal=2,
+        config=config,
     )

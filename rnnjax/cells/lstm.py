@@ -38,13 +38,14 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     LSTMCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
     gate_blocks,
-    projection_step,
     uniform_init,
 )
 
@@ -118,10 +119,11 @@ def lstm(
       >>> carry.c.shape, ys.shape
       ((3, 16), (3, 7, 16))
     """
+    config = cell_config("lstm", locals())
     H = check_hidden_size(hidden_size)
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> LSTMParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> LSTMParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_b1, k_b2 = jax.random.split(key, 4)
@@ -168,12 +170,13 @@ def lstm(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="lstm",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=None,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("i", "f", "g", "o"),
+        ),
         check_params=check_params,
-        gate_names=("i", "f", "g", "o"),
+        config=config,
     )

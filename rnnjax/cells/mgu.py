@@ -33,12 +33,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     uniform_init,
 )
 from rnnjax.sharding import replicated_if_explicit, reshard_like
@@ -81,10 +82,11 @@ def mgu(
       >>> ys.shape, params.w_hh.shape, params.u_h.shape
       ((2, 5, 8), (8, 8), (8, 8))
     """
+    config = cell_config("mgu", locals())
     H = check_hidden_size(hidden_size)
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> MGUParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> MGUParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_uh, k_b = jax.random.split(key, 4)
@@ -137,13 +139,15 @@ def mgu(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="mgu",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("f", "candidate"),
+            extra_grads=extra_grads,
+            dzh_shared=H,
+        ),
         check_params=check_params,
-        gate_names=("f", "candidate"),
-        dzh_shared=H,
+        config=config,
     )

@@ -32,12 +32,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     uniform_init,
 )
 
@@ -73,9 +74,10 @@ def mingru(
       >>> ys.shape, params.w_ih.shape
       ((2, 5, 8), (3, 16))
     """
+    config = cell_config("mingru", locals())
     H = check_hidden_size(hidden_size)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> MinGRUParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> MinGRUParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         default = uniform_init(1.0 / I**0.5)
@@ -114,13 +116,14 @@ def mingru(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="mingru",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=None,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("z", "candidate"),
+            diagonal=1,
+        ),
         check_params=check_params,
-        gate_names=("z", "candidate"),
-        diagonal=1,
+        config=config,
     )

@@ -31,12 +31,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     HCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     uniform_init,
 )
 
@@ -72,9 +73,10 @@ def minlstm(
       >>> ys.shape, params.w_ih.shape
       ((2, 5, 8), (3, 24))
     """
+    config = cell_config("minlstm", locals())
     H = check_hidden_size(hidden_size)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> MinLSTMParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> MinLSTMParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         default = uniform_init(1.0 / I**0.5)
@@ -119,13 +121,14 @@ def minlstm(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="minlstm",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=None,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("f", "i", "candidate"),
+            diagonal=1,
+        ),
         check_params=check_params,
-        gate_names=("f", "i", "candidate"),
-        diagonal=1,
+        config=config,
     )

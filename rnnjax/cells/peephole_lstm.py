@@ -34,14 +34,15 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     LSTMCarry,
     batch_sum,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
     gate_blocks,
-    projection_step,
     steps_sum,
     uniform_init,
 )
@@ -88,10 +89,11 @@ def peephole_lstm(
       >>> ys.shape, params.p.shape
       ((2, 5, 8), (24,))
     """
+    config = cell_config("peephole_lstm", locals())
     H = check_hidden_size(hidden_size)
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> PeepholeLSTMParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> PeepholeLSTMParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_b1, k_b2, k_p = jax.random.split(key, 5)
@@ -167,13 +169,15 @@ def peephole_lstm(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="peephole-lstm",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
-        extra_from_aux=True,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("i", "f", "g", "o"),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+        ),
         check_params=check_params,
-        gate_names=("i", "f", "g", "o"),
+        config=config,
     )

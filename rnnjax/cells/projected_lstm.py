@@ -42,12 +42,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import (
     Cell,
+    GatesBackward,
     LSTMCarry,
+    cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    projection_step,
     time_gemm,
     uniform_init,
 )
@@ -97,13 +98,14 @@ def projected_lstm(
       >>> ys.shape, carry.h.shape, carry.c.shape
       ((2, 5, 4), (2, 4), (2, 16))
     """
+    config = cell_config("projected_lstm", locals())
     H = check_hidden_size(hidden_size)
     P = check_hidden_size(proj_size, "proj_size")
     if P >= H:
         raise ValueError(f"proj_size must be smaller than hidden_size (P < H), got P={P} and H={H}")
     default = uniform_init(1.0 / H**0.5)
 
-    def init(key: Array, input_size: int, dtype: Any = jnp.float32) -> ProjectedLSTMParams:
+    def init(key: Array, input_size: int, dtype: Any = None) -> ProjectedLSTMParams:
         I = check_input_size(input_size)
         dtype = check_float_dtype(dtype)
         k_ih, k_hh, k_hr, k_b1, k_b2 = jax.random.split(key, 5)
@@ -174,14 +176,16 @@ def projected_lstm(
     return Cell(
         init=init,
         initial_carry=initial_carry,
-        step=projection_step(gates),
         hidden_size=H,
         name="projected_lstm",
-        gates=gates,
-        gates_bwd=gates_bwd,
-        extra_grads=extra_grads,
-        extra_from_aux=True,
+        backward=GatesBackward(
+            gates=gates,
+            gates_bwd=gates_bwd,
+            gate_names=("i", "f", "g", "o"),
+            extra_grads=extra_grads,
+            extra_from_aux=True,
+        ),
         check_params=check_params,
-        gate_names=("i", "f", "g", "o"),
         proj_size=P,
+        config=config,
     )
