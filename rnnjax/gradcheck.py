@@ -50,6 +50,7 @@ PyTree = Any
 
 
 ORACLES: tuple[str, ...] = ("autodiff", "rtrl", "complex_step", "finite_differences")
+RTRL_MAX_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,7 @@ def gradcheck(
     name: str | None = None,
     oracles: tuple[str, ...] = ORACLES,
     complex_step: float = 1e-20,
+    rtrl_max_bytes: int | None = RTRL_MAX_BYTES,
 ) -> GradcheckReport:
     """Compares the hand-derived BPTT with autodiff, RTRL, the complex step and finite differences (float64).
 
@@ -207,6 +209,11 @@ def gradcheck(
       oracles: which of `ORACLES` to compare with: ``"autodiff"``, ``"rtrl"``, ``"complex_step"`` (cells
         only; skipped for a loss function) and ``"finite_differences"``.
       complex_step: the imaginary step h of the complex-step derivative.
+      rtrl_max_bytes: the most memory the RTRL oracle may take. Its forward-mode sensitivities grow as
+        (number of inputs) x (the forward's memory), O(S²P) for a cell: before it runs, its program is
+        compiled and its memory read; over this cap it is skipped, with a line in the report saying so.
+        None: no cap. The default, 1 GiB, keeps a laptop-sized check (e.g. an LSTM with H=64, 18.8k
+        inputs, needs 6 GB) from running out of memory.
 
     Returns:
       A `GradcheckReport`: one row per input leaf; ``print(report)`` shows the table.
@@ -229,6 +236,8 @@ def gradcheck(
         raise ValueError(f"eps must be > 0, got {eps!r}")
     if not complex_step > 0:
         raise ValueError(f"complex_step must be > 0, got {complex_step!r}")
+    if rtrl_max_bytes is not None and not (isinstance(rtrl_max_bytes, int) and rtrl_max_bytes > 0):
+        raise ValueError(f"rtrl_max_bytes must be an int > 0 or None, got {rtrl_max_bytes!r}")
     oracles = tuple(oracles)
     unknown = [o for o in oracles if o not in ORACLES]
     if unknown or not oracles:
@@ -262,6 +271,7 @@ def gradcheck(
             rtol_fd,
             oracles,
             complex_step,
+            rtrl_max_bytes,
         )
         localisation = None
         if isinstance(target, Cell) and "autodiff" in oracles:
@@ -353,6 +363,7 @@ def _compare(
     rtol_fd: float,
     oracles: tuple[str, ...],
     h: float,
+    rtrl_max_bytes: int | None,
 ) -> tuple[tuple[GradcheckRow, ...], tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray | None]]]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(list(args))
     leaves = [leaf for _, leaf in paths_leaves]
@@ -378,10 +389,8 @@ def _compare(
     # RTRL: forward mode through the scan, the sensitivities carried forward in time with the state
     g_rtrl, notes = None, []
     if "rtrl" in oracles:
-        try:
-            g_rtrl = jax.jit(jax.jacfwd(lambda xs: flat_loss(xs, "autodiff")))(x0)
-        except TypeError as e:  # e.g. a jax.custom_vjp inside a loss function has no forward mode
-            notes.append(f"RTRL not run: the function has no forward mode ({str(e).splitlines()[0][:120]})")
+        g_rtrl, note = _rtrl(lambda xs: flat_loss(xs, "autodiff"), x0, rtrl_max_bytes)
+        notes += [note] if note else []
     # the loss at x0 + deltas, one leaf's delta non-zero at a time: one compiled program for every leaf and
     # direction (the shifts are built on the host, so no small operation compiles per leaf shape)
     shifted_value = jax.jit(lambda xs, ds: flat_loss([x + d for x, d in zip(xs, ds, strict=True)], "manual"))
@@ -444,6 +453,33 @@ def _compare(
             )
         )
     return tuple(rows), tuple(notes), grads
+
+
+def _rtrl(
+    loss: Callable[[list[Array]], Array], x0: list[Array], max_bytes: int | None
+) -> tuple[list[Array] | None, str | None]:
+    """The RTRL gradient (forward mode, `jax.jacfwd`) of ``loss`` at ``x0``, or None and why it was not run:
+    no forward mode, or a compiled program over ``max_bytes`` (its memory is read before it runs)."""
+    try:
+        compiled = jax.jit(jax.jacfwd(loss)).lower(x0).compile()
+    except TypeError as e:  # e.g. a jax.custom_vjp inside a loss function has no forward mode
+        return None, f"RTRL not run: the function has no forward mode ({str(e).splitlines()[0][:120]})"
+    need = _compiled_bytes(compiled)
+    if max_bytes is not None and need is not None and need > max_bytes:
+        n = sum(x.size for x in x0)
+        return None, (
+            f"RTRL not run: its sensitivities of {n} inputs need {need / 2**20:.1f} MiB, over "
+            f"rtrl_max_bytes={max_bytes / 2**20:.1f} MiB; pass rtrl_max_bytes=None to run it anyway"
+        )
+    return compiled(x0), None
+
+
+def _compiled_bytes(compiled: Any) -> int | None:
+    """A compiled program's memory (temporaries, arguments and outputs), where the backend reports it."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
 
 
 def _localise(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import jax
@@ -224,3 +225,23 @@ def test_localises_the_gate_and_the_first_step(reverse):
     loc = rj.gradcheck(gru, params, xs, lengths=jnp.array([6, 4])).localisation
     assert (loc.first_step, loc.gates) == (5, ("z",))
     assert rj.gradcheck(rj.gru(3), params, xs).localisation is None  # nothing to localise when it passes
+
+
+def test_rtrl_is_skipped_over_its_memory_cap():
+    """RTRL's sensitivities grow as inputs x forward memory: over ``rtrl_max_bytes`` (read from its compiled
+    program before it runs) it is skipped with a line saying so, and the other oracles still decide."""
+    cell = rj.lstm(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    capped = rj.gradcheck(cell, params, xs, rtrl_max_bytes=1024)
+    assert capped.passed and capped.max_rtrl_error is None
+    assert any(
+        re.match(r"RTRL not run: its sensitivities of 174 inputs need [\d.]+ MiB, over", n)
+        for n in capped.notes
+    )
+    assert "pass rtrl_max_bytes=None" in str(capped)
+    uncapped = rj.gradcheck(cell, params, xs, rtrl_max_bytes=None)
+    assert uncapped.max_rtrl_error is not None and uncapped.max_rtrl_error <= 1e-12
+    assert rj.gradcheck(cell, params, xs).max_rtrl_error is not None  # small problems fit the default cap
+    with pytest.raises(ValueError, match=r"rtrl_max_bytes must be an int > 0 or None, got 0"):
+        rj.gradcheck(cell, params, xs, rtrl_max_bytes=0)
