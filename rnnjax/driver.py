@@ -17,7 +17,7 @@ import numpy as np
 from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, check_float_dtype
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -50,6 +50,7 @@ def unroll(
     checkpoint: int | Literal["sqrt", "none"] | None = None,
     budget: int | None = None,
     schedule: Schedule | None = None,
+    compute_dtype: Any = None,
     probe: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
@@ -96,6 +97,12 @@ def unroll(
         steps that fit. Gradients are unchanged.
       schedule: with ``budget`` only: ``"binomial"`` (the default) or ``"nested"``, Chen et al.'s
         recursive segments, each level one more forward pass (`rnnjax.remat.budget_schedule`).
+      compute_dtype: None (default): everything runs in the dtype of ``params`` and ``xs``, which must
+        agree. A float dtype (e.g. ``jnp.bfloat16``): mixed precision. ``params``, ``xs`` and ``carry`` are
+        cast to it, the forward and the hand-derived backward run in it, the weight-gradient GEMMs
+        accumulate in float32 (`rnnjax.cells.base.time_gemm`), and the gradients come back in each input's
+        own dtype (float32 params get float32 gradients). ``ys`` and the final carry are in
+        ``compute_dtype``.
       probe: built-in cells only, without ``checkpoint``: an array ``[B, T, H]`` (pass zeros; its value is
         never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
         (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
@@ -144,6 +151,10 @@ def unroll(
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
     reverse = bool(reverse)
     xs = _check_xs(xs)
+    if compute_dtype is not None:
+        params, xs, carry = _cast_floats(
+            (params, xs, carry), check_float_dtype(compute_dtype, "compute_dtype")
+        )
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
@@ -267,6 +278,18 @@ def _check_unroll_steps(unroll_steps: Any) -> None:
         return
     if not isinstance(unroll_steps, (int, np.integer)) or unroll_steps < 1:
         raise ValueError(f"unroll_steps must be an int >= 1 or a bool, got {unroll_steps!r}")
+
+
+def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+    """Every floating-point leaf of ``tree`` cast to ``dtype`` (a differentiable cast: its gradient comes
+    back in the leaf's own dtype)."""
+
+    def cast(a: Any) -> Any:
+        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype:
+            return a.astype(dtype)
+        return a
+
+    return jax.tree.map(cast, tree)
 
 
 def _check_xs(xs: Any) -> Array:

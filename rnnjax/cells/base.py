@@ -360,11 +360,29 @@ def time_gemm(a: Array, b: Array) -> Array:
     of ``(t, b)`` into one axis, and XLA all-gathered ``a`` and ``b`` first and ran the whole GEMM on every
     device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
     (into a replicated result). On one device that form costs a transposed copy of both operands on XLA:CPU.
+
+    Operands narrower than float32 (bfloat16, float16: ``rj.unroll(..., compute_dtype=)``) are accumulated
+    in float32, and the sum of T·B products is rounded once, to the operands' dtype.
     """
+    acc = accumulation_dtype(a.dtype)
     if under_mesh(a, b):
         lead = "abcdefghijklmnor"[: a.ndim - 1]
-        return jnp.einsum(f"{lead}p,{lead}g->pg", a, b, out_sharding=replicated_if_explicit(a, b))
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+        out = jnp.einsum(
+            f"{lead}p,{lead}g->pg",
+            a,
+            b,
+            out_sharding=replicated_if_explicit(a, b),
+            preferred_element_type=acc,
+        )
+    else:
+        out = jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), preferred_element_type=acc)
+    return out.astype(a.dtype)
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype in which sums of ``dtype`` values accumulate: float32 for narrower floats, else ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
 
 
 def batch_sum(v: Array) -> Array:
@@ -490,5 +508,5 @@ def check_projection_params(
         if leaf_dtype != jnp.dtype(dtype):
             raise TypeError(
                 f"params.{field} has dtype {leaf_dtype} but xs has dtype {jnp.dtype(dtype)}; "
-                "cast one of them so that they match"
+                "cast one of them so that they match, or pass compute_dtype= for mixed precision"
             )
