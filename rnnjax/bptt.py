@@ -81,7 +81,7 @@ from rnnjax.scan import (
     shift_carries,
     zero_where_not,
 )
-from rnnjax.sharding import batch_split, explicit_spec, reshard_like, sum_to_type, vary_like
+from rnnjax.sharding import batch_split, explicit_spec, reshard_like, reshard_to, sum_to_type, vary_like
 
 Array = jax.Array
 PyTree = Any
@@ -280,7 +280,7 @@ def _backward(
     rows_spec = explicit_spec(xs_rows)  # [T+1, B, I]: xs's, time-major
     want = None if rows_spec is None else (rows_spec[1], rows_spec[0], rows_spec[2])
     if explicit_spec(d_xs) != want:
-        d_xs = jax.sharding.reshard(d_xs, jax.P(*(want or ())))
+        d_xs = reshard_to(d_xs, want or (), xs_rows)
     d_hs = None if d_hs is None else d_hs[o : T + o]
     return d_params, d_xs, sum_to_type(d_carry0, carries), None, d_hs
 
@@ -390,8 +390,8 @@ def _stepwise_bwd(
     )
     args = (params, xs, carry0, mask, carries, d_final, d_ys)
     # each argument placed as its spec says, as shard_map requires (a replicated initial carry is split)
-    place = lambda tree, spec: jax.tree.map(lambda a: jax.sharding.reshard(a, spec), tree)  # noqa: E731
-    d_params, d_xs, d_carry0 = per_device(*map(place, args, specs))
+    placed = (reshard_to(tree, spec, mesh) for tree, spec in zip(args, specs, strict=True))
+    d_params, d_xs, d_carry0 = per_device(*placed)
     # typed as the primals are (a replicated initial carry gets a replicated gradient)
     return d_params, reshard_like(d_xs, xs), reshard_like(d_carry0, carry0), None
 

@@ -29,11 +29,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
 from rnnjax.driver import _check_cell, unroll
-from rnnjax.sharding import batch_like, explicit_spec
+from rnnjax.sharding import batch_like, explicit_spec, sharding_on
 
 Array = jax.Array
 PyTree = Any
@@ -450,7 +449,7 @@ def embed(table: Array, tokens: Array) -> Array:
     if spec is None:
         return table[tokens]
     e_spec = (explicit_spec(table) or (None, None))[1]  # the table's own split of E, if any
-    return table.at[tokens].get(out_sharding=PartitionSpec(*spec, e_spec))
+    return table.at[tokens].get(out_sharding=sharding_on((*spec, e_spec), tokens))
 
 
 def last_valid(ys: Array, lengths: Array | None = None) -> Array:

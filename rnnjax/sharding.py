@@ -13,6 +13,10 @@ initial carry, the time-padding row, the hand-derived BPTT's row buffers, the de
 - per device, under `jax.shard_map`: types record the manual axes a value varies over, and a scan's carry
   must keep them; zeros are cast to vary (`vary_like`), and a custom VJP's gradient of a replicated
   parameter is summed over the devices to get its type back (`sum_to_type`).
+
+The mesh is the one in the arrays' types (`jax.sharding.NamedSharding`): every sharding made here names it
+(`sharding_on`), so that nothing needs a context mesh (`jax.set_mesh`; arrays placed with `jax.device_put`
+under plain `jax.jit` have none), and a mesh of one device is typed, and handled, like any other.
 """
 
 from __future__ import annotations
@@ -38,6 +42,28 @@ def _named(like: Any) -> NamedSharding | None:
     """The sharding in the type of ``like``, if it names a mesh."""
     sharding = _type(like).sharding
     return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
+
+
+def sharding_on(spec: tuple, *likes: Any) -> NamedSharding | PartitionSpec:
+    """``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` that has one: a mesh, or an array, a
+    tracer or a shape struct whose type's sharding names one.
+
+    A bare `PartitionSpec` is read against the context mesh (`jax.set_mesh`), and JAX refuses it where there
+    is none, as under plain `jax.jit` of arrays placed with `jax.device_put`: their types name the mesh. The
+    bare spec is returned only where nothing names a mesh (the context's then applies).
+    """
+    for like in likes:
+        if isinstance(like, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+            return NamedSharding(like, PartitionSpec(*spec))
+        if (named := _named(like)) is not None:
+            return NamedSharding(named.mesh, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
+
+
+def reshard_to(tree: PyTree, spec: tuple, *likes: Any) -> PyTree:
+    """``tree``'s leaves resharded to ``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` or,
+    failing those, of the leaf itself (`sharding_on`)."""
+    return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, sharding_on(spec, *likes, leaf)), tree)
 
 
 def _split(mesh: Any) -> int:
@@ -87,7 +113,7 @@ def fill_rows(value: Array, like: Any, rows: tuple[int, ...] = ()) -> Array:
     or a shape struct), typed like ``like`` on its axes (sharding, manual axes it varies over), the new
     leading ``rows`` axes replicated: e.g. a ``[T+1, B, G]`` buffer of ``[B, G]`` rows."""
     spec = explicit_spec(like)
-    sharding = None if spec is None else PartitionSpec(*(None,) * len(rows), *spec)
+    sharding = None if spec is None else sharding_on((*(None,) * len(rows), *spec), like)
     value = jnp.asarray(value).astype(like.dtype)
     return vary_like(jnp.broadcast_to(value, (*rows, *like.shape), out_sharding=sharding), like)
 
@@ -116,7 +142,7 @@ def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
 
     def reshard(leaf: Array) -> Array:
         want = (*spec[:n_batch], *(None,) * (leaf.ndim - n_batch))
-        return leaf if explicit_spec(leaf) == want else jax.sharding.reshard(leaf, PartitionSpec(*want))
+        return leaf if explicit_spec(leaf) == want else reshard_to(leaf, want, xs)
 
     return jax.tree.map(reshard, tree)
 
@@ -130,7 +156,7 @@ def reshard_like(tree: PyTree, types: PyTree) -> PyTree:
         want = explicit_spec(like)
         if want == explicit_spec(leaf):
             return leaf
-        return jax.sharding.reshard(leaf, PartitionSpec(*(want or ())))
+        return reshard_to(leaf, want or (), like)
 
     return jax.tree.map(reshard, tree, types)
 
@@ -152,20 +178,25 @@ def first_element(a: Array) -> Array:
 
 def under_mesh(*arrays: Any) -> bool:
     """Whether the computation may be split over devices: a context mesh of more than one device
-    (`jax.set_mesh`), or any of ``arrays`` typed on one. Under `jax.jit`, arrays placed on a mesh (even
-    with `~jax.sharding.AxisType.Auto` axes, whose types show no sharding) give their mesh to every value
-    computed from them, so the backward of a custom VJP sees it too."""
+    (`jax.set_mesh`), any of ``arrays`` typed on one, or any of them split explicitly, over however many
+    devices (a mesh of one device types an array as split, ``float32[8@data, 16]``, and JAX then refuses
+    what it refuses on more: a reshape that merges the split axis with another). Under `jax.jit`, arrays
+    placed on a mesh (even with `~jax.sharding.AxisType.Auto` axes, whose types show no sharding) give
+    their mesh to every value computed from them, so the backward of a custom VJP sees it too."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and _split(mesh) > 1:
         return True
-    return any((s := _named(a)) is not None and _split(s.mesh) > 1 for a in arrays)
+    return any(
+        (s := _named(a)) is not None and (_split(s.mesh) > 1 or explicit_spec(a) is not None) for a in arrays
+    )
 
 
-def replicated_if_explicit(*arrays: Any) -> PartitionSpec | None:
+def replicated_if_explicit(*arrays: Any) -> NamedSharding | PartitionSpec | None:
     """The ``out_sharding`` of a contraction over the batch (a weight gradient) of ``arrays``: replicated
     where an operand is sharded explicitly, whose contracted axes leave the result's sharding ambiguous;
     else None, the default."""
-    return None if all(explicit_spec(a) is None for a in arrays) else PartitionSpec()
+    explicit = [a for a in arrays if explicit_spec(a) is not None]
+    return sharding_on((), *explicit) if explicit else None
 
 
 def sum_to_type(cotangents: PyTree, primals: PyTree) -> PyTree:

@@ -1,7 +1,7 @@
 """Run by `tests/test_sharding.py` in a fresh process with two CPU devices: rnnjax's programs on a batch
 sharded over a mesh, against the same programs on one device. Prints one JSON object, a record per case.
 
-Two kinds of mesh:
+The kinds of mesh (`KINDS`):
 - ``auto``: `AxisType.Auto` axes and no context mesh; the arrays are placed with `jax.device_put` and XLA's
   partitioner propagates their shardings.
 - ``explicit``: `jax.make_mesh`'s default `AxisType.Explicit` axes under `jax.set_mesh`, where every array's
@@ -9,6 +9,10 @@ Two kinds of mesh:
 - ``shard_map``: the program written per device under `jax.shard_map` (each device its own rows; a value
   computed from them varies by device, and JAX checks that a scan's carry keeps that type). The loss is
   summed over the devices with ``psum``; ``jax.grad`` sums a replicated parameter's gradient itself.
+- ``explicit-no-context``: explicit axes with no context mesh, as in JAX's multi-process guide: the arrays
+  are placed with a `NamedSharding`, and their types alone name the mesh (built with `jax.sharding.Mesh`).
+- ``explicit-1``, ``explicit-1-no-context``, ``auto-1``: meshes of one device (code written for N devices
+  run with N = 1), whose types still show the batch split on explicit axes (``float64[6@data, 7, 5]``).
 """
 
 from __future__ import annotations
@@ -327,10 +331,36 @@ def collectives_in_loops(hlo: str) -> int:
     return count
 
 
+class MeshKind(NamedTuple):
+    axis_type: AxisType
+    devices: int = 2
+    context: bool = True  # the program runs under `jax.set_mesh`
+    per_device: bool = False  # the program written per device, under `jax.shard_map`
+    constructor: str = "make_mesh"  # or "Mesh", `jax.sharding.Mesh` over a list of devices
+
+    def mesh(self) -> jax.sharding.Mesh:
+        devices = jax.devices()[: self.devices]
+        if self.constructor == "Mesh":
+            return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(self.axis_type,))
+        return jax.make_mesh((self.devices,), ("data",), axis_types=(self.axis_type,), devices=devices)
+
+
+KINDS = {
+    "explicit": MeshKind(AxisType.Explicit),
+    "auto": MeshKind(AxisType.Auto, context=False),
+    "shard_map": MeshKind(AxisType.Explicit, per_device=True),
+    "explicit-no-context": MeshKind(AxisType.Explicit, context=False, constructor="Mesh"),
+    "explicit-1": MeshKind(AxisType.Explicit, devices=1),
+    "explicit-1-no-context": MeshKind(AxisType.Explicit, devices=1, context=False),
+    "auto-1": MeshKind(AxisType.Auto, devices=1, context=False, constructor="Mesh"),
+}
+
+
 def run(kind: str, only: set[str] | None) -> dict[str, dict]:
-    axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit
-    mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+    spec = KINDS[kind]
+    mesh = spec.mesh()
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    on_mesh = lambda: jax.set_mesh(mesh) if spec.context else contextlib.nullcontext()  # noqa: E731
 
     def place(case: Case) -> list:
         return [
@@ -343,7 +373,7 @@ def run(kind: str, only: set[str] | None) -> dict[str, dict]:
         if only and name not in only:
             continue
         if case.output == "report":
-            with jax.set_mesh(mesh) if kind != "auto" else contextlib.nullcontext():
+            with on_mesh():
                 report = case.fn(*place(case))
             measures = ("manual_vs_autodiff", "manual_vs_rtrl", "manual_vs_complex", "manual_vs_fd")
             errors = [getattr(r, m) for r in report.rows for m in measures if getattr(r, m) is not None]
@@ -353,11 +383,12 @@ def run(kind: str, only: set[str] | None) -> dict[str, dict]:
             continue
         one = jax.jit(case.reference or case.fn)(*case.args)
         placed = place(case)
-        with jax.set_mesh(mesh) if kind != "auto" else contextlib.nullcontext():
-            step = jax.jit(per_device(case) if kind == "shard_map" else case.fn)
+        with on_mesh():
+            step = jax.jit(per_device(case) if spec.per_device else case.fn)
             compiled = step.lower(*placed).compile()
             two, hlo = compiled(*placed), compiled.as_text()
         record = {
+            "devices": spec.devices,
             "error": rel_err(two, one),
             "all_gathers": hlo.count("all-gather("),
             "collectives_in_loops": collectives_in_loops(hlo),
