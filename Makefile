@@ -7,7 +7,7 @@ STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 DEMO_MINUTES ?= 3
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-dist typecheck lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: $(STAMP_DEV)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
 	$(PY) -m pytest -n 2 --dist worksteal -q
 
+# python -m build makes the sdist and, from it, the wheel; the wheel installs into a fresh venv and runs.
+test-dist: $(STAMP_DEV)
+	RNNJAX_TEST_DIST=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_dist.py
+
+# Not yet part of CI: pyright (basic mode, [tool.pyright] in pyproject.toml) on rnnjax/.
+typecheck: $(STAMP_DEV)
+	$(VENV)/bin/pyright --pythonpath $(PY)
+
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
@@ -42,4 +50,4 @@ format: $(STAMP_DEV)
 	$(VENV)/bin/ruff check --fix $(SRC)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache runs
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache runs
