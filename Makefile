@@ -10,7 +10,7 @@ DEMO_MINUTES ?= 3
 MIN_VENV := .venv-min
 MIN_PY   := $(MIN_VENV)/bin/python
 # The tests run against the lowest declared versions of jax, flax and optax: quick, and torch-free.
-MIN_TESTS ?= tests/test_losses.py tests/test_layers.py tests/test_interop.py tests/test_errors.py
+MIN_TESTS ?= tests/test_losses.py tests/test_layers.py tests/test_interop.py tests/test_errors.py tests/test_data.py
 
 .PHONY: demo test test-min test-dist typecheck lint format clean
 
