@@ -7,7 +7,12 @@ STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 DEMO_MINUTES ?= 3
 
-.PHONY: demo test lint format clean
+MIN_VENV := .venv-min
+MIN_PY   := $(MIN_VENV)/bin/python
+# The tests run against the lowest declared versions of jax, flax and optax: quick, and torch-free.
+MIN_TESTS ?= tests/test_losses.py tests/test_layers.py tests/test_interop.py tests/test_errors.py tests/test_data.py
+
+.PHONY: demo test test-min test-dist typecheck lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +38,27 @@ test: $(STAMP_DEV)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
 	$(PY) -m pytest -n 2 --dist worksteal -q
 
+# A venv of its own with exactly the floors of pyproject's dependencies (each `>=` read as `==`), the test
+# extra, and no torch; then a subset of the tests that reaches jax, flax (NNX, checkpoints) and optax.
+$(MIN_VENV)/constraints.txt: pyproject.toml
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+		print("\n".join(d.replace(">=", "==") for d in deps))' > $@.tmp
+	$(MIN_PY) -m pip install -q -c $@.tmp -e ".[test]"
+	mv $@.tmp $@
+
+test-min: $(MIN_VENV)/constraints.txt
+	$(MIN_PY) -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|flax|optax) '
+	$(MIN_PY) -m pytest -q -p no:cacheprovider $(MIN_TESTS)
+
+# python -m build makes the sdist and, from it, the wheel; the wheel installs into a fresh venv and runs.
+test-dist: $(STAMP_DEV)
+	RNNJAX_TEST_DIST=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_dist.py
+
+# Not yet part of CI: pyright (basic mode, [tool.pyright] in pyproject.toml) on rnnjax/.
+typecheck: $(STAMP_DEV)
+	$(VENV)/bin/pyright --pythonpath $(PY)
+
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
@@ -42,4 +68,4 @@ format: $(STAMP_DEV)
 	$(VENV)/bin/ruff check --fix $(SRC)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache runs
+	rm -rf $(VENV) $(MIN_VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache runs

@@ -25,6 +25,9 @@ import os
 import sys
 from typing import Any
 
+if not __package__:  # run as a file (python examples/x.py): import rnnjax and examples from this clone
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from typing import Any, NamedTuple
+
+if not __package__:  # run as a file (python examples/x.py): import rnnjax and examples from this clone
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

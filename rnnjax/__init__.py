@@ -44,6 +44,7 @@ from rnnjax.cells import (
     projected_lstm,
 )
 from rnnjax.checkpoint import load, save
+from rnnjax.data import bucket_by_length, pad_sequences, unbucket
 from rnnjax.driver import GRAD_MODES, unroll
 from rnnjax.gradcheck import ORACLES as GRADCHECK_ORACLES
 from rnnjax.gradcheck import GradcheckReport, GradcheckRow, gradcheck
@@ -98,6 +99,7 @@ __all__ = [
     "ProjectedLSTMParams",
     "ProjectionParams",
     "bidirectional",
+    "bucket_by_length",
     "carry_from_torch",
     "carry_to_torch",
     "decode",
@@ -118,6 +120,7 @@ __all__ = [
     "mgu",
     "mingru",
     "minlstm",
+    "pad_sequences",
     "peephole_lstm",
     "projected_lstm",
     "rnn",
@@ -128,6 +131,7 @@ __all__ = [
     "time_major",
     "to_torch",
     "truncated_bptt",
+    "unbucket",
     "unroll",
 ]
 

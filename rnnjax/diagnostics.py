@@ -212,8 +212,17 @@ def plot(norms: dict[str, Any], ax: Any = None, *, ylabel: str = "‖∂L/∂h_t
       norms: ``{label: [T] values}``.
       ax: a matplotlib axes; None makes a new figure.
       ylabel: the y-axis label.
+
+    Raises:
+      ImportError: matplotlib is not installed (``pip install "rnnjax[plot]"`` brings it).
     """
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # matplotlib is optional: only this function draws
+        raise ImportError(
+            'rj.diagnostics.plot needs matplotlib, which rnnjax does not require: pip install "rnnjax[plot]" '
+            f"(or pip install matplotlib); importing it failed with: {e}"
+        ) from e
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))

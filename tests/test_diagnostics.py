@@ -4,6 +4,7 @@ exponents; proved against autodiff, an independent additive-probe oracle, finite
 from __future__ import annotations
 
 import re
+import sys
 
 import jax
 import jax.flatten_util
@@ -279,3 +280,11 @@ def test_eager_diagnostics_compile_one_program_each(caplog):
     assert len(compilations(caplog, rj.diagnostics.jacobian_spectrum, cell, params, xs)) <= 2
     assert len(compilations(caplog, rj.diagnostics.lyapunov_exponent, cell, params, xs)) <= 2
     assert len(compilations(caplog, rj.diagnostics.hidden_grad_norms, d_hs, jnp.array([11, 4]))) <= 1
+
+
+def test_diagnostics_plot_without_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # as if it were not installed
+    with pytest.raises(
+        ImportError, match=r'rj.diagnostics.plot needs matplotlib.*pip install "rnnjax\[plot\]"'
+    ):
+        rj.diagnostics.plot({"a": jnp.ones(3)})

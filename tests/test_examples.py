@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from examples import (
     adding_problem,
@@ -24,6 +25,30 @@ from examples import (
 )
 
 ROOT = pathlib.Path(__file__).parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
+
+
+def run_example(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """``python *args`` from ``cwd`` with no PYTHONPATH: what a user types in a shell."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_example_imports_when_run_as_a_file(script, tmp_path):
+    """``python examples/X.py`` (no package context, run from anywhere) finds rnnjax and ``examples.*`` of
+    this clone; ``--help`` runs every import and stops before any training."""
+    run = run_example([str(ROOT / "examples" / script), "--help"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith(f"usage: {script}")
+
+
+def test_an_example_runs_as_a_module():
+    run = run_example(["-m", "examples.gradcheck_tour", "--help"], ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("usage: gradcheck_tour.py")
 
 
 def test_gradcheck_table_quick(capsys):

@@ -103,7 +103,7 @@ def test_dense_and_last_valid(key):
     p = head.init(key, H, jnp.float64)
     x = jax.random.normal(key, (B, T, H), jnp.float64)
     np.testing.assert_allclose(
-        head.apply(p, x), np.asarray(x) @ np.asarray(p.w) + np.asarray(p.b), rtol=1e-14
+        head.apply(p, x), np.asarray(x) @ np.asarray(p.w) + np.asarray(p.b), rtol=1e-14, atol=1e-15
     )
     cell = rj.lstm(H)
     params = cell.init(key, I, jnp.float64)
