@@ -204,7 +204,7 @@ class Stack(nn.Module):
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["layers"], xs)``."""
         options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
-        return stack_layer(tuple(self.layers), residual=self.residual, dropout=self.dropout, options=options)
+        return stack_layer(self.layers, residual=self.residual, dropout=self.dropout, options=options)
 
     @nn.compact
     def __call__(
