@@ -230,6 +230,15 @@ class Stack(nnx.Module):
             input_size = layer.output_size
         self.layers = nnx.List(children)
 
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` turns dropout off.
+
+        Args:
+          deterministic: True turns dropout off, False on; None leaves it.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
     def params(self) -> tuple:
         """The layers' params, as ``rj.stack(...).apply`` takes them."""
         return tuple(layer.params() for layer in self.layers)
