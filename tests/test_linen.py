@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,7 @@ def test_errors():
     ):
         model.init(key, xs)
     variables = model.init(key, xs, deterministic=True)
-    with pytest.raises(Exception, match=r"dropout"):  # flax names the missing rng stream
+    with pytest.raises(flax.errors.InvalidRngError, match=r"needs PRNG for \"dropout\""):
         model.apply(variables, xs, deterministic=False)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
         rln.RNN(rj.lstm(2), checkpoint=0, param_dtype=jnp.float64).init(key, xs)
