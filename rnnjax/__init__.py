@@ -4,8 +4,8 @@
     >>> cell = rj.lstm(hidden_size=128)
 
 Submodules: ``rj.decode`` (greedy, sampling, beam search), ``rj.diagnostics`` (gradient flow through
-time), ``rj.losses``, ``rj.seq2seq``, ``rj.nnx``
-(Flax NNX modules, imported on first use).
+time), ``rj.losses``, ``rj.seq2seq``, and the framework modules ``rj.nnx`` (Flax NNX), ``rj.linen``
+(Flax Linen) and ``rj.equinox`` (Equinox), imported on first use.
 """
 
 import importlib
@@ -137,7 +137,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # rj.nnx imports Flax NNX only when first used
-    if name == "nnx":
-        return importlib.import_module("rnnjax.nnx")
+    # the framework modules import their framework only when first used
+    if name in ("nnx", "linen", "equinox"):
+        return importlib.import_module(f"rnnjax.{name}")
     raise AttributeError(f"module 'rnnjax' has no attribute {name!r}")

@@ -4,21 +4,24 @@
     model = rnx.RNN(rj.lstm(64), input_size=8, rngs=nnx.Rngs(0))
     carry, ys = model(xs, lengths=lengths)      # the hand-derived BPTT under nnx.grad / nnx.value_and_grad
 
-Each field of the cell's params NamedTuple (``w_ih``, ``w_hh``, ``b``, ...) becomes an ``nnx.Param``
-attribute of the same name, so ``nnx.Optimizer`` and optax train them and ``nnx.state`` shows them by name.
+An `RNN` keeps its cell's params in ``weights``: the pytree ``cell.init`` returns, each array an
+``nnx.Param`` (for the built-in cells ``weights.w_ih``, ``weights.w_hh``, ``weights.b``, ...), so
+``nnx.Optimizer`` and optax train them and ``nnx.state`` shows them by name; ``model.params()`` is the
+plain pytree that ``rj.unroll(cell, params, xs)`` takes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rnnjax._modules import UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
 from rnnjax.cells.base import Cell
-from rnnjax.driver import unroll
-from rnnjax.layers import MERGES, BidirectionalCarry
+from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 
 Array = jax.Array
 PyTree = Any
@@ -34,29 +37,62 @@ class RNN(nnx.Module):
         *,
         rngs: nnx.Rngs,
         reverse: bool = False,
+        checkpoint: int | str | None = None,
+        budget: int | None = None,
+        schedule: str | None = None,
+        unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
-        if not isinstance(cell, Cell):
-            raise TypeError(f"cell must be an rnnjax Cell, got {type(cell).__name__}")
-        params = cell.init(rngs.params(), input_size, dtype)
-        if not (isinstance(params, tuple) and hasattr(params, "_fields")):
-            raise TypeError(
-                f"rnnjax.nnx.RNN needs a cell whose params are a NamedTuple, got {type(params).__name__}"
-            )
-        self.cell = cell
-        self.reverse = reverse
-        self.params_type = type(params)
-        for field, value in zip(params._fields, params, strict=True):
-            setattr(self, field, nnx.Param(value))
+        """Initialises the cell's params with ``cell.init(rngs.params(), input_size, dtype)``.
+
+        Args:
+          cell: the cell, e.g. ``rj.lstm(64)``, or a user-written `rj.Cell` with params of any pytree.
+          input_size: I, the feature size of the inputs.
+          rngs: the module's ``nnx.Rngs`` (its ``params`` stream initialises the cell).
+          reverse: run from the last valid step to the first; ``ys`` stays aligned with ``xs``.
+          checkpoint: `rj.unroll`'s ``checkpoint`` (None, ``"none"``, an int K or ``"sqrt"``).
+          budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
+          schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
+          unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
+          dtype: the dtype of the params.
+
+        Example:
+          >>> import jax.numpy as jnp, rnnjax as rj
+          >>> from flax import nnx
+          >>> from rnnjax import nnx as rnx
+          >>> model = rnx.RNN(rj.gru(8), 3, rngs=nnx.Rngs(0))
+          >>> carry, ys = model(jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
+          >>> ys.shape
+          (2, 5, 8)
+        """
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        layer = rnn_layer(cell, reverse=reverse, options=self.options)
+        self.cell, self.reverse = cell, reverse
+        self.weights = nnx.data(jax.tree.map(nnx.Param, layer.init(rngs.params(), input_size, dtype)))
 
     def params(self) -> PyTree:
-        """The cell's params NamedTuple, read from the module's ``nnx.Param`` s."""
-        return self.params_type(*(getattr(self, f)[...] for f in self.params_type._fields))
+        """The cell's params pytree, read from the module's ``nnx.Param`` s."""
+        return jax.tree.map(lambda v: v[...], self.weights, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs: ``layer.apply(model.params(), xs)``."""
+        return rnn_layer(self.cell, reverse=self.reverse, options=self.options)
 
     def __call__(
         self, xs: Array, *, carry: PyTree | None = None, lengths: Array | None = None, grad: str = "manual"
     ) -> tuple[PyTree, Array]:
-        return unroll(self.cell, self.params(), xs, carry, lengths=lengths, reverse=self.reverse, grad=grad)
+        """Runs the cell over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs (more leading batch axes are allowed).
+          carry: the initial carry (leaves ``[B, H]``); None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``: the valid steps of each sequence.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+
+        Returns:
+          ``(carry, ys)``: the final carry (leaves ``[B, H]``) and ``ys [B, T, H]``.
+        """
+        return self.layer().apply(self.params(), xs, carry=carry, lengths=lengths, grad=grad)
 
 
 class Bidirectional(nnx.Module):
@@ -70,19 +106,47 @@ class Bidirectional(nnx.Module):
         *,
         merge: str = "concat",
         rngs: nnx.Rngs,
+        checkpoint: int | str | None = None,
+        budget: int | None = None,
+        schedule: str | None = None,
+        unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
-        if merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-        cell_bw = cell_fw if cell_bw is None else cell_bw
-        if merge == "sum" and cell_fw.output_size != cell_bw.output_size:
-            raise ValueError(
-                "merge='sum' needs equal hidden sizes in both directions, "
-                f"got H_fw={cell_fw.output_size} and H_bw={cell_bw.output_size}"
-            )
+        """Builds the two directions, ``fw`` and ``bw``, each an `RNN` with its own params.
+
+        Args:
+          cell_fw: the forward direction's cell.
+          input_size: I, the feature size of the inputs.
+          cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
+          merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
+          rngs: the module's ``nnx.Rngs``.
+          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for both directions (see
+            `RNN`).
+          dtype: the dtype of the params.
+
+        Example:
+          >>> import jax.numpy as jnp, rnnjax as rj
+          >>> from flax import nnx
+          >>> from rnnjax import nnx as rnx
+          >>> model = rnx.Bidirectional(rj.lstm(4), 3, rngs=nnx.Rngs(0))
+          >>> carry, ys = model(jnp.ones((2, 5, 3)))
+          >>> ys.shape, carry.bw.h.shape
+          ((2, 5, 8), (2, 4))
+        """
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        cell_fw, cell_bw = bidirectional_layer(cell_fw, cell_bw, merge=merge, options=self.options).children
         self.merge = merge
-        self.fw = RNN(cell_fw, input_size, rngs=rngs, dtype=dtype)
-        self.bw = RNN(cell_bw, input_size, rngs=rngs, reverse=True, dtype=dtype)
+        kw = {"rngs": rngs, "dtype": dtype, **self.options._asdict()}
+        self.fw = RNN(cell_fw, input_size, **kw)
+        self.bw = RNN(cell_bw, input_size, reverse=True, **kw)
+
+    def params(self) -> BidirectionalParams:
+        """Both directions' params, as ``rj.bidirectional(...).apply`` takes them."""
+        return BidirectionalParams(self.fw.params(), self.bw.params())
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs: ``layer.apply(model.params(), xs)``."""
+        return bidirectional_layer(self.fw.cell, self.bw.cell, merge=self.merge, options=self.options)
 
     def __call__(
         self,
@@ -92,8 +156,127 @@ class Bidirectional(nnx.Module):
         lengths: Array | None = None,
         grad: str = "manual",
     ) -> tuple[BidirectionalCarry, Array]:
-        c_fw, c_bw = (None, None) if carry is None else carry
-        f_fw, ys_fw = self.fw(xs, carry=c_fw, lengths=lengths, grad=grad)
-        f_bw, ys_bw = self.bw(xs, carry=c_bw, lengths=lengths, grad=grad)
-        ys = jnp.concatenate([ys_fw, ys_bw], axis=-1) if self.merge == "concat" else ys_fw + ys_bw
-        return BidirectionalCarry(f_fw, f_bw), ys
+        """Runs both directions over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs.
+          carry: a `BidirectionalCarry` ``(fw, bw)`` of initial carries; None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``; the reverse pass starts at step ``lengths[b] - 1``.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+
+        Returns:
+          ``(carry, ys)``: a `BidirectionalCarry` and ``ys [B, T, H_fw + H_bw]`` (``[B, T, H]`` for sum).
+        """
+        return self.layer().apply(self.params(), xs, carry=carry, lengths=lengths, grad=grad)
+
+
+class Stack(nnx.Module):
+    """A deep RNN, layers applied one after the other, as `rj.stack`: ``xs [B, T, I] -> (carries, ys)``."""
+
+    def __init__(
+        self,
+        layers: Sequence[Cell | Layer],
+        input_size: int,
+        *,
+        rngs: nnx.Rngs,
+        residual: bool = False,
+        dropout: float = 0.0,
+        deterministic: bool = False,
+        checkpoint: int | str | None = None,
+        budget: int | None = None,
+        schedule: str | None = None,
+        unroll_steps: int | bool | None = None,
+        dtype: Any = jnp.float32,
+    ) -> None:
+        """Builds one `RNN` or `Bidirectional` per layer, in ``self.layers``.
+
+        Args:
+          layers: cells (each a forward `rj.rnn`), ``rj.rnn(cell, reverse=...)`` and
+            ``rj.bidirectional(..., merge=...)`` layers, first layer first.
+          input_size: I, the feature size of the first layer's inputs.
+          rngs: the module's ``nnx.Rngs``: ``params`` initialises the layers, and where dropout > 0 the
+            ``dropout`` stream (or ``default``) draws the masks, as ``nnx.Dropout`` does.
+          residual: add each layer's input to its output, for every layer after the first.
+          dropout: the probability of dropping each feature between layers (not after the last), in
+            training (``deterministic=False``; ``model.eval()`` turns it off).
+          deterministic: True turns dropout off.
+          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the
+            stack (see `RNN`); they replace the ``unroll_factor`` an ``rj.rnn`` layer was made with.
+          dtype: the dtype of the params.
+
+        Example:
+          >>> import jax.numpy as jnp, rnnjax as rj
+          >>> from flax import nnx
+          >>> from rnnjax import nnx as rnx
+          >>> model = rnx.Stack([rj.lstm(4), rj.bidirectional(rj.gru(2))], 3, rngs=nnx.Rngs(0), dropout=0.1)
+          >>> carries, ys = model(jnp.ones((2, 5, 3)))
+          >>> ys.shape, len(carries)
+          ((2, 5, 4), 2)
+        """
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        built = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)
+        self.specs, self.residual, self.dropout = tuple(layers), residual, dropout
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
+        kw = {"rngs": rngs, "dtype": dtype, **self.options._asdict()}
+        children = []
+        for layer in built.children:
+            if layer.kind == "rnn":
+                child = RNN(layer.children[0], input_size, reverse=layer.option("reverse"), **kw)
+            else:
+                cell_fw, cell_bw = layer.children
+                child = Bidirectional(cell_fw, input_size, cell_bw, merge=layer.option("merge"), **kw)
+            children.append(child)
+            input_size = layer.output_size
+        self.layers = nnx.List(children)
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` turns dropout off.
+
+        Args:
+          deterministic: True turns dropout off, False on; None leaves it.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def params(self) -> tuple:
+        """The layers' params, as ``rj.stack(...).apply`` takes them."""
+        return tuple(layer.params() for layer in self.layers)
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs: ``layer.apply(model.params(), xs, ...)``."""
+        return stack_layer(self.specs, residual=self.residual, dropout=self.dropout, options=self.options)
+
+    def __call__(
+        self,
+        xs: Array,
+        *,
+        carry: tuple | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | Array | None = None,
+    ) -> tuple[tuple, Array]:
+        """Runs the layers over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs.
+          carry: a tuple of the layers' initial carries; None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``, for every layer.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: overrides the module's ``deterministic``.
+          rngs: overrides the module's dropout stream: an ``nnx.Rngs``, an ``nnx.RngStream`` or a key.
+
+        Returns:
+          ``(carries, ys)``: a tuple of the layers' final carries and ``ys [B, T, output_size]``.
+        """
+        train = not (self.deterministic if deterministic is None else deterministic) and self.dropout > 0
+        key = None
+        if train:
+            source = self.rngs if rngs is None else rngs
+            if isinstance(source, nnx.Rngs):
+                source = source["dropout"]
+            key = source() if isinstance(source, nnx.RngStream) else source
+        return self.layer().apply(
+            self.params(), xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train
+        )

@@ -1,0 +1,239 @@
+"""Flax Linen modules around rnnjax: the params live in ``"params"``, the recurrence is `rj.unroll`.
+
+    import flax.linen as nn
+    from rnnjax import linen as rln
+    model = rln.RNN(rj.lstm(64))
+    variables = model.init(key, xs)                    # xs [B, T, I]: I is read from xs
+    carry, ys = model.apply(variables, xs, lengths=lengths)
+
+Each module stores the functional API's params as one entry of its ``"params"`` collection, in the layout
+the cell's (or layer's) ``init`` returns: ``variables["params"]["cell"]`` of an `RNN` is the NamedTuple
+that ``rj.unroll(cell, params, xs)`` takes. ``grad="manual"`` (the default) makes `jax.grad` of
+``model.apply`` run the hand-derived BPTT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rnnjax._modules import (
+    UnrollOptions,
+    bidirectional_layer,
+    input_size_of,
+    rnn_layer,
+    stack_layer,
+)
+from rnnjax.cells.base import Cell
+from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
+
+Array = jax.Array
+PyTree = Any
+
+
+class RNN(nn.Module):
+    """One cell over a sequence: ``xs [B, T, I] -> (carry, ys [B, T, H])``, as `rj.unroll`.
+
+    Attributes:
+      cell: the cell, e.g. ``rj.lstm(64)``.
+      reverse: run from the last valid step to the first; ``ys`` stays aligned with ``xs``.
+      checkpoint: `rj.unroll`'s ``checkpoint`` (None, ``"none"``, an int K or ``"sqrt"``).
+      budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
+      schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
+      unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
+      param_dtype: the dtype of the params.
+
+    Params: ``"cell"``, the output of ``cell.init(key, I, param_dtype)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> from rnnjax import linen as rln
+      >>> model = rln.RNN(rj.gru(8))
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> variables = model.init(jax.random.key(0), xs)
+      >>> carry, ys = model.apply(variables, xs, lengths=jnp.array([5, 2]))
+      >>> ys.shape
+      (2, 5, 8)
+    """
+
+    cell: Cell
+    reverse: bool = False
+    checkpoint: int | str | None = None
+    budget: int | None = None
+    schedule: str | None = None
+    unroll_steps: int | bool | None = None
+    param_dtype: Any = jnp.float32
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs: ``layer.apply(variables["params"]["cell"], xs)``."""
+        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        return rnn_layer(self.cell, reverse=self.reverse, options=options)
+
+    @nn.compact
+    def __call__(
+        self, xs: Array, *, carry: PyTree | None = None, lengths: Array | None = None, grad: str = "manual"
+    ) -> tuple[PyTree, Array]:
+        """Runs the cell over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs (more leading batch axes are allowed).
+          carry: the initial carry (leaves ``[B, H]``); None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``: the valid steps of each sequence.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+
+        Returns:
+          ``(carry, ys)``: the final carry (leaves ``[B, H]``) and ``ys [B, T, H]``.
+        """
+        layer = self.layer()
+        I = input_size_of(xs)
+        params = self.param("cell", lambda key: layer.init(key, I, self.param_dtype))
+        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad)
+
+
+class Bidirectional(nn.Module):
+    """A forward and a reverse pass over ``xs [B, T, I]``, merged per step, as `rj.bidirectional`.
+
+    Attributes:
+      cell_fw: the forward direction's cell.
+      cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
+      merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
+      checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for both directions (see `RNN`).
+      param_dtype: the dtype of the params.
+
+    Params: ``"fw"`` and ``"bw"``, each the output of its cell's ``init``;
+    ``rj.BidirectionalParams(**variables["params"])`` is what ``rj.bidirectional(...).apply`` takes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> from rnnjax import linen as rln
+      >>> model = rln.Bidirectional(rj.lstm(4), merge="sum")
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> variables = model.init(jax.random.key(0), xs)
+      >>> carry, ys = model.apply(variables, xs)
+      >>> ys.shape, carry.bw.h.shape
+      ((2, 5, 4), (2, 4))
+    """
+
+    cell_fw: Cell
+    cell_bw: Cell | None = None
+    merge: str = "concat"
+    checkpoint: int | str | None = None
+    budget: int | None = None
+    schedule: str | None = None
+    unroll_steps: int | bool | None = None
+    param_dtype: Any = jnp.float32
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs, on ``rj.BidirectionalParams(**variables["params"])``."""
+        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        return bidirectional_layer(self.cell_fw, self.cell_bw, merge=self.merge, options=options)
+
+    @nn.compact
+    def __call__(
+        self,
+        xs: Array,
+        *,
+        carry: BidirectionalCarry | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+    ) -> tuple[BidirectionalCarry, Array]:
+        """Runs both directions over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs.
+          carry: a `BidirectionalCarry` ``(fw, bw)`` of initial carries; None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``; the reverse pass starts at step ``lengths[b] - 1``.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+
+        Returns:
+          ``(carry, ys)``: a `BidirectionalCarry` and ``ys [B, T, H_fw + H_bw]`` (``[B, T, H]`` for sum).
+        """
+        layer = self.layer()
+        cell_fw, cell_bw = layer.children
+        I = input_size_of(xs)
+        params = BidirectionalParams(
+            self.param("fw", lambda key: cell_fw.init(key, I, self.param_dtype)),
+            self.param("bw", lambda key: cell_bw.init(key, I, self.param_dtype)),
+        )
+        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad)
+
+
+class Stack(nn.Module):
+    """A deep RNN, layers applied one after the other, as `rj.stack`.
+
+    Attributes:
+      layers: a sequence of cells (each a forward `rj.rnn`), ``rj.rnn(cell, reverse=...)`` and
+        ``rj.bidirectional(..., merge=...)`` layers, first layer first.
+      residual: add each layer's input to its output, for every layer after the first.
+      dropout: the probability of dropping each feature between layers (not after the last), in training:
+        with ``deterministic=False`` and a ``"dropout"`` rng (``model.apply(..., rngs={"dropout": key})``).
+      deterministic: True turns dropout off; None leaves it to ``__call__`` (needed where dropout > 0).
+      checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the stack
+        (see `RNN`); they replace the ``unroll_factor`` an ``rj.rnn`` layer among ``layers`` was made with.
+      param_dtype: the dtype of the params.
+
+    Params: ``"layers"``, the tuple ``rj.stack(*layers).init`` returns (one entry per layer).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> from rnnjax import linen as rln
+      >>> model = rln.Stack((rj.lstm(4), rj.bidirectional(rj.gru(2))), dropout=0.1)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> variables = model.init(jax.random.key(0), xs, deterministic=True)
+      >>> carries, ys = model.apply(
+      ...     variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)}
+      ... )
+      >>> ys.shape, len(carries)
+      ((2, 5, 4), 2)
+    """
+
+    layers: Sequence[Cell | Layer]
+    residual: bool = False
+    dropout: float = 0.0
+    deterministic: bool | None = None
+    checkpoint: int | str | None = None
+    budget: int | None = None
+    schedule: str | None = None
+    unroll_steps: int | bool | None = None
+    param_dtype: Any = jnp.float32
+
+    def layer(self) -> Layer:
+        """The functional layer this module runs: ``layer.apply(variables["params"]["layers"], xs)``."""
+        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        return stack_layer(self.layers, residual=self.residual, dropout=self.dropout, options=options)
+
+    @nn.compact
+    def __call__(
+        self,
+        xs: Array,
+        *,
+        carry: tuple | None = None,
+        lengths: Array | None = None,
+        grad: str = "manual",
+        deterministic: bool | None = None,
+    ) -> tuple[tuple, Array]:
+        """Runs the layers over ``xs``.
+
+        Args:
+          xs: ``[B, T, I]`` floating-point inputs.
+          carry: a tuple of the layers' initial carries; None means zeros.
+          lengths: ``[B]`` integers in ``[0, T]``, for every layer.
+          grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: False applies dropout (with a ``"dropout"`` rng), True turns it off. Where
+            dropout > 0, give it here or as the attribute, not both.
+
+        Returns:
+          ``(carries, ys)``: a tuple of the layers' final carries and ``ys [B, T, output_size]``.
+        """
+        layer = self.layer()
+        I = input_size_of(xs)
+        params = self.param("layers", lambda key: layer.init(key, I, self.param_dtype))
+        train, key = False, None
+        if self.dropout > 0:
+            train = not nn.merge_param("deterministic", self.deterministic, deterministic)
+            key = self.make_rng("dropout") if train else None
+        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train)
