@@ -38,6 +38,7 @@ import functools
 import glob
 import math
 import os
+import shutil
 import sysconfig
 import time
 import zlib
@@ -219,7 +220,8 @@ def initial_state(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> TrainSt
 def _initial_state(cfg: Config) -> TrainState:
     # one compiled program rather than an eager op (and its compilation) per array
     cell, head, optimizer = model(cfg)
-    keys = jax.random.split(jax.random.key(cfg.seed), 4)
+    root = jax.random.key(cfg.seed)
+    keys = [*jax.random.split(root, 3), jax.random.fold_in(root, 3)]  # embed, cell, head; the run's key
     params = {
         "embed": 0.1 * jax.random.normal(keys[0], (VOCAB_SIZE, cfg.embed_size)),
         "cell": cell.init(keys[1], cfg.embed_size),
@@ -260,9 +262,13 @@ def train(
             saved_step = step
             print(f"resumed from the checkpoint of step {step} in {cfg.checkpoint_dir}")
     elif cfg.checkpoint_every and (latest := rj.latest_training_step(cfg.checkpoint_dir)) is not None:
-        raise ValueError(
-            f"{cfg.checkpoint_dir} holds a checkpoint of step {latest}: pass --resume to continue that run, "
-            "or a new --checkpoint-dir"
+        # a fresh run starts over; the earlier run's checkpoints are kept (one run back), not mixed in
+        previous = os.path.normpath(cfg.checkpoint_dir) + ".previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(cfg.checkpoint_dir, previous)
+        print(
+            f"starting over: the checkpoints of an earlier run (to step {latest}) moved to {previous}; "
+            "--resume continues a run instead"
         )
 
     def loss_fn(
