@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any
 
 import jax
@@ -58,7 +57,7 @@ class CorruptCheckpointError(ValueError):
 
 def save_training_state(
     directory: str | os.PathLike, step: int, state: PyTree, *, keep: int | None = 3
-) -> pathlib.Path:
+) -> os.PathLike[str]:
     """Writes ``state`` as the checkpoint of ``step`` under ``directory``, atomically.
 
     The step's directory appears only once every file in it is written (orbax writes a temporary directory
@@ -72,7 +71,7 @@ def save_training_state(
       keep: how many of the newest checkpoints to keep (older ones are deleted); None keeps all.
 
     Returns:
-      The directory of the new checkpoint.
+      The directory of the new checkpoint (an `etils.epath.Path`, orbax's path type).
 
     Raises:
       TypeError: ``step`` is not an int.
@@ -88,7 +87,7 @@ def save_training_state(
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
     )
-    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+    with ocp.CheckpointManager(_path(directory), options=options) as manager:
         if step in manager.all_steps():
             raise ValueError(
                 f"save_training_state: {manager.directory} already holds a checkpoint of step {step}"
@@ -102,7 +101,7 @@ def save_training_state(
             ),
         )
         manager.wait_until_finished()
-        return pathlib.Path(os.fspath(manager.directory)) / str(step)
+        return _path(directory) / str(step)
 
 
 def latest_training_step(directory: str | os.PathLike) -> int | None:
@@ -144,11 +143,11 @@ def restore_training_state(
         raise ValueError(
             f"restore_training_state: step {step} has no checkpoint in {directory}; it holds steps {steps}"
         )
-    path = pathlib.Path(os.path.abspath(directory)) / str(step)
+    path = _path(directory) / str(step)
     others = [s for s in steps if s != step]
     advice = f"delete it to resume from an earlier checkpoint ({others})" if others else "delete it"
     options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+    with ocp.CheckpointManager(_path(directory), options=options) as manager:
         try:
             record = manager.restore(step, args=ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()}))[
                 _RECORD
@@ -185,11 +184,20 @@ def _steps(directory: str | os.PathLike) -> list[int]:
     """The steps of the complete checkpoints in ``directory``, ascending (orbax skips temporary ones)."""
     import orbax.checkpoint as ocp
 
-    if not os.path.isdir(directory):
+    if not _path(directory).is_dir():
         return []
     options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+    with ocp.CheckpointManager(_path(directory), options=options) as manager:
         return sorted(manager.all_steps())
+
+
+def _path(directory: str | os.PathLike) -> Any:
+    """``directory`` as orbax's path type (`etils.epath.Path`): a local path made absolute, or a URL
+    (``gs://...``) as it is."""
+    from etils import epath
+
+    directory = os.fspath(directory)
+    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
 
 
 def _savable(state: PyTree) -> PyTree:
@@ -220,7 +228,7 @@ def _digest(leaves: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(leaves).encode()).hexdigest()
 
 
-def _check_like(saved: dict[str, dict[str, Any]], like: PyTree, path: pathlib.Path) -> None:
+def _check_like(saved: dict[str, dict[str, Any]], like: PyTree, path: os.PathLike[str]) -> None:
     """Raises ValueError naming the first leaf where ``like`` and the saved state disagree."""
     given = jax.tree_util.tree_leaves_with_path(like)
     names = [jax.tree_util.keystr(p) for p, _ in given]
@@ -271,7 +279,7 @@ def _fingerprints(leaves: list[Any]) -> list[str]:
 
 def _words(xp: Any, x: Any) -> Any:
     """The array ``x`` as uint32 words, flat; ``xp`` is numpy or jax.numpy."""
-    if xp is jnp and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if xp is jnp and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if xp.iscomplexobj(x):
         x = xp.stack([x.real, x.imag], axis=-1)

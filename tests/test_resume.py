@@ -70,7 +70,7 @@ def training_state(key):
 def test_round_trip_is_exact(tmp_path, key):
     state = training_state(key)
     path = rj.save_training_state(tmp_path, 5, state)
-    assert path == tmp_path / "5" and path.is_dir()
+    assert pathlib.Path(path) == tmp_path / "5" and pathlib.Path(path).is_dir()
     step, restored = rj.restore_training_state(tmp_path, like=state)
     assert step == 5
     assert_same_state(restored, state)
