@@ -12,6 +12,14 @@ temperature after priming the carry on a prompt (one-to-many).
     python -m examples.char_lm                # full run: validation < 2.0 bits/char within 30 min on 2 cores
     python -m examples.char_lm --minutes 3    # what `make demo` runs
     python -m examples.char_lm --quick        # a smoke run in seconds
+    python -m examples.char_lm --resume       # on from the newest checkpoint in runs/char_lm/checkpoints
+
+Training survives being killed: every ``--checkpoint-every`` steps the whole training state (parameters,
+optimizer state, the carry handed between windows, the data position and the run's PRNG key, one pytree:
+`TrainState`) is written with `rj.save_training_state`, and ``--resume`` continues from the newest one. The
+run is a function of its seed and step alone (each step's dropout and sampling keys are folded from the
+saved key with the step), so a run killed and resumed ends with the same parameters, bit for bit, as one
+that was never stopped.
 
 Data parallelism: ``--data-parallel`` splits the ``B`` tracks over all devices through JAX's own sharding
 (a `jax.make_mesh` of the devices under `jax.set_mesh`; each window and the carry placed as ``P("data")``,
@@ -26,14 +34,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 if not __package__:  # run as a file (python examples/x.py): import rnnjax and examples from this clone
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,8 +83,11 @@ class Config:
     prompt: str = "def "
     sample_len: int = 200
     temperature: float = 0.7
+    dropout: float = 0.0  # on the embedded characters (the LSTM's input), during training
     seed: int = 0
     out_dir: str = "runs/char_lm"
+    checkpoint_every: int = 500  # steps between training checkpoints; 0 saves none
+    checkpoint_dir: str = "runs/char_lm/checkpoints"
 
 
 QUICK = Config(
@@ -88,7 +101,18 @@ QUICK = Config(
     val_track_len=256,
     max_train_chars=300_000,
     sample_len=60,
+    checkpoint_every=0,
 )
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes: what a checkpoint holds (with the step)."""
+
+    params: Any  # {"embed": [V, E], "cell": LSTMParams, "head": DenseParams}
+    opt_state: Any  # optax's state for `params`
+    carry: rj.LSTMCarry  # [B, H] each: handed from one window to the next (truncated BPTT)
+    window: jax.Array  # int32 []: which window of the tracks the next step trains on (the data position)
+    key: jax.Array  # the run's PRNG key; each step's dropout and sample keys are folded from it with the step
 
 
 def encode(text: str) -> np.ndarray:
@@ -139,15 +163,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--minutes", type=float, help="stop training after this many minutes")
     parser.add_argument("--steps", type=int, help="stop training after this many steps")
+    parser.add_argument("--seed", type=int, help="the seed of the initial parameters and of every key")
+    parser.add_argument("--dropout", type=float, help="dropout rate on the LSTM's input while training")
+    parser.add_argument(
+        "--checkpoint-every", type=int, help="save the training state every N steps (0: never)"
+    )
+    parser.add_argument("--checkpoint-dir", help="where the training checkpoints go")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
+    )
     parser.add_argument(
         "--data-parallel", action="store_true", help="split the tracks over all devices (a device mesh)"
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
-    if args.minutes is not None:
-        cfg = dataclasses.replace(cfg, max_minutes=args.minutes)
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
+    for flag, name in [
+        ("minutes", "max_minutes"),
+        ("steps", "steps"),
+        ("seed", "seed"),
+        ("dropout", "dropout"),
+        ("checkpoint_every", "checkpoint_every"),
+        ("checkpoint_dir", "checkpoint_dir"),
+    ]:
+        if getattr(args, flag) is not None:
+            cfg = dataclasses.replace(cfg, **{name: getattr(args, flag)})
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.data_parallel else None
     for name in ("batch_size", "val_tracks"):
         if mesh is not None and getattr(cfg, name) % mesh.size:
@@ -155,10 +198,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"--data-parallel: {name} {getattr(cfg, name)} must divide over {mesh.size} devices"
             )
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _main(cfg, args.no_progress, mesh)
+        return train(cfg, mesh=mesh, no_progress=args.no_progress, resume=args.resume)
 
 
-def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+def model(cfg: Config) -> tuple[rj.Cell, rj.Dense, optax.GradientTransformation]:
+    """The LSTM, its read-out and the optimizer."""
+    cell, head = rj.lstm(cfg.hidden_size), rj.dense(VOCAB_SIZE)
+    optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.learning_rate))
+    return cell, head, optimizer
+
+
+def initial_state(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+    """The state at step 0, a function of ``cfg.seed`` alone: the structure a checkpoint is restored into.
+
+    With a mesh the parameters (and so the optimizer state) are on every device, the carry's tracks split
+    over them.
+    """
+    state = _initial_state(cfg)
+    if mesh is not None:
+        state = jax.device_put(state, TrainState(P(), P(), P("data"), P(), P()))
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _initial_state(cfg: Config) -> TrainState:
+    # one compiled program rather than an eager op (and its compilation) per array
+    cell, head, optimizer = model(cfg)
+    root = jax.random.key(cfg.seed)
+    keys = [*jax.random.split(root, 3), jax.random.fold_in(root, 3)]  # embed, cell, head; the run's key
+    params = {
+        "embed": 0.1 * jax.random.normal(keys[0], (VOCAB_SIZE, cfg.embed_size)),
+        "cell": cell.init(keys[1], cfg.embed_size),
+        "head": head.init(keys[2], cfg.hidden_size),
+    }
+    carry = cell.initial_carry(params["cell"], (cfg.batch_size,))
+    return TrainState(params, optimizer.init(params), carry, jnp.zeros((), jnp.int32), keys[3])
+
+
+def train(
+    cfg: Config, *, mesh: jax.sharding.Mesh | None = None, no_progress: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """Trains (from the newest checkpoint in ``cfg.checkpoint_dir`` if ``resume``), plots and samples."""
     from tqdm.auto import tqdm
 
     train_stream, val_stream = load_corpus(cfg)
@@ -169,32 +249,54 @@ def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dic
         f"Python {sysconfig.get_python_version()}'s standard library; vocabulary {VOCAB_SIZE}"
     )
 
-    cell, head = rj.lstm(cfg.hidden_size), rj.dense(VOCAB_SIZE)
-    keys = jax.random.split(jax.random.key(cfg.seed), 3)
-    params = {
-        "embed": 0.1 * jax.random.normal(keys[0], (VOCAB_SIZE, cfg.embed_size)),
-        "cell": cell.init(keys[1], cfg.embed_size),
-        "head": head.init(keys[2], cfg.hidden_size),
-    }
-    # with a mesh: the parameters (and so the optimizer state) on every device, the tracks split over them
+    cell, head, optimizer = model(cfg)
+    # with a mesh: the tracks of each window split over the devices
     rows = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, P("data")))
-    if mesh is not None:
-        params = jax.device_put(params, P())
-    optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.learning_rate))
-    opt_state = optimizer.init(params)
+    n_windows = (train_tracks.shape[1] - 1) // cfg.window
 
-    def loss_fn(params: Any, carry: rj.LSTMCarry, tokens: jax.Array) -> tuple[jax.Array, rj.LSTMCarry]:
-        """Mean next-character cross-entropy (nats) over a window ``tokens [B, T+1]``, and the carry after."""
-        carry, hs = rj.unroll(cell, params["cell"], rj.embed(params["embed"], tokens[:, :-1]), carry)
+    state = initial_state(cfg, mesh)
+    step = 0
+    saved_step: int | None = None
+    if resume:
+        restored = rj.restore_training_state(cfg.checkpoint_dir, like=state)
+        if restored is None:
+            print(f"no checkpoint in {cfg.checkpoint_dir}: training from step 0")
+        else:
+            step, state = restored
+            saved_step = step
+            print(f"resumed from the checkpoint of step {step} in {cfg.checkpoint_dir}")
+    elif cfg.checkpoint_every and (latest := rj.latest_training_step(cfg.checkpoint_dir)) is not None:
+        # a fresh run starts over; the earlier run's checkpoints are kept (one run back), not mixed in
+        previous = os.path.normpath(cfg.checkpoint_dir) + ".previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(cfg.checkpoint_dir, previous)
+        print(
+            f"starting over: the checkpoints of an earlier run (to step {latest}) moved to {previous}; "
+            "--resume continues a run instead"
+        )
+
+    def loss_fn(
+        params: Any, carry: rj.LSTMCarry, tokens: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, rj.LSTMCarry]:
+        """Mean next-character cross-entropy (nats) over a window ``tokens [B, T+1]``, and the carry after;
+        with a ``dropout_key`` (training), dropout on the embedded characters."""
+        xs = rj.embed(params["embed"], tokens[:, :-1])
+        if cfg.dropout and dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, xs.shape)
+            xs = jnp.where(keep, xs / (1.0 - cfg.dropout), 0.0)
+        carry, hs = rj.unroll(cell, params["cell"], xs, carry)
         logits = head.apply(params["head"], hs)
         return rj.losses.sequence_cross_entropy(logits, tokens[:, 1:]), carry
 
     @jax.jit
-    def train_step(params: Any, opt_state: Any, carry: rj.LSTMCarry, tokens: jax.Array) -> tuple:
+    def train_step(state: TrainState, tokens: jax.Array, step: jax.Array) -> tuple[TrainState, jax.Array]:
         # the carry enters as a constant: the gradient is truncated at the window's start
-        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carry, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, carry, loss
+        dropout_key = jax.random.split(jax.random.fold_in(state.key, step))[0]
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, carry), grads = grad_fn(state.params, state.carry, tokens, dropout_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, carry, (state.window + 1) % n_windows, state.key), loss
 
     @jax.jit
     def validation_bits(params: Any, tokens: jax.Array) -> jax.Array:
@@ -211,35 +313,41 @@ def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dic
             step, carry, prompt[-1:], cfg.sample_len, key, temperature=cfg.temperature
         ).tokens[0]
 
+    def checkpoint(step: int) -> None:
+        nonlocal saved_step
+        rj.save_training_state(cfg.checkpoint_dir, step, state)
+        saved_step = step
+
     prompt = jnp.asarray(encode(cfg.prompt))
-    n_windows = (train_tracks.shape[1] - 1) // cfg.window
     history: dict[str, list] = {"step": [], "train_bits": [], "val_step": [], "val_bits": [], "val_time": []}
     samples: list[tuple[int, str]] = []
     reached_2: float | None = None
+    first_step = step
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="char_lm", disable=no_progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, desc="char_lm", disable=no_progress, leave=False)
 
     def evaluate(step: int) -> None:
         nonlocal reached_2
-        bits = float(validation_bits(params, rows(val_tracks)))
+        bits = float(validation_bits(state.params, rows(val_tracks)))
         elapsed = time.perf_counter() - start
         history["val_step"].append(step)
         history["val_bits"].append(bits)
         history["val_time"].append(elapsed)
         if bits < 2.0 and reached_2 is None:
             reached_2 = elapsed
-        text = decode_text(np.asarray(generate(params, prompt, jax.random.key(step))))
+        sample_key = jax.random.split(jax.random.fold_in(state.key, step))[1]
+        text = decode_text(np.asarray(generate(state.params, prompt, sample_key)))
         samples.append((step, text))
         tqdm.write(f"\n[step {step}, {elapsed / 60:.1f} min] validation {bits:.3f} bits/char; sample:")
         tqdm.write(cfg.prompt + text)
 
-    step = 0
     while step < cfg.steps and time.perf_counter() - start < 60 * cfg.max_minutes:
-        w = step % n_windows
+        w = int(state.window)
         if w == 0:  # back to the start of every track: a fresh carry
-            carry = jax.tree.map(rows, cell.initial_carry(params["cell"], (cfg.batch_size,)))
+            fresh = jax.tree.map(rows, cell.initial_carry(state.params["cell"], (cfg.batch_size,)))
+            state = state._replace(carry=fresh)
         window = train_tracks[:, w * cfg.window : (w + 1) * cfg.window + 1]
-        params, opt_state, carry, loss = train_step(params, opt_state, carry, rows(window))
+        state, loss = train_step(state, rows(window), step)
         if step % cfg.eval_every == 0:
             evaluate(step)
         step += 1
@@ -247,14 +355,20 @@ def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dic
         history["train_bits"].append(float(loss) / math.log(2))
         bar.update()
         bar.set_postfix(bits=f"{history['train_bits'][-1]:.2f}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint(step)
     bar.close()
+    if cfg.checkpoint_every and saved_step != step:
+        checkpoint(step)  # where this run stopped, so that --resume continues from there
     evaluate(step)
     minutes = (time.perf_counter() - start) / 60
 
     platform = jax.devices()[0].platform
     devices = "" if mesh is None else f", the tracks split over {mesh.size} {platform} devices"
     print(
-        f"\nvalidation {history['val_bits'][-1]:.3f} bits/char after {step} steps in {minutes:.1f} min "
+        f"\nvalidation {history['val_bits'][-1]:.3f} bits/char after {step} steps "
+        + (f"({step - first_step} since the checkpoint) " if first_step else "")
+        + f"in {minutes:.1f} min "
         f"({step * cfg.batch_size * cfg.window:,} training characters); "
         + (f"below 2.0 after {reached_2 / 60:.1f} min" if reached_2 is not None else "not yet below 2.0")
         + devices
@@ -271,7 +385,7 @@ def _main(cfg: Config, no_progress: bool, mesh: jax.sharding.Mesh | None) -> dic
         **history,
         "samples": samples,
         "minutes_to_2_bits": None if reached_2 is None else reached_2 / 60,
-        "steps_per_minute": step / minutes,
+        "steps_per_minute": (step - first_step) / minutes,
         # the tracks of a window that each device holds: batch_size / devices when they are split
         "rows_per_device": rows(train_tracks[:, :2]).addressable_shards[0].data.shape[0],
     }
@@ -286,8 +400,9 @@ def plot(history: dict[str, list], path: str) -> None:
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
     train = np.asarray(history["train_bits"])
     k = max(1, len(train) // 100)  # a running mean over ~1% of the steps
-    smooth = np.convolve(train, np.ones(k) / k, mode="valid")
-    ax0.plot(history["step"][k - 1 :], smooth, label="train (running mean)")
+    smooth = np.convolve(train, np.ones(k) / k, mode="valid") if len(train) else train
+    if len(train):  # a run resumed at its last step trains none
+        ax0.plot(history["step"][k - 1 :], smooth, label="train (running mean)")
     ax0.plot(history["val_step"], history["val_bits"], "o-", label="validation (held-out files)")
     ax0.set(xlabel="step", ylabel="bits / character", title="character LM on Python's stdlib")
     ax1.plot(np.asarray(history["val_time"]) / 60, history["val_bits"], "o-")

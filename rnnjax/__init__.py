@@ -66,6 +66,12 @@ from rnnjax.layers import (
 )
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
+from rnnjax.train_state import (
+    CorruptCheckpointError,
+    latest_training_step,
+    restore_training_state,
+    save_training_state,
+)
 
 __version__ = "0.1.0"
 
@@ -77,6 +83,7 @@ __all__ = [
     "BidirectionalCarry",
     "BidirectionalParams",
     "Cell",
+    "CorruptCheckpointError",
     "Dense",
     "DenseParams",
     "ElmanParams",
@@ -112,6 +119,7 @@ __all__ = [
     "gru",
     "indrnn",
     "last_valid",
+    "latest_training_step",
     "layer_norm_lstm",
     "load",
     "losses",
@@ -123,9 +131,11 @@ __all__ = [
     "pad_sequences",
     "peephole_lstm",
     "projected_lstm",
+    "restore_training_state",
     "rnn",
     "rtrl_value_and_grad",
     "save",
+    "save_training_state",
     "seq2seq",
     "stack",
     "time_major",
