@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 COORDINATOR_ENV = "RNNJAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "RNNJAX_NUM_PROCESSES"
@@ -102,6 +102,24 @@ def initialize(*, cluster: bool = False) -> bool:
         return False
     _exit_at_once_on_error()
     return True
+
+
+def process_rows(sharding: Any, rows: int) -> slice:
+    """The rows of a global ``[rows, ...]`` array that this process's devices hold under ``sharding`` (a
+    split of the leading axis): what this process gives `jax.make_array_from_process_local_data`.
+
+    Example::
+
+        batch = NamedSharding(mesh, P("data"))
+        xs = jax.make_array_from_process_local_data(batch, global_xs[process_rows(batch, len(global_xs))])
+    """
+    bounds = [
+        index[0].indices(rows)[:2] for index in sharding.addressable_devices_indices_map((rows,)).values()
+    ]
+    start, stop = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    if sum(b - a for a, b in set(bounds)) != stop - start:
+        raise ValueError(f"sharding: this process's rows of {rows} are not one block: {sorted(set(bounds))}")
+    return slice(start, stop)
 
 
 def _exit_at_once_on_error() -> None:

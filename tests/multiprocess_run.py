@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rnnjax as rj
-from rnnjax.launch import initialize
+from rnnjax.launch import initialize, process_rows
 
 B, T, I, H, C, N = 4, 6, 3, 3, 4, 2  # batch, frames, features, hidden, classes (0: CTC's blank), labels
 STEPS = 3
@@ -119,8 +119,7 @@ def main(out_path: str) -> None:
         """This process's rows of a global ``[B, ...]`` array, as one array over every process's devices."""
         if not split:
             return jnp.asarray(a)
-        start = jax.process_index() * (B // jax.process_count())
-        return jax.make_array_from_process_local_data(rows, a[start : start + B // jax.process_count()])
+        return jax.make_array_from_process_local_data(rows, a[process_rows(rows, B)])
 
     @jax.jit
     def train_step(params: Any, opt_state: Any, batch: tuple, key: jax.Array) -> tuple:
