@@ -11,11 +11,20 @@ drop blanks); the score is the label error rate: edit distance over reference le
 
     python -m examples.speech_ctc            # full run: label error rate <= 10%
     python -m examples.speech_ctc --quick    # a smoke run in seconds
+
+Data parallelism, over processes too: ``--data-parallel`` splits every batch over all devices of all processes
+(a `jax.make_mesh` of `jax.devices`, under `jax.set_mesh`). Every process draws the same utterances from the
+shared seed and gives JAX only its own rows (`jax.make_array_from_process_local_data`); the parameters and the
+optimizer state are replicated, and JAX sums the gradients over the devices, across processes through gloo's
+collectives on a CPU. The held-out logits are gathered from every process; process 0 prints and plots:
+
+    python -m rnnjax.launch -n 2 -- python -m examples.speech_ctc --quick --data-parallel
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -28,8 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import rnnjax as rj
+from rnnjax.launch import initialize, process_rows
 
 BLANK = 0
 
@@ -120,21 +133,50 @@ def label_error_rate(logits: np.ndarray, lengths: np.ndarray, labels: np.ndarray
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="split every batch over all devices of all processes (run under python -m rnnjax.launch)",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    mesh = None
+    if args.data_parallel:
+        initialize()  # joins the other processes under python -m rnnjax.launch; alone, nothing
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        for name in ("batch_size", "test_utterances"):
+            if getattr(cfg, name) % mesh.size:
+                raise ValueError(
+                    f"--data-parallel: {name} {getattr(cfg, name)} must divide over {mesh.size} devices"
+                )
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _train(cfg, mesh, progress=not args.no_progress)
+
+
+def _train(cfg: Config, mesh: jax.sharding.Mesh | None, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    lead = jax.process_index() == 0  # prints, plots and shows progress
     rng = np.random.default_rng(cfg.seed)
     test = utterances(rng, cfg.test_utterances, cfg)
     F = test[0].shape[-1]
+
+    def rows(a: np.ndarray) -> jax.Array:
+        """A global batch array, split over the mesh: this process gives its own rows."""
+        if mesh is None:
+            return jnp.asarray(a)
+        split = NamedSharding(mesh, P("data"))
+        return jax.make_array_from_process_local_data(split, a[process_rows(split, len(a))])
 
     encoder = rj.stack(*(rj.bidirectional(rj.lstm(cfg.hidden_size)) for _ in range(cfg.layers)))
     head = rj.dense(cfg.symbols + 1)
     k_enc, k_head = jax.random.split(jax.random.key(cfg.seed))
     params = {"encoder": encoder.init(k_enc, F), "head": head.init(k_head, encoder.output_size)}
+    if mesh is not None:
+        params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated; the optimizer state follows
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.learning_rate))
     opt_state = optimizer.init(params)
 
@@ -158,29 +200,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return optax.apply_updates(params, updates), opt_state, loss
 
     predict = jax.jit(logits_fn)
+    test_feats, test_lengths = rows(test[0]), rows(test[1])
+
+    def test_logits() -> np.ndarray:
+        """``[n, T, K]`` logits of the held-out utterances, gathered from every process."""
+        logits = predict(params, test_feats, test_lengths)
+        return np.asarray(logits) if mesh is None else multihost_utils.process_allgather(logits, tiled=True)
+
     losses, curve = [], []
     eval_every = max(1, cfg.steps // 10)
-    for step in tqdm(range(cfg.steps), desc="speech_ctc", disable=args.no_progress, leave=False):
-        batch = utterances(rng, cfg.batch_size, cfg)  # fresh utterances every step
+    for step in tqdm(range(cfg.steps), desc="speech_ctc", disable=not (progress and lead), leave=False):
+        # fresh utterances every step; every process draws the same ones and keeps its rows
+        batch = tuple(rows(a) for a in utterances(rng, cfg.batch_size, cfg))
         params, opt_state, loss = train_step(params, opt_state, batch)
         losses.append(float(loss))
         if (step + 1) % eval_every == 0:
-            ler = label_error_rate(np.asarray(predict(params, test[0], test[1])), *test[1:])[0]
-            curve.append((step + 1, ler))
+            curve.append((step + 1, label_error_rate(test_logits(), *test[1:])[0]))
 
-    logits = np.asarray(predict(params, test[0], test[1]))
+    logits = test_logits()
     ler, hyps, refs = label_error_rate(logits, *test[1:])
     exact = float(np.mean([h == r for h, r in zip(hyps, refs, strict=True)]))
-    print(
-        f"\nheld-out label error rate {ler:.3f}, whole transcriptions right {exact:.3f} "
-        f"({cfg.test_utterances} utterances, {cfg.steps} steps)"
-    )
-    for h, r in list(zip(hyps, refs, strict=True))[:4]:
-        print(f"  reference {' '.join(map(str, r)):<16} heard {' '.join(map(str, h))}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    path = os.path.join(cfg.out_dir, "speech_ctc.png")
-    plot(losses, curve, test, logits, path)
-    print(f"plot: {path}")
+    if lead:
+        run = f"{cfg.test_utterances} utterances, {cfg.steps} steps"
+        if mesh is not None:
+            run += f", each batch split over {mesh.size} devices in {jax.process_count()} processes"
+        print(f"\nheld-out label error rate {ler:.3f}, whole transcriptions right {exact:.3f} ({run})")
+        for h, r in list(zip(hyps, refs, strict=True))[:4]:
+            print(f"  reference {' '.join(map(str, r)):<16} heard {' '.join(map(str, h))}")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "speech_ctc.png")
+        plot(losses, curve, test, logits, path)
+        print(f"plot: {path}")
     return {"losses": losses, "ler_curve": curve, "label_error_rate": ler, "exact_match": exact}
 
 

@@ -1,0 +1,316 @@
+"""Training as several processes (`python -m rnnjax.launch`, `jax.distributed` over gloo on the CPU) follows
+the one-process, one-device run; the launcher stops every process when one fails, and reaps them all.
+
+Each launch runs in its own process group under a timeout; on the timeout the whole group is killed, so a
+hung launch fails its test instead of the suite, and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from rnnjax import launch
+
+ROOT = pathlib.Path(__file__).parents[1]
+SCRIPT = ROOT / "tests" / "multiprocess_run.py"
+
+
+def _env() -> dict[str, str]:
+    """This environment (conftest's XLA_FLAGS among it), with the worktree importable as ``rnnjax``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+
+
+def _run(command: list[str], timeout: float, cwd: pathlib.Path = ROOT) -> tuple[int, str, str, float]:
+    """``command`` in a new process group; returns its exit code, stdout, stderr and wall time. On the
+    timeout the group (the launcher and the processes it started) is killed and the test fails."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{command} ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err, time.monotonic() - start
+
+
+def _launch(*args: str, timeout: float = 300) -> tuple[int, str, str, float]:
+    return _run([sys.executable, "-m", "rnnjax.launch", *args], timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory) -> dict[str, np.ndarray]:
+    path = tmp_path_factory.mktemp("one") / "params.npz"
+    code, out, err, _ = _run([sys.executable, str(SCRIPT), str(path)], timeout=300)
+    assert code == 0, err[-3000:]
+    assert "1 processes, 1 devices" in out
+    return dict(np.load(path))
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_two_processes_train_as_one_device(one_device, devices, tmp_path):
+    """2 processes of ``devices`` host devices each: every step's batch split over all of them (each
+    process its own rows), the final parameters and losses those of one device to 1e-12."""
+    path = tmp_path / "params.npz"
+    code, out, err, _ = _launch(
+        "-n", "2", "--devices-per-process", str(devices), "--", sys.executable, str(SCRIPT), str(path)
+    )
+    assert code == 0, err[-3000:]
+    assert f"[p0] 2 processes, {2 * devices} devices" in out
+    assert out.count("[p0] step ") == len(one_device["losses"])
+    assert "[p1] step" not in out  # metrics printed by process 0 only
+    got = dict(np.load(path))
+    assert got.keys() == one_device.keys()
+    for name, want in one_device.items():
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_launcher_fails_fast(tmp_path):
+    """Process 1 exits with 3 while process 0 sleeps and ignores SIGTERM: the launcher names p1 and its
+    code, kills p0 after the grace period, and exits with 3."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, pathlib, signal, sys, time
+        i = os.environ["{launch.PROCESS_ID_ENV}"]
+        pathlib.Path(r"{tmp_path}", f"pid{{i}}").write_text(str(os.getpid()))
+        print(f"process {{i}} of {{os.environ['{launch.NUM_PROCESSES_ENV}']}}")
+        if i == "1":
+            time.sleep(0.5)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
+        """)
+    )
+    code, out, err, seconds = _launch(
+        "-n", "2", "--grace-period", "1", "--", sys.executable, str(script), timeout=60
+    )
+    assert code == 3
+    assert "[launch] p1 exited with code 3; stopping p0" in err
+    assert "[p0] process 0 of 2" in out and "[p1] process 1 of 2" in out
+    assert seconds < 45
+    assert not _alive(int((tmp_path / "pid0").read_text()))
+
+
+def test_launcher_fails_fast_when_a_jax_process_raises(tmp_path):
+    """Under `jax.distributed`, after a first collective, process 1 raises while process 0 computes on
+    (sleeps) before the next. The exception ends process 1 at once, not at JAX's shutdown barrier (which
+    waits for process 0), so the launcher sees it, stops process 0 and names process 1 with code 1."""
+    script = tmp_path / "raise.py"
+    script.write_text(
+        textwrap.dedent("""
+        import time
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from rnnjax.launch import initialize
+
+        assert initialize()
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones((1, 2)))
+        total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+        print("sum", float(total(x)))
+        if jax.process_index() == 1:
+            raise RuntimeError("process 1 fails")
+        time.sleep(600)
+        total(x).block_until_ready()
+        """)
+    )
+    code, out, err, seconds = _launch(
+        "-n", "2", "--grace-period", "1", "--", sys.executable, str(script), timeout=60
+    )
+    assert code == 1, err[-3000:]
+    assert "[p0] sum 4.0" in out and "[p1] sum 4.0" in out  # the ones of both processes
+    assert "[p1] RuntimeError: process 1 fails" in err
+    assert "[launch] p1 exited with code 1; stopping p0" in err
+    assert seconds < 45
+
+
+def test_launcher_reaps_every_process_on_sigterm(tmp_path):
+    """SIGTERM (or Ctrl-C) to the launcher: it stops every process it started, waits for them, and exits
+    with 143 (130)."""
+    script = tmp_path / "sleep.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, pathlib, time
+        pathlib.Path(r"{tmp_path}", "pid" + os.environ["{launch.PROCESS_ID_ENV}"]).write_text(str(os.getpid()))
+        time.sleep(600)
+        """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", sys.executable, str(script)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"pid{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the processes did not start"
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"pid{i}").read_text()) for i in range(2)]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143
+    assert "[launch] got SIGTERM; stopping every process" in err
+    assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "0", "--", "python"], "argument -n/--num-processes: expected int >= 1, got '0'"),
+        (["-n", "two", "--", "python"], "argument -n/--num-processes: expected int >= 1, got 'two'"),
+        (["--", "python"], "the following arguments are required: -n/--num-processes"),
+        (["-n", "2"], "no command to run: give it after --"),
+        (["-n", "2", "--"], "no command to run: give it after --"),
+        (
+            ["-n", "2", "--devices-per-process", "0", "--", "python"],
+            "--devices-per-process: expected int >= 1",
+        ),
+        (
+            ["-n", "2", "--grace-period", "-1", "--", "python"],
+            "--grace-period: expected float >= 0, got '-1'",
+        ),
+        (["-n", "2", "--port", "70000", "--", "python"], "--port: expected a port <= 65535, got 70000"),
+    ],
+)
+def test_launcher_command_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(args)
+    assert exit_info.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())  # argparse wraps long lines
+
+
+def test_launcher_cannot_start_the_command(capsys):
+    assert launch.main(["-n", "2", "--", "/nonexistent/program"]) == 127
+    assert "[launch] cannot start '/nonexistent/program'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(command=[], num_processes=2), r"command: expected a program to run, got an empty command"),
+        (dict(command=["x"], num_processes=0), r"num_processes: expected >= 1, got 0"),
+        (dict(command=["x"], num_processes=1, devices_per_process=0), r"devices_per_process: expected >= 1"),
+        (dict(command=["x"], num_processes=1, grace_period=-1.0), r"grace_period: expected >= 0 seconds"),
+    ],
+)
+def test_run_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        launch.run(**kwargs)
+
+
+def test_process_env():
+    """Each process learns its place; a device count replaces the one in XLA_FLAGS and keeps the rest."""
+    base = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"}
+    env = launch.process_env(base, port=1234, num_processes=3, process_id=2, devices=2)
+    assert env[launch.COORDINATOR_ENV] == "127.0.0.1:1234"
+    assert (env[launch.NUM_PROCESSES_ENV], env[launch.PROCESS_ID_ENV]) == ("3", "2")
+    assert env["XLA_FLAGS"] == "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2"
+    assert (
+        launch.process_env(base, port=1, num_processes=1, process_id=0, devices=None)["XLA_FLAGS"]
+        == (base["XLA_FLAGS"])
+    )
+
+
+def test_initialize_alone_does_nothing(monkeypatch):
+    for name in (launch.COORDINATOR_ENV, launch.NUM_PROCESSES_ENV, launch.PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert launch.initialize() is False
+
+
+@pytest.mark.parametrize(
+    "num, pid, message",
+    [
+        ("two", "0", r"environment variable RNNJAX_NUM_PROCESSES: expected an integer, got 'two'"),
+        ("2", None, r"environment variable RNNJAX_PROCESS_ID: expected an integer, got None"),
+        (
+            "2",
+            "2",
+            r"environment variable RNNJAX_PROCESS_ID: expected 0 <= id < RNNJAX_NUM_PROCESSES \(2\), got 2",
+        ),
+    ],
+)
+def test_initialize_rejects_bad_variables(monkeypatch, num, pid, message):
+    monkeypatch.setenv(launch.COORDINATOR_ENV, "127.0.0.1:1")
+    monkeypatch.setenv(launch.NUM_PROCESSES_ENV, num)
+    if pid is None:
+        monkeypatch.delenv(launch.PROCESS_ID_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.PROCESS_ID_ENV, pid)
+    with pytest.raises(ValueError, match=message):
+        launch.initialize()
+
+
+@pytest.mark.slow
+def test_speech_ctc_under_the_launcher(tmp_path):
+    """The speech example's ``--data-parallel`` as 2 processes: it trains, and process 0 alone reports and
+    plots."""
+    example = [sys.executable, "-m", "examples.speech_ctc", "--quick", "--data-parallel", "--no-progress"]
+    code, out, err, _ = _run(
+        [sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", *example],
+        timeout=300,
+        cwd=tmp_path,  # the plot goes to runs/ there
+    )
+    assert code == 0, err[-3000:]
+    assert "each batch split over 2 devices in 2 processes" in out
+    assert "[p1] held-out" not in out
+    ler = float(out.split("[p0] held-out label error rate ")[1].split(",")[0])
+    assert ler < 0.8  # an empty transcription scores 1.0
+    assert (tmp_path / "runs/speech_ctc/speech_ctc.png").stat().st_size > 0
+
+
+def test_process_rows():
+    """The rows this process holds: all of them on one device; a split that gives a process rows apart from
+    each other is refused (`jax.make_array_from_process_local_data` takes one block)."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",))
+    assert launch.process_rows(NamedSharding(mesh, P("data")), 4) == slice(0, 4)
+
+    class Interleaved:
+        def addressable_devices_indices_map(self, shape):
+            return {0: (slice(0, 1),), 1: (slice(2, 3),)}
+
+    with pytest.raises(
+        ValueError, match=r"sharding: this process's rows of 4 are not one block: \[\(0, 1\), \(2, 3\)\]"
+    ):
+        launch.process_rows(Interleaved(), 4)
