@@ -9,6 +9,7 @@ these layers (its residual connections and dropout stay in one place).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -62,12 +63,14 @@ def run_unroll(
         checkpoint=options.checkpoint,
         budget=options.budget,
         schedule=options.schedule,
-        unroll=options.unroll_steps,
+        unroll_steps=options.unroll_steps,
     )
 
 
-def _with_apply(layer: Layer, apply: Any) -> Layer:
-    return layer._replace(apply=apply)
+def _with_apply(layer: Layer, apply: Any, options: UnrollOptions) -> Layer:
+    """``layer`` with ``apply``; ``options`` join its options, so that it is not equal to the plain layer (a
+    layer is static structure, compared by kind, children and options)."""
+    return dataclasses.replace(layer, apply=apply, options=(*layer.options, ("unroll_options", options)))
 
 
 def rnn_layer(cell: Cell, *, reverse: bool = False, options: UnrollOptions) -> Layer:
@@ -87,7 +90,7 @@ def rnn_layer(cell: Cell, *, reverse: bool = False, options: UnrollOptions) -> L
             cell, params, xs, carry=carry, lengths=lengths, reverse=reverse, grad=grad, options=options
         )
 
-    return _with_apply(rnn(cell, reverse=reverse), apply)
+    return _with_apply(rnn(cell, reverse=reverse), apply, options)
 
 
 def bidirectional_layer(
@@ -123,7 +126,7 @@ def bidirectional_layer(
         ys = jnp.concatenate([ys_fw, ys_bw], axis=-1) if merge == "concat" else ys_fw + ys_bw
         return BidirectionalCarry(f_fw, f_bw), ys
 
-    return _with_apply(base, apply)
+    return _with_apply(base, apply, options)
 
 
 def _with_options(layer: Cell | Layer, i: int, options: UnrollOptions) -> Layer:

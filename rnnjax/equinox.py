@@ -235,7 +235,7 @@ class Stack(eqx.Module):
             training (``inference=False``), with the ``key`` given to ``__call__``.
           inference: True turns dropout off.
           checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the
-            stack (see `RNN`); they replace the ``unroll_factor`` an ``rj.rnn`` layer was made with.
+            stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
           dtype: the dtype of the params.
 
         Example:

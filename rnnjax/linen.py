@@ -173,7 +173,7 @@ class Stack(nn.Module):
         with ``deterministic=False`` and a ``"dropout"`` rng (``model.apply(..., rngs={"dropout": key})``).
       deterministic: True turns dropout off; None leaves it to ``__call__`` (needed where dropout > 0).
       checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the stack
-        (see `RNN`); they replace the ``unroll_factor`` an ``rj.rnn`` layer among ``layers`` was made with.
+        (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer among ``layers`` was made with.
       param_dtype: the dtype of the params.
 
     Params: ``"layers"``, the tuple ``rj.stack(*layers).init`` returns (one entry per layer).

@@ -201,7 +201,7 @@ class Stack(nnx.Module):
             training (``deterministic=False``; ``model.eval()`` turns it off).
           deterministic: True turns dropout off.
           checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the
-            stack (see `RNN`); they replace the ``unroll_factor`` an ``rj.rnn`` layer was made with.
+            stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
           dtype: the dtype of the params.
 
         Example:
