@@ -113,7 +113,7 @@ def test_errors():
         req.RNN(rj.lstm(2), I, key=key, checkpoint=0, dtype=jnp.float64)(xs)
     with pytest.raises(ValueError, match=r"schedule='nested' needs a budget"):
         req.RNN(rj.lstm(2), I, key=key, schedule="nested", dtype=jnp.float64)(xs)
-    with pytest.raises(ValueError, match=r"unroll must be an int >= 1 or a bool, got 0"):
+    with pytest.raises(ValueError, match=r"unroll_steps must be an int >= 1 or a bool, got 0"):
         req.Bidirectional(rj.lstm(2), I, key=key, unroll_steps=0, dtype=jnp.float64)(xs)
     with pytest.raises(ValueError, match=r"xs must have shape \[B, T, I\] \(rank >= 3\), got shape \(5, 3\)"):
         req.RNN(rj.lstm(2), I, key=key, dtype=jnp.float64)(xs[0])
