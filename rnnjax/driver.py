@@ -216,6 +216,7 @@ def _dispatch(
     mask = None
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
+        xs = _zero_padding(xs, mask)
     args = (
         cell,
         reverse,
@@ -236,6 +237,18 @@ def _dispatch(
     else:
         final, ys = checkpointed_unroll(impl, segment, *args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
+
+
+def _zero_padding(xs: Array, mask: Array) -> Array:
+    """``xs [B, T, I]`` with zeros at the padded steps (``mask [T, B]`` False), before any arithmetic.
+
+    A masked step's carry and output are selected away, but its arithmetic still runs on its input, and in
+    the backward a zero cotangent times the derivative at a NaN or inf input (``0 · tanh'(nan)``, the weight
+    gradient's ``xs^T dzx``) is NaN. Selecting the input first (the "double where") leaves the valid steps
+    bit for bit unchanged and makes whatever the padding holds unreachable: one select over ``xs`` serves
+    both gradient modes and every memory schedule, and its transpose gives ``xs`` zero gradient there.
+    """
+    return jnp.where(jnp.swapaxes(mask, 0, 1)[..., None], xs, jnp.zeros_like(xs))
 
 
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager

@@ -2,7 +2,10 @@
 
 Every loss takes ``lengths [B]`` (steps ``t >= lengths[b]`` are padding and contribute nothing) and
 averages over the *valid* steps only, so padding never dilutes the loss or its gradient. A batch with no
-valid step has loss 0.
+valid step has loss 0. Padding may hold anything (NaN, inf, class ids out of range): it is replaced by safe
+values before any arithmetic, so it reaches neither the loss nor a gradient (a select after the arithmetic
+would keep the loss finite, but its backward multiplies a zero cotangent by the derivative at the padding,
+and ``0 · nan`` is NaN).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def valid_mask(lengths: Array | None, B: int, T: int, like: Array | None = None)
     return mask if like is None else batch_like(mask, like, 1)
 
 
+def _padding_to(values: Array, mask: Array, safe: int | float = 0) -> Array:
+    """``values [B, T, ...]`` with ``safe`` at the padded steps (``mask [B, T]`` False), typed as rows of
+    ``values``: applied before the arithmetic, the padding reaches neither the loss nor its gradient."""
+    mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
+    return jnp.where(mask, values, jnp.full_like(values, safe))
+
+
 def _masked_mean(values: Array, mask: Array) -> Array:
     total = jnp.sum(jnp.where(mask, values, jnp.zeros_like(values)))
     return total / jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
@@ -69,8 +79,12 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
 @jax.jit
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, _ = logits.shape
+    targets = batch_like(targets, logits, 1)  # each sequence's targets beside its logits
+    mask = valid_mask(lengths, B, T, logits)
+    if lengths is not None:
+        logits, targets = _padding_to(logits, mask), _padding_to(targets, mask)
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
+    return _masked_mean(per_step, mask)
 
 
 def squared_error(predictions: Array, targets: Array, lengths: Array | None = None) -> Array:
@@ -93,8 +107,14 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
 @jax.jit
 def _squared_error(predictions: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, F = predictions.shape
+    mask = valid_mask(lengths, B, T, predictions)
+    if lengths is not None:
+        predictions, targets = (
+            _padding_to(predictions, mask),
+            _padding_to(batch_like(targets, predictions, 1), mask),
+        )
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
-    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
+    return _masked_mean(per_step, mask)
 
 
 def ctc(
@@ -137,8 +157,12 @@ def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Arr
     B, T, _ = logits.shape
     N = labels.shape[1]
     labels = batch_like(labels, logits, 1)  # each sequence's labels beside its logits
-    logit_paddings = 1.0 - valid_mask(lengths, B, T, logits).astype(logits.dtype)
-    label_paddings = 1.0 - valid_mask(label_lengths, B, N, logits).astype(logits.dtype)
+    frames = valid_mask(lengths, B, T, logits)
+    valid_labels = valid_mask(label_lengths, B, N, logits)
+    # optax's recursion blends the padded frames away by multiplication (0 · nan is NaN): select first
+    logits, labels = _padding_to(logits, frames), _padding_to(labels, valid_labels, blank_id)
+    logit_paddings = 1.0 - frames.astype(logits.dtype)
+    label_paddings = 1.0 - valid_labels.astype(logits.dtype)
 
     def per_sequence(logits: Array, logit_paddings: Array, labels: Array, label_paddings: Array) -> Array:
         # optax's CTC mixes float32 constants into its recursion: keep it working for callers who run with
