@@ -18,6 +18,7 @@ from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell
+from rnnjax.checks import debug_check_range
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -345,10 +346,13 @@ def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array 
         concrete = np.asarray(lengths)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         concrete = None  # traced under jit: the values cannot be checked at trace time
-    if concrete is not None and concrete.size:
+    what = f"lengths must lie in [0, T] = [0, {T}]"
+    if concrete is None:  # free under jit; an error under checkify (out of range, the mask clamps to [0, T])
+        debug_check_range(lengths, 0, T, what)
+    elif concrete.size:
         lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi > T:
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values from {lo} to {hi}")
+            raise ValueError(f"{what}, got values from {lo} to {hi}")
     return jnp.asarray(lengths)
 
 

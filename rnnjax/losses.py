@@ -6,6 +6,9 @@ valid step has loss 0. Padding may hold anything (NaN, inf, class ids out of ran
 values before any arithmetic, so it reaches neither the loss nor a gradient (a select after the arithmetic
 would keep the loss finite, but its backward multiplies a zero cotangent by the derivative at the padding,
 and ``0 · nan`` is NaN).
+
+Value-dependent conditions (lengths in ``[0, T]``, class ids in range) are `rnnjax.checks` debug checks:
+free under `jax.jit`, errors under ``checkify.checkify``.
 """
 
 from __future__ import annotations
@@ -16,26 +19,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rnnjax.checks import debug_check_not, debug_check_range
 from rnnjax.scan import mask_from_lengths
 from rnnjax.sharding import batch_like, batch_split
 
 Array = jax.Array
 
 
-def valid_mask(lengths: Array | None, B: int, T: int, like: Array | None = None) -> Array:
+def valid_mask(
+    lengths: Array | None, B: int, T: int, like: Array | None = None, name: str = "lengths"
+) -> Array:
     """``mask [B, T]`` bool, True at steps ``t < lengths[b]`` (all True when ``lengths`` is None).
 
     With ``like`` (an array ``[B, ...]``, the values the mask selects), the mask is typed as its rows: its
     batch axis split over devices as ``like``'s is, so that a ``where`` may join them on an explicit mesh
-    whatever the sharding of ``lengths`` (or with none at all)."""
+    whatever the sharding of ``lengths`` (or with none at all). ``name`` names ``lengths`` in errors, and
+    lengths outside ``[0, T]`` (the mask clamps them) are an error under ``checkify.checkify``."""
     if lengths is None:
         mask = jnp.ones((B, T), bool)
     else:
         lengths = jnp.asarray(lengths)
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
+            raise TypeError(f"{name} must be an integer array [B], got dtype {lengths.dtype}")
         if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape [B] = ({B},), got shape {lengths.shape}")
+            raise ValueError(f"{name} must have shape [B] = ({B},), got shape {lengths.shape}")
+        debug_check_range(lengths, 0, T, f"{name} must lie in [0, {T}]")
         mask = mask_from_lengths(lengths, T).T
     return mask if like is None else batch_like(mask, like, 1)
 
@@ -78,9 +86,10 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
 # valid_mask's checks of lengths at trace time.
 @jax.jit
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
-    B, T, _ = logits.shape
+    B, T, V = logits.shape
     targets = batch_like(targets, logits, 1)  # each sequence's targets beside its logits
     mask = valid_mask(lengths, B, T, logits)
+    debug_check_range(targets, 0, V - 1, f"targets must lie in [0, V) = [0, {V}) at valid steps", mask)
     if lengths is not None:
         logits, targets = _padding_to(logits, mask), _padding_to(targets, mask)
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -154,11 +163,17 @@ def ctc(
 
 @partial(jax.jit, static_argnums=4)
 def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Array, blank_id: int) -> Array:
-    B, T, _ = logits.shape
+    B, T, K = logits.shape
     N = labels.shape[1]
     labels = batch_like(labels, logits, 1)  # each sequence's labels beside its logits
     frames = valid_mask(lengths, B, T, logits)
-    valid_labels = valid_mask(label_lengths, B, N, logits)
+    valid_labels = valid_mask(label_lengths, B, N, logits, name="label_lengths")
+    debug_check_range(
+        labels, 0, K - 1, f"labels must lie in [0, K) = [0, {K}) within label_lengths", valid_labels
+    )
+    debug_check_not(
+        labels, blank_id, f"labels must not hold blank_id={blank_id} within label_lengths", valid_labels
+    )
     # optax's recursion blends the padded frames away by multiplication (0 · nan is NaN): select first
     logits, labels = _padding_to(logits, frames), _padding_to(labels, valid_labels, blank_id)
     logit_paddings = 1.0 - frames.astype(logits.dtype)
