@@ -294,10 +294,17 @@ def _check_xs(xs: Any) -> Array:
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         xs = jnp.asarray(xs)
     if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(
-            f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}; "
-            "cast it first, e.g. xs.astype(jnp.float32)"
-        )
+        got = f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}"
+        embed = "xs = rj.embed(table, tokens) with a float table [V, E], which gives [B, T, E]"
+        if jnp.issubdtype(xs.dtype, jnp.integer) and xs.ndim == 2:
+            # ids [B, T]: xs[None] (the hint for other rank-2 inputs) would run silently as [1, B, T]
+            raise TypeError(f"{got} and shape {tuple(xs.shape)}, which looks like token ids [B, T]: {embed}")
+        if jnp.issubdtype(xs.dtype, jnp.integer):
+            raise TypeError(
+                f"{got}: for token ids [B, T] use {embed}; for integer features cast them first, "
+                "e.g. xs.astype(jnp.float32)"
+            )
+        raise TypeError(f"{got}; cast it first, e.g. xs.astype(jnp.float32)")
     if xs.ndim < 3:
         hint = " (for a single sequence use xs[None])" if xs.ndim == 2 else ""
         raise ValueError(

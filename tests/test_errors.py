@@ -40,9 +40,36 @@ def test_xs_feature_size(lstm_setup):
 
 
 def test_xs_integer(lstm_setup):
+    """Integer inputs point to the fix: an embedding for token ids, a cast for integer features."""
     cell, params, _ = lstm_setup
-    with pytest.raises(TypeError, match=r"xs must be a floating-point array \[B, T, I\], got dtype int32"):
+    with pytest.raises(
+        TypeError,
+        match=r"xs must be a floating-point array \[B, T, I\], got dtype int32: for token ids \[B, T\] use "
+        r"xs = rj.embed\(table, tokens\) with a float table \[V, E\], which gives \[B, T, E\]; for integer "
+        r"features cast them first, e.g. xs.astype\(jnp.float32\)",
+    ):
         rj.unroll(cell, params, jnp.ones((B, T, I), jnp.int32))
+    with pytest.raises(TypeError, match=r"got dtype bool; cast it first, e.g. xs.astype\(jnp.float32\)$"):
+        rj.unroll(cell, params, jnp.ones((B, T, I), bool))
+
+
+def test_xs_token_ids(lstm_setup):
+    """Rank-2 integer xs are token ids [B, T]: the hint is the embedding, not xs[None] (which would run
+    silently on a [1, B, T] input once cast)."""
+    cell, params, _ = lstm_setup
+    tokens = jnp.zeros((B, T), jnp.int32)
+    message = (
+        r"^xs must be a floating-point array \[B, T, I\], got dtype int32 and shape \(2, 5\), which looks like "
+        r"token ids \[B, T\]: xs = rj.embed\(table, tokens\) with a float table \[V, E\], which gives "
+        r"\[B, T, E\]$"
+    )
+    with pytest.raises(TypeError, match=message):
+        rj.unroll(cell, params, tokens)
+    with pytest.raises(TypeError, match=message):
+        rj.bidirectional(cell).apply(rj.bidirectional(cell).init(jax.random.key(0), I), tokens)
+    # the hint's fix runs
+    table = jnp.ones((7, I), jnp.float64)
+    assert rj.unroll(cell, params, rj.embed(table, tokens))[1].shape == (B, T, H)
 
 
 def test_xs_dtype_differs_from_params(lstm_setup):
