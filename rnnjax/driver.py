@@ -18,6 +18,7 @@ from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
+from rnnjax.checks import debug_check_range
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -232,6 +233,7 @@ def _dispatch(
     mask = None
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
+        xs = _zero_padding(xs, mask)
     args = (
         cell,
         reverse,
@@ -252,6 +254,18 @@ def _dispatch(
     else:
         final, ys = checkpointed_unroll(impl, segment, *args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
+
+
+def _zero_padding(xs: Array, mask: Array) -> Array:
+    """``xs [B, T, I]`` with zeros at the padded steps (``mask [T, B]`` False), before any arithmetic.
+
+    A masked step's carry and output are selected away, but its arithmetic still runs on its input, and in
+    the backward a zero cotangent times the derivative at a NaN or inf input (``0 · tanh'(nan)``, the weight
+    gradient's ``xs^T dzx``) is NaN. Selecting the input first (the "double where") leaves the valid steps
+    bit for bit unchanged and makes whatever the padding holds unreachable: one select over ``xs`` serves
+    both gradient modes and every memory schedule, and its transpose gives ``xs`` zero gradient there.
+    """
+    return jnp.where(jnp.swapaxes(mask, 0, 1)[..., None], xs, jnp.zeros_like(xs))
 
 
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
@@ -296,10 +310,17 @@ def _check_xs(xs: Any) -> Array:
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         xs = jnp.asarray(xs)
     if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(
-            f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}; "
-            "cast it first, e.g. xs.astype(jnp.float32)"
-        )
+        got = f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}"
+        embed = "xs = rj.embed(table, tokens) with a float table [V, E], which gives [B, T, E]"
+        if jnp.issubdtype(xs.dtype, jnp.integer) and xs.ndim == 2:
+            # ids [B, T]: xs[None] (the hint for other rank-2 inputs) would run silently as [1, B, T]
+            raise TypeError(f"{got} and shape {tuple(xs.shape)}, which looks like token ids [B, T]: {embed}")
+        if jnp.issubdtype(xs.dtype, jnp.integer):
+            raise TypeError(
+                f"{got}: for token ids [B, T] use {embed}; for integer features cast them first, "
+                "e.g. xs.astype(jnp.float32)"
+            )
+        raise TypeError(f"{got}; cast it first, e.g. xs.astype(jnp.float32)")
     if xs.ndim < 3:
         hint = " (for a single sequence use xs[None])" if xs.ndim == 2 else ""
         raise ValueError(
@@ -348,10 +369,13 @@ def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array 
         concrete = np.asarray(lengths)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         concrete = None  # traced under jit: the values cannot be checked at trace time
-    if concrete is not None and concrete.size:
+    what = f"lengths must lie in [0, T] = [0, {T}]"
+    if concrete is None:  # free under jit; an error under checkify (out of range, the mask clamps to [0, T])
+        debug_check_range(lengths, 0, T, what)
+    elif concrete.size:
         lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi > T:
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values from {lo} to {hi}")
+            raise ValueError(f"{what}, got values from {lo} to {hi}")
     return jnp.asarray(lengths)
 
 

@@ -2,7 +2,13 @@
 
 Every loss takes ``lengths [B]`` (steps ``t >= lengths[b]`` are padding and contribute nothing) and
 averages over the *valid* steps only, so padding never dilutes the loss or its gradient. A batch with no
-valid step has loss 0.
+valid step has loss 0. Padding may hold anything (NaN, inf, class ids out of range): it is replaced by safe
+values before any arithmetic, so it reaches neither the loss nor a gradient (a select after the arithmetic
+would keep the loss finite, but its backward multiplies a zero cotangent by the derivative at the padding,
+and ``0 · nan`` is NaN).
+
+Value-dependent conditions (lengths in ``[0, T]``, class ids in range) are `rnnjax.checks` debug checks:
+free under `jax.jit`, errors under ``checkify.checkify``.
 """
 
 from __future__ import annotations
@@ -13,28 +19,40 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rnnjax.checks import debug_check_not, debug_check_range
 from rnnjax.scan import mask_from_lengths
 from rnnjax.sharding import batch_like, batch_split
 
 Array = jax.Array
 
 
-def valid_mask(lengths: Array | None, B: int, T: int, like: Array | None = None) -> Array:
+def valid_mask(
+    lengths: Array | None, B: int, T: int, like: Array | None = None, name: str = "lengths"
+) -> Array:
     """``mask [B, T]`` bool, True at steps ``t < lengths[b]`` (all True when ``lengths`` is None).
 
     With ``like`` (an array ``[B, ...]``, the values the mask selects), the mask is typed as its rows: its
     batch axis split over devices as ``like``'s is, so that a ``where`` may join them on an explicit mesh
-    whatever the sharding of ``lengths`` (or with none at all)."""
+    whatever the sharding of ``lengths`` (or with none at all). ``name`` names ``lengths`` in errors, and
+    lengths outside ``[0, T]`` (the mask clamps them) are an error under ``checkify.checkify``."""
     if lengths is None:
         mask = jnp.ones((B, T), bool)
     else:
         lengths = jnp.asarray(lengths)
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
+            raise TypeError(f"{name} must be an integer array [B], got dtype {lengths.dtype}")
         if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape [B] = ({B},), got shape {lengths.shape}")
+            raise ValueError(f"{name} must have shape [B] = ({B},), got shape {lengths.shape}")
+        debug_check_range(lengths, 0, T, f"{name} must lie in [0, {T}]")
         mask = mask_from_lengths(lengths, T).T
     return mask if like is None else batch_like(mask, like, 1)
+
+
+def _padding_to(values: Array, mask: Array, safe: int | float = 0) -> Array:
+    """``values [B, T, ...]`` with ``safe`` at the padded steps (``mask [B, T]`` False), typed as rows of
+    ``values``: applied before the arithmetic, the padding reaches neither the loss nor its gradient."""
+    mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
+    return jnp.where(mask, values, jnp.full_like(values, safe))
 
 
 def _masked_mean(values: Array, mask: Array) -> Array:
@@ -68,9 +86,14 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
 # valid_mask's checks of lengths at trace time.
 @jax.jit
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
-    B, T, _ = logits.shape
+    B, T, V = logits.shape
+    targets = batch_like(targets, logits, 1)  # each sequence's targets beside its logits
+    mask = valid_mask(lengths, B, T, logits)
+    debug_check_range(targets, 0, V - 1, f"targets must lie in [0, V) = [0, {V}) at valid steps", mask)
+    if lengths is not None:
+        logits, targets = _padding_to(logits, mask), _padding_to(targets, mask)
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
+    return _masked_mean(per_step, mask)
 
 
 def squared_error(predictions: Array, targets: Array, lengths: Array | None = None) -> Array:
@@ -93,8 +116,14 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
 @jax.jit
 def _squared_error(predictions: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, F = predictions.shape
+    mask = valid_mask(lengths, B, T, predictions)
+    if lengths is not None:
+        predictions, targets = (
+            _padding_to(predictions, mask),
+            _padding_to(batch_like(targets, predictions, 1), mask),
+        )
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
-    return _masked_mean(per_step, valid_mask(lengths, B, T, per_step))
+    return _masked_mean(per_step, mask)
 
 
 def ctc(
@@ -134,11 +163,21 @@ def ctc(
 
 @partial(jax.jit, static_argnums=4)
 def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Array, blank_id: int) -> Array:
-    B, T, _ = logits.shape
+    B, T, K = logits.shape
     N = labels.shape[1]
     labels = batch_like(labels, logits, 1)  # each sequence's labels beside its logits
-    logit_paddings = 1.0 - valid_mask(lengths, B, T, logits).astype(logits.dtype)
-    label_paddings = 1.0 - valid_mask(label_lengths, B, N, logits).astype(logits.dtype)
+    frames = valid_mask(lengths, B, T, logits)
+    valid_labels = valid_mask(label_lengths, B, N, logits, name="label_lengths")
+    debug_check_range(
+        labels, 0, K - 1, f"labels must lie in [0, K) = [0, {K}) within label_lengths", valid_labels
+    )
+    debug_check_not(
+        labels, blank_id, f"labels must not hold blank_id={blank_id} within label_lengths", valid_labels
+    )
+    # optax's recursion blends the padded frames away by multiplication (0 · nan is NaN): select first
+    logits, labels = _padding_to(logits, frames), _padding_to(labels, valid_labels, blank_id)
+    logit_paddings = 1.0 - frames.astype(logits.dtype)
+    label_paddings = 1.0 - valid_labels.astype(logits.dtype)
 
     def per_sequence(logits: Array, logit_paddings: Array, labels: Array, label_paddings: Array) -> Array:
         # optax's CTC mixes float32 constants into its recursion: keep it working for callers who run with

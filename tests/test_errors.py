@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import rnnjax as rj
 
@@ -37,9 +40,36 @@ def test_xs_feature_size(lstm_setup):
 
 
 def test_xs_integer(lstm_setup):
+    """Integer inputs point to the fix: an embedding for token ids, a cast for integer features."""
     cell, params, _ = lstm_setup
-    with pytest.raises(TypeError, match=r"xs must be a floating-point array \[B, T, I\], got dtype int32"):
+    with pytest.raises(
+        TypeError,
+        match=r"xs must be a floating-point array \[B, T, I\], got dtype int32: for token ids \[B, T\] use "
+        r"xs = rj.embed\(table, tokens\) with a float table \[V, E\], which gives \[B, T, E\]; for integer "
+        r"features cast them first, e.g. xs.astype\(jnp.float32\)",
+    ):
         rj.unroll(cell, params, jnp.ones((B, T, I), jnp.int32))
+    with pytest.raises(TypeError, match=r"got dtype bool; cast it first, e.g. xs.astype\(jnp.float32\)$"):
+        rj.unroll(cell, params, jnp.ones((B, T, I), bool))
+
+
+def test_xs_token_ids(lstm_setup):
+    """Rank-2 integer xs are token ids [B, T]: the hint is the embedding, not xs[None] (which would run
+    silently on a [1, B, T] input once cast)."""
+    cell, params, _ = lstm_setup
+    tokens = jnp.zeros((B, T), jnp.int32)
+    message = (
+        r"^xs must be a floating-point array \[B, T, I\], got dtype int32 and shape \(2, 5\), which looks like "
+        r"token ids \[B, T\]: xs = rj.embed\(table, tokens\) with a float table \[V, E\], which gives "
+        r"\[B, T, E\]$"
+    )
+    with pytest.raises(TypeError, match=message):
+        rj.unroll(cell, params, tokens)
+    with pytest.raises(TypeError, match=message):
+        rj.bidirectional(cell).apply(rj.bidirectional(cell).init(jax.random.key(0), I), tokens)
+    # the hint's fix runs
+    table = jnp.ones((7, I), jnp.float64)
+    assert rj.unroll(cell, params, rj.embed(table, tokens))[1].shape == (B, T, H)
 
 
 def test_xs_dtype_differs_from_params(lstm_setup):
@@ -107,6 +137,64 @@ def test_traced_lengths_are_checked_for_shape_and_dtype(lstm_setup):
     with pytest.raises(ValueError, match=r"lengths must have shape \[B\] = \(2,\)"):
         f(jnp.array([1, 2, 3]))
     assert f(jnp.array([5, 2])).shape == (B, T, H)
+
+
+def _checked(f, *args):
+    """``f(*args)`` under `checkify` (user checks only): the error message or None, and the result."""
+    err, out = checkify.checkify(f, errors=checkify.user_checks)(*args)
+    return err.get(), out
+
+
+@pytest.mark.parametrize("bad", [[7, 2], [5, -1], [-3, 9]])
+def test_traced_lengths_out_of_range_clamp_under_jit_and_fail_under_checkify(lstm_setup, bad):
+    """Traced lengths cannot be checked at trace time: under plain jit they clamp to [0, T] as the mask
+    does; under checkify.checkify the error names lengths, the range and the extremes found."""
+    cell, params, xs = lstm_setup
+    f = jax.jit(lambda L: rj.unroll(cell, params, xs, lengths=L))
+    bad = jnp.array(bad)
+    clamped = jax.tree.leaves(f(jnp.clip(bad, 0, T)))
+    for got, want in zip(jax.tree.leaves(f(bad)), clamped, strict=True):
+        np.testing.assert_array_equal(got, want)
+    lo, hi = int(bad.min()), int(bad.max())
+    for wrapped in (f, jax.jit(jax.grad(lambda L, p: jnp.sum(rj.unroll(cell, p, xs, lengths=L)[1]), 1))):
+        args = (bad,) if wrapped is f else (bad, params)
+        message, _ = _checked(wrapped, *args)
+        assert message is not None and re.match(
+            rf"lengths must lie in \[0, T\] = \[0, 5\], got values from {lo} to {hi}", message
+        ), message
+    assert _checked(f, jnp.array([5, 0]))[0] is None
+
+
+def test_traced_targets_and_labels_out_of_range_fail_under_checkify():
+    """The losses check their lengths, class ids and label lengths the same way: free under jit (the
+    value as without the check), an error naming the argument under checkify."""
+    Bq, Tq, V = 3, 4, 5
+    logits = jax.random.normal(jax.random.key(0), (Bq, Tq, V), jnp.float64)
+    lengths = jnp.array([4, 2, 0])
+    ok = jnp.array([[0, 1, 2, 4], [3, 4, 99, -5], [7, 7, 7, 7]])  # out of range only at padded steps
+    xent = jax.jit(rj.losses.sequence_cross_entropy)
+    assert _checked(xent, logits, ok, lengths)[0] is None
+    bad = ok.at[1, 1].set(5).at[0, 0].set(-1)
+    message, value = _checked(xent, logits, bad, lengths)
+    assert message.startswith("targets must lie in [0, V) = [0, 5) at valid steps, got values from -1 to 5")
+    np.testing.assert_array_equal(value, xent(logits, bad, lengths))  # unchecked: the same value (NaN)
+    message, _ = _checked(xent, logits, ok, jnp.array([4, 2, 6]))
+    assert message.startswith("lengths must lie in [0, 4], got values from 2 to 6"), message
+    message, _ = _checked(jax.jit(rj.losses.squared_error), logits, logits, jnp.array([-1, 2, 0]))
+    assert message.startswith("lengths must lie in [0, 4], got values from -1 to 2"), message
+
+    ctc = jax.jit(rj.losses.ctc)
+    labels = jnp.array([[1, 2, 9], [3, -1, 0], [4, 4, 4]])  # out of range only past label_lengths
+    label_lengths = jnp.array([2, 1, 3])
+    assert _checked(ctc, logits, lengths, labels, label_lengths)[0] is None
+    message, _ = _checked(ctc, logits, lengths, labels, jnp.array([3, 1, 3]))
+    assert message.startswith(
+        "labels must lie in [0, K) = [0, 5) within label_lengths, got values from 1 to 9"
+    )
+    message, _ = _checked(ctc, logits, lengths, labels, jnp.array([2, 4, 3]))
+    assert message.startswith("label_lengths must lie in [0, 3], got values from 2 to 4"), message
+    message, _ = _checked(ctc, logits, lengths, labels.at[2, 1].set(0), label_lengths)
+    assert message.startswith("labels must not hold blank_id=0 within label_lengths"), message
 
 
 def test_bad_carry(lstm_setup):

@@ -1,0 +1,52 @@
+"""Value-dependent checks of arrays that may be traced: free under `jax.jit`, errors under `checkify`.
+
+Shapes and dtypes are checked in Python at trace time. A value (a length, a class id) is known only when the
+program runs, so its check is a `jax.experimental.checkify.debug_check`: under plain `jax.jit` (or `jax.grad`)
+it is dropped and the program is unchanged; wrapped as ``checkify.checkify(f)`` (or
+``checkify.checkify(jax.jit(f))``, ``errors=checkify.user_checks``), a value outside its range comes back as
+an error naming the argument, the range expected and the extremes found.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+Array = jax.Array
+
+
+def debug_check_range(values: Array, lo: int, hi: int, what: str, valid: Array | None = None) -> None:
+    """Under `checkify.checkify`, an error unless ``lo <= values <= hi`` wherever ``valid``; else nothing.
+
+    Args:
+      values: an integer array.
+      lo, hi: the smallest and the largest value allowed (both included).
+      what: the start of the message, e.g. ``"lengths must lie in [0, T] = [0, 5]"``; the check adds
+        ``", got values from {min} to {max}"``, the extremes over the ``valid`` entries. No braces.
+      valid: a bool array of ``values``' shape: the entries checked (the others may hold anything, such as
+        padding); None checks all.
+    """
+    if values.size == 0:
+        return
+    info = jnp.iinfo(values.dtype)
+    low = values if valid is None else jnp.where(valid, values, jnp.full_like(values, info.max))
+    high = values if valid is None else jnp.where(valid, values, jnp.full_like(values, info.min))
+    smallest, largest = jnp.min(low), jnp.max(high)
+    checkify.debug_check(
+        (smallest >= lo) & (largest <= hi),
+        what + ", got values from {} to {}",
+        smallest,
+        largest,
+    )
+
+
+def debug_check_not(values: Array, value: int, what: str, valid: Array | None = None) -> None:
+    """Under `checkify.checkify`, an error where ``values == value`` at a ``valid`` entry; else nothing.
+
+    ``what`` is the whole message (no braces).
+    """
+    if values.size == 0:
+        return
+    hit = values == value
+    checkify.debug_check(~jnp.any(hit if valid is None else hit & valid), what)
