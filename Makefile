@@ -12,7 +12,7 @@ MIN_PY   := $(MIN_VENV)/bin/python
 # The tests run against the lowest declared versions of jax, flax and optax: quick, and torch-free.
 MIN_TESTS ?= tests/test_losses.py tests/test_layers.py tests/test_interop.py tests/test_errors.py tests/test_data.py
 
-.PHONY: demo test test-min test-dist typecheck lint format clean
+.PHONY: demo test test-slow test-min test-dist typecheck lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ demo: $(STAMP_RUN)
 # conftest turns on float64 and strict promotion for the whole process); then the test suite.
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
-	$(PY) -m pytest -n 2 --dist worksteal -q
+	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
+
+# The tests marked slow (device meshes in subprocesses, several processes, the benchmarks' smoke runs):
+# CI runs them after `make test`.
+test-slow: $(STAMP_DEV)
+	$(PY) -m pytest -n 2 --dist worksteal -q -m slow
 
 # A venv of its own with exactly the floors of pyproject's dependencies (each `>=` read as `==`), the test
 # extra, and no torch; then a subset of the tests that reaches jax, flax (NNX, checkpoints) and optax.

@@ -14,6 +14,7 @@ import pytest
 from benchmarks import rnn_step
 
 
+@pytest.mark.slow
 def test_rnn_step_quick(tmp_path):
     # as the benchmark runs from the command line: float32, and the peers' own (standard) dtype promotion
     with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
@@ -59,6 +60,7 @@ def test_rnn_step_quick(tmp_path):
     assert (tmp_path / "rnn_step_quick.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_rnn_step_split_over_host_devices(tmp_path):
     """`--host-devices 2` in a fresh process: every JAX library's step also runs with the batch split over
     two host devices, and the table says how much faster each got than on one."""
@@ -94,6 +96,7 @@ def test_rnn_step_host_devices_need_a_fresh_process(tmp_path, capsys):
     assert "--host-devices must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scaling_quick(tmp_path):
     from benchmarks import scaling
 

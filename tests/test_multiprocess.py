@@ -76,6 +76,7 @@ def one_device(tmp_path_factory) -> dict[str, np.ndarray]:
     return dict(np.load(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_two_processes_train_as_one_device(one_device, devices, tmp_path):
     """2 processes of ``devices`` host devices each: every step's batch split over all of them (each

@@ -21,7 +21,11 @@ import subprocess
 import sys
 
 import jax
+import pytest
 from helpers import CELLS
+
+# each test runs a program on two host devices in a fresh process: minutes in all (make test-slow)
+pytestmark = pytest.mark.slow
 
 # every cell's hand-derived backward, autodiff (whose forward is the same code, and whose transpose is JAX's)
 # for two, and the rest of the API that a data-parallel user meets
