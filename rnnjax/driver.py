@@ -257,7 +257,7 @@ def _dispatch(
 
 
 def _zero_padding(xs: Array, mask: Array) -> Array:
-    """``xs [B, T, I]`` with zeros at the padded steps (``mask [T, B]`` False), before any arithmetic.
+    """``xs [B, T, ...]`` with zeros at the padded steps (``mask [T, B]`` False), before any arithmetic.
 
     A masked step's carry and output are selected away, but its arithmetic still runs on its input, and in
     the backward a zero cotangent times the derivative at a NaN or inf input (``0 · tanh'(nan)``, the weight
@@ -265,7 +265,8 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
     bit for bit unchanged and makes whatever the padding holds unreachable: one select over ``xs`` serves
     both gradient modes and every memory schedule, and its transpose gives ``xs`` zero gradient there.
     """
-    return jnp.where(jnp.swapaxes(mask, 0, 1)[..., None], xs, jnp.zeros_like(xs))
+    keep = jnp.swapaxes(mask, 0, 1)
+    return jnp.where(keep.reshape(keep.shape + (1,) * (xs.ndim - 2)), xs, jnp.zeros_like(xs))
 
 
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rnnjax.cells.base import Cell, HCarry, input_projection
-from rnnjax.driver import _check_carry, _check_cell, _check_lengths, _check_xs
+from rnnjax.driver import _check_carry, _check_cell, _check_lengths, _check_xs, _zero_padding
 from rnnjax.scan import mask_from_lengths
 from rnnjax.sharding import batch_like, replicated_if_explicit, sum_to_type, vary_like
 
@@ -120,6 +120,9 @@ def _rtrl(
 ) -> tuple[Array, tuple[PyTree, PyTree], PyTree]:
     T = xs.shape[1]
     mask = None if lengths is None else mask_from_lengths(lengths, T)  # [T, B]
+    if mask is not None:  # padding may hold anything: select it away before the step and the loss run on it
+        padding = jnp.swapaxes(batch_like(mask.T, xs, 1), 0, 1)
+        xs, targets = _zero_padding(xs, padding), jax.tree.map(lambda a: _zero_padding(a, padding), targets)
     # On a device mesh: the carry's rows split like xs's, and, under `jax.shard_map`, each device's
     # sums over its own rows (the loss, the gradients) varying until the one `sum_to_type` at the end.
     carry0 = batch_like(carry0, xs, 1, lengths)

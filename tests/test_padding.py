@@ -237,3 +237,27 @@ def test_ctc(pad, label_lengths):
     labels = jax.random.randint(jax.random.key(1), (B, 3), 1, V)  # never the blank, 0
     args = (logits, labels, jnp.asarray(pad[0]), jnp.asarray(label_lengths))
     assert_padding_unreachable(ctc_and_grad, args, {0: None, 1: label_lengths}, pad)
+
+
+@functools.cache
+def rtrl_program(name: str) -> Any:
+    """RTRL's loss and gradients (dense for the LSTM, diagonal for minGRU and the LRU) under a squared error."""
+    cell = make_cell(name)
+
+    def step_loss(ro: jax.Array, y: jax.Array, target: jax.Array) -> jax.Array:
+        return jnp.sum((y @ ro - target) ** 2, axis=-1)
+
+    return jax.jit(lambda p, ro, xs, ys, L: rj.rtrl_value_and_grad(cell, p, ro, xs, ys, step_loss, lengths=L))
+
+
+@pytest.mark.parametrize("name", ["lstm", "mingru", "lru"])
+@EXAMPLES
+@given(pad=paddings())
+def test_rtrl(name, pad):
+    cell = make_cell(name)
+    params, xs, _ = random_problem(cell, jax.random.key(1), B, T, I)
+    S = cell.initial_carry(params, (1,)).h.shape[-1]
+    ro = jax.random.normal(jax.random.key(2), (S, 2), jnp.float64)
+    ys = jax.random.normal(jax.random.key(3), (B, T, 2), jnp.float64)
+    args = (params, ro, xs, ys, jnp.asarray(pad[0]))
+    assert_padding_unreachable(rtrl_program(name), args, {2: None, 3: None}, pad)
