@@ -160,6 +160,8 @@ def _backward(
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     T, o = d_ys.shape[1], int(reverse)
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
+    gates_bwd, extra_grads = cell.gates_bwd, cell.extra_grads
+    assert gates_bwd is not None, "only a cell with a hand-derived backward reaches its BPTT"
     k = cell.dzh_shared  # dzh[:, :k] == dzx[:, :k]: only dzh's other columns are stored
     G = params.w_ih.shape[-1]  # the width of a projected row
 
@@ -192,11 +194,15 @@ def _backward(
             leaves[reuse] = buf = jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
         prev_t, new_t = row(t, o), row(t, 1 - o)  # the carries entering and leaving step t
         first = t == (T - 1) * o
+
+        def first_aside(cols: slice, blk: Array) -> Array:
+            assert aside is not None  # kept whenever a leaf is in the projection's buffer (`reuse`)
+            return jnp.where(first, aside[1][..., cols], blk)
+
         res_t = []
         for i, r in enumerate(leaves):
             blocks = len(cell.gate_names) if r.shape[-1] == G else 1
-            f = None if i != reuse else (lambda cols, blk: jnp.where(first, aside[1][..., cols], blk))
-            res_t.append(read_row(r, t + o, blocks, f))
+            res_t.append(read_row(r, t + o, blocks, None if i != reuse else first_aside))
         res_t = res_def.unflatten(res_t)
 
         # the output y_t = h_t adds its gradient to the hidden state's (only where the step is valid), block
@@ -206,7 +212,7 @@ def _backward(
 
         g_valid = zero_where_not(m_t, d_carry)._replace(h=read_row(d_ys_rows, t, state_blocks, plus_dy))
         # through the gates, by the cell's hand-derived derivative
-        dzx, dzh, d_prev, *aux = cell.gates_bwd(params, res_t, prev_t, new_t, g_valid)
+        dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
         if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
             dh = reshard_like((dzx if dzh is None else dzh) @ w_hh_t, d_prev.h)
@@ -220,7 +226,10 @@ def _backward(
         return (d_prev, pending), (dzx, dzh_own, g_valid.h if emit_dh else None, aux)
 
     first_row = (T - 1) * (1 - o) + o  # the row of the last step the forward visited, the first one here
-    pending = None if reuse is None else (res_leaves[reuse], aside[0], jnp.asarray(first_row, jnp.int32))
+    pending = None
+    if reuse is not None:
+        assert aside is not None  # kept whenever a leaf is in the projection's buffer
+        pending = (res_leaves[reuse], aside[0], jnp.asarray(first_row, jnp.int32))
     (d_carry0, pending), (dzx, dzh_own, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, pending),
@@ -270,10 +279,11 @@ def _backward(
     if w_hh_t is not None:
         grads["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_own))
     if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
-        grads.update(cell.extra_grads(params, grads, None, None, None, None, *aux))
-    elif cell.extra_grads:
+        assert extra_grads is not None, "GatesBackward.extra_from_aux says how extra_grads reads"
+        grads.update(extra_grads(params, grads, None, None, None, None, *aux))
+    elif extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
-        grads.update(cell.extra_grads(params, grads, dzx, dzh, carries, res, *aux))
+        grads.update(extra_grads(params, grads, dzx, dzh, carries, res, *aux))
     # typed as the primals are: e.g. a weight split by its contracted axis gets a gradient split so
     d_params = reshard_like(sum_to_type(params._replace(**grads), params), params)
     d_xs = sum_to_type(jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1), xs_rows)
@@ -325,8 +335,9 @@ def _probed_fwd(
 def _probed_bwd(
     cell: Cell, reverse: bool, unroll: int | bool | None, saved: tuple, cotangents: tuple
 ) -> tuple[PyTree, Array, PyTree, None, Array]:
-    *grads, d_hs = _backward(cell, reverse, unroll, saved, cotangents, emit_dh=True)
-    return (*grads, jnp.swapaxes(d_hs, 0, 1))
+    d_params, d_xs, d_carry0, _, d_hs = _backward(cell, reverse, unroll, saved, cotangents, emit_dh=True)
+    assert d_hs is not None  # emitted with emit_dh
+    return d_params, d_xs, d_carry0, None, jnp.swapaxes(d_hs, 0, 1)
 
 
 probed_bptt_unroll.defvjp(_probed_fwd, _probed_bwd)
@@ -390,7 +401,9 @@ def _stepwise_bwd(
     )
     args = (params, xs, carry0, mask, carries, d_final, d_ys)
     # each argument placed as its spec says, as shard_map requires (a replicated initial carry is split)
-    placed = (reshard_to(tree, spec, mesh) for tree, spec in zip(args, specs, strict=True))
+    placed: list[PyTree] = [
+        tree if spec is None else reshard_to(tree, spec, mesh) for tree, spec in zip(args, specs, strict=True)
+    ]
     d_params, d_xs, d_carry0 = per_device(*placed)
     # typed as the primals are (a replicated initial carry gets a replicated gradient)
     return d_params, reshard_like(d_xs, xs), reshard_like(d_carry0, carry0), None
@@ -399,8 +412,8 @@ def _stepwise_bwd(
 def _rows_split(params: PyTree, xs: Array) -> tuple[Any, Any] | None:
     """``(mesh, P(batch axes))`` when ``xs [B, T, I]`` is split over an explicit mesh by its batch axis alone
     and every parameter is replicated: then each device can run the stepwise backward on its own rows."""
-    split = batch_split(xs)
-    if split is None or any(a is not None for a in explicit_spec(xs)[1:]):
+    split, spec = batch_split(xs), explicit_spec(xs)
+    if split is None or spec is None or any(a is not None for a in spec[1:]):
         return None
     if any(explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
         return None

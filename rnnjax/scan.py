@@ -74,11 +74,13 @@ def _gate_step(cell: Cell, params: PyTree, biased: bool = False) -> Any:
     ``h_{t-1} w_hh`` and the gates, and keeps the carry where ``m_t`` (``[B]`` bool or None) is False.
     """
     w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
+    gates = cell.gates
+    assert gates is not None, "only a cell with a hand-derived backward has gates"
 
     def step(carry: PyTree, zx_t: Array, m_t: Array | None) -> tuple[PyTree, Any]:
         if hasattr(params, "b") and not biased:
             zx_t = add_bias(zx_t, params.b)
-        new, res = cell.gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
+        new, res = gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
         return select(m_t, new, carry), res
 
     return step
@@ -177,7 +179,7 @@ def scan_gates_saving(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
-) -> tuple[PyTree, PyTree, PyTree, Array | None]:
+) -> tuple[PyTree, PyTree, PyTree, tuple[Array, Array] | None]:
     """`scan_gates` that also keeps what the hand-derived backward needs: every carry, and the residuals.
 
     Rows: with ``o = 1`` when ``reverse`` (else 0), step t reads its projected input from row ``t + o`` of
@@ -265,6 +267,7 @@ def scan_gates_saving(
     if slot is None:
         return final, carries, jax.tree.unflatten(treedef, res), None
     res[slot] = zx_buf
+    assert pending is not None  # carried whenever a slot is
     return final, carries, jax.tree.unflatten(treedef, res), (pending[0], pending[2])
 
 
@@ -369,7 +372,8 @@ def scan_stacked_late(
     """
     _, y_spec = jax.eval_shape(body, init, jax.tree.map(lambda a: a[0], xs))
     firsts = [first_element(leaf) for leaf in jax.tree.leaves(trigger) if leaf.size]
-    seed = sum(firsts) if firsts else jnp.zeros(())  # all empty (a batch of 0): nothing to wait for
+    # all empty (a batch of 0): nothing to wait for
+    seed = jnp.asarray(sum(firsts)) if firsts else jnp.zeros(())
     shift = int(zero_row == 0)
 
     def alloc(s: Any) -> Array:

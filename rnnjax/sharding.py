@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.core import ShapedArray
 from jax.sharding import NamedSharding, PartitionSpec
 
 Array = jax.Array
@@ -35,7 +36,7 @@ PyTree = Any
 def _type(like: Any) -> Any:
     """The type of ``like``: an array's or a tracer's abstract value, or ``like`` itself when it is one (a
     `jax.ShapeDtypeStruct` or an abstract value)."""
-    return like if isinstance(like, (jax.ShapeDtypeStruct, jax.core.ShapedArray)) else jax.typeof(like)
+    return like if isinstance(like, (jax.ShapeDtypeStruct, ShapedArray)) else jax.typeof(like)
 
 
 def _named(like: Any) -> NamedSharding | None:
@@ -44,7 +45,7 @@ def _named(like: Any) -> NamedSharding | None:
     return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
 
 
-def sharding_on(spec: tuple, *likes: Any) -> NamedSharding | PartitionSpec:
+def sharding_on(spec: tuple | PartitionSpec, *likes: Any) -> NamedSharding | PartitionSpec:
     """``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` that has one: a mesh, or an array, a
     tracer or a shape struct whose type's sharding names one.
 
@@ -60,7 +61,7 @@ def sharding_on(spec: tuple, *likes: Any) -> NamedSharding | PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def reshard_to(tree: PyTree, spec: tuple, *likes: Any) -> PyTree:
+def reshard_to(tree: PyTree, spec: tuple | PartitionSpec, *likes: Any) -> PyTree:
     """``tree``'s leaves resharded to ``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` or,
     failing those, of the leaf itself (`sharding_on`)."""
     return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, sharding_on(spec, *likes, leaf)), tree)
@@ -127,9 +128,10 @@ def batch_split(like: Any) -> tuple[Any, PartitionSpec] | None:
     """``(mesh, P(batch axes))`` where the leading (batch) axis of ``like`` is split over an explicit mesh,
     else None: what `jax.shard_map` needs to run a per-sequence computation on each device's own rows."""
     spec = explicit_spec(like)
-    if spec is None or spec[0] is None:
+    named = _named(like)
+    if spec is None or spec[0] is None or named is None:  # (a spec comes from a named sharding)
         return None
-    return _named(like).mesh, PartitionSpec(spec[0])
+    return named.mesh, PartitionSpec(spec[0])
 
 
 def shard_batch_like(tree: PyTree, xs: Array, n_batch: int) -> PyTree:
