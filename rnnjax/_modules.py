@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
-from rnnjax.driver import unroll
+from rnnjax.driver import GradMode, Schedule, unroll
 from rnnjax.layers import BidirectionalCarry, Layer, bidirectional, rnn, stack
 
 Array = jax.Array
 PyTree = Any
+Checkpoint = int | Literal["sqrt", "none"] | None  # `rj.unroll`'s ``checkpoint``
 
 
 class UnrollOptions(NamedTuple):
@@ -34,9 +35,9 @@ class UnrollOptions(NamedTuple):
       unroll_steps: `jax.lax.scan`'s unroll factor for the time loops.
     """
 
-    checkpoint: int | str | None = None
+    checkpoint: Checkpoint = None
     budget: int | None = None
-    schedule: str | None = None
+    schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
 
 
@@ -48,7 +49,7 @@ def run_unroll(
     carry: PyTree | None,
     lengths: Array | None,
     reverse: bool,
-    grad: str,
+    grad: GradMode,
     options: UnrollOptions,
 ) -> tuple[PyTree, Array]:
     """`rj.unroll` with the module's fixed options: ``xs [B, T, I] -> (carry, ys [B, T, H])``."""
@@ -82,7 +83,7 @@ def rnn_layer(cell: Cell, *, reverse: bool = False, options: UnrollOptions) -> L
         *,
         carry: PyTree | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         train: bool = False,
     ) -> tuple[PyTree, Array]:
@@ -102,7 +103,8 @@ def bidirectional_layer(
 ) -> Layer:
     """`rj.bidirectional(cell_fw, cell_bw, merge=merge)` whose two `rj.unroll` calls take ``options``."""
     base = bidirectional(cell_fw, cell_bw, merge=merge)
-    cell_fw, cell_bw = base.children
+    cells: tuple[Cell, Cell] = base.children  # cell_bw=None: a cell like cell_fw
+    cell_fw, cell_bw = cells
 
     def apply(
         params: PyTree,
@@ -110,7 +112,7 @@ def bidirectional_layer(
         *,
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         train: bool = False,
     ) -> tuple[BidirectionalCarry, Array]:

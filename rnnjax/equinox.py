@@ -26,8 +26,9 @@ except ImportError as e:  # pragma: no cover - exercised only without equinox in
 import jax
 import jax.numpy as jnp
 
-from rnnjax._modules import UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
+from rnnjax._modules import Checkpoint, UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
 from rnnjax.cells.base import Cell
+from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 
 Array = jax.Array
@@ -56,9 +57,9 @@ class RNN(eqx.Module):
         *,
         key: Array,
         reverse: bool = False,
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -93,7 +94,12 @@ class RNN(eqx.Module):
         return rnn_layer(self.cell, reverse=self.reverse, options=self.options)
 
     def __call__(
-        self, xs: Array, *, carry: PyTree | None = None, lengths: Array | None = None, grad: str = "manual"
+        self,
+        xs: Array,
+        *,
+        carry: PyTree | None = None,
+        lengths: Array | None = None,
+        grad: GradMode = "manual",
     ) -> tuple[PyTree, Array]:
         """Runs the cell over ``xs``.
 
@@ -132,9 +138,9 @@ class Bidirectional(eqx.Module):
         *,
         key: Array,
         merge: str = "concat",
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -173,7 +179,7 @@ class Bidirectional(eqx.Module):
         *,
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
     ) -> tuple[BidirectionalCarry, Array]:
         """Runs both directions over ``xs``.
 
@@ -217,9 +223,9 @@ class Stack(eqx.Module):
         residual: bool = False,
         dropout: float = 0.0,
         inference: bool = False,
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -261,7 +267,7 @@ class Stack(eqx.Module):
         *,
         carry: tuple | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         inference: bool | None = None,
     ) -> tuple[tuple, Array]:

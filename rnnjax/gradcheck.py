@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cells.base import Cell
-from rnnjax.driver import unroll
+from rnnjax.driver import GradMode, unroll
 from rnnjax.scan import forward, mask_from_lengths
 from rnnjax.sharding import batch_like
 
@@ -331,9 +331,11 @@ def _cell_readout(
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     weights = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)]
 
-    def loss(params: PyTree, xs: Array, carry: PyTree, *, grad: str, probe: Array | None = None) -> Array:
+    def loss(
+        params: PyTree, xs: Array, carry: PyTree, *, grad: GradMode, probe: Array | None = None
+    ) -> Array:
         out = unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, probe=probe)
-        return sum(jnp.sum(a * w) for a, w in zip(jax.tree.leaves(out), weights, strict=True))
+        return jnp.asarray(sum(jnp.sum(a * w) for a, w in zip(jax.tree.leaves(out), weights, strict=True)))
 
     def complex_loss(params: PyTree, xs: Array, carry: PyTree) -> Array:
         """The same read-out in complex128, through the very forward `rj.unroll` runs (flat batch)."""
@@ -345,7 +347,8 @@ def _cell_readout(
         mask = None if lengths is None else mask_from_lengths(jnp.asarray(lengths).reshape(B), T)
         out = forward(cell, params, flat_xs, flat_carry, mask, reverse, 1)
         out = jax.tree.map(lambda a: a.reshape(batch_shape + a.shape[1:]), out)
-        return sum(jnp.sum(a * w.astype(a.dtype)) for a, w in zip(jax.tree.leaves(out), weights, strict=True))
+        terms = [jnp.sum(a * w.astype(a.dtype)) for a, w in zip(jax.tree.leaves(out), weights, strict=True)]
+        return jnp.asarray(sum(terms))
 
     T = xs.shape[-2]
     return loss, complex_loss if T > 0 else None, (params, xs, carry), ["params", "xs", "carry"]
@@ -377,7 +380,7 @@ def _compare(
             full[i] = a
         return jax.tree.unflatten(treedef, full)
 
-    def flat_loss(diff_leaves: list[Array], grad: str) -> Array:
+    def flat_loss(diff_leaves: list[Array], grad: GradMode) -> Array:
         value = loss_fn(*with_leaves(diff_leaves), grad=grad)
         if jnp.shape(value) != ():
             raise ValueError(f"the loss function must return a scalar, got shape {jnp.shape(value)}")
@@ -397,6 +400,7 @@ def _compare(
     zeros = [np.zeros(x.shape, x.dtype) for x in x0]
     use_complex = "complex_step" in oracles and complex_fn is not None
     if use_complex:
+        assert complex_fn is not None
         # every input in complex128: the other leaves (e.g. the carry) must not mix real and complex
         x0_c = [x.astype(jnp.complex128) for x in x0]
         zeros_c = [np.zeros(x.shape, np.complex128) for x in x0]
@@ -502,7 +506,7 @@ def _localise(
         onehot = jnp.broadcast_to(jnp.eye(T, dtype=xs.dtype), (*xs.shape[:-2], T, T))
         xs_aug = jnp.concatenate([xs, onehot], axis=-1)
 
-        def per_step(grad: str) -> np.ndarray:
+        def per_step(grad: GradMode) -> np.ndarray:
             def f(w_t: Array) -> Array:
                 p = params._replace(w_ih=jnp.concatenate([params.w_ih, w_t], axis=0))
                 return loss_fn(p, xs_aug, carry, grad=grad)
@@ -513,6 +517,7 @@ def _localise(
         quantity, names = "Σ_batch ∂L/∂z_t per gate", cell.gate_names
     else:
         gm, ga = grads["xs"]
+        assert ga is not None  # a leaf fails only against autodiff's gradient
         m, a = np.moveaxis(gm, -2, 0).reshape(T, 1, -1), np.moveaxis(ga, -2, 0).reshape(T, 1, -1)
         quantity, names = "∂L/∂x_t", ()
     scale = max(float(np.max(np.abs(a), initial=0.0)), np.finfo(np.float64).tiny)

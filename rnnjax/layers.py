@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
-from rnnjax.driver import _check_cell, unroll
+from rnnjax.driver import GradMode, _check_cell, unroll
 from rnnjax.sharding import batch_like, explicit_spec, sharding_on
 
 Array = jax.Array
@@ -125,7 +125,9 @@ def _output_size(cell: Cell) -> int:
             f"cell {cell.name!r} has no hidden_size; give rj.Cell(..., hidden_size=H) so the layer knows "
             "its output size"
         )
-    return cell.output_size
+    size = cell.output_size
+    assert size is not None  # hidden_size, or proj_size
+    return size
 
 
 def rnn(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool | None = None) -> Layer:
@@ -153,7 +155,7 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool | None = 
         *,
         carry: PyTree | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         train: bool = False,
         **options: Any,
@@ -220,7 +222,7 @@ def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "c
         *,
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         train: bool = False,
         **options: Any,
@@ -301,7 +303,7 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
         *,
         carry: tuple | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         key: Array | None = None,
         train: bool = False,
         **options: Any,

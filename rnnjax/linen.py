@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax._modules import (
+    Checkpoint,
     UnrollOptions,
     bidirectional_layer,
     input_size_of,
@@ -29,6 +30,7 @@ from rnnjax._modules import (
     stack_layer,
 )
 from rnnjax.cells.base import Cell
+from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 
 Array = jax.Array
@@ -62,9 +64,9 @@ class RNN(nn.Module):
 
     cell: Cell
     reverse: bool = False
-    checkpoint: int | str | None = None
+    checkpoint: Checkpoint = None
     budget: int | None = None
-    schedule: str | None = None
+    schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
     param_dtype: Any = jnp.float32
 
@@ -75,7 +77,12 @@ class RNN(nn.Module):
 
     @nn.compact
     def __call__(
-        self, xs: Array, *, carry: PyTree | None = None, lengths: Array | None = None, grad: str = "manual"
+        self,
+        xs: Array,
+        *,
+        carry: PyTree | None = None,
+        lengths: Array | None = None,
+        grad: GradMode = "manual",
     ) -> tuple[PyTree, Array]:
         """Runs the cell over ``xs``.
 
@@ -121,9 +128,9 @@ class Bidirectional(nn.Module):
     cell_fw: Cell
     cell_bw: Cell | None = None
     merge: str = "concat"
-    checkpoint: int | str | None = None
+    checkpoint: Checkpoint = None
     budget: int | None = None
-    schedule: str | None = None
+    schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
     param_dtype: Any = jnp.float32
 
@@ -139,7 +146,7 @@ class Bidirectional(nn.Module):
         *,
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
     ) -> tuple[BidirectionalCarry, Array]:
         """Runs both directions over ``xs``.
 
@@ -195,9 +202,9 @@ class Stack(nn.Module):
     residual: bool = False
     dropout: float = 0.0
     deterministic: bool | None = None
-    checkpoint: int | str | None = None
+    checkpoint: Checkpoint = None
     budget: int | None = None
-    schedule: str | None = None
+    schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
     param_dtype: Any = jnp.float32
 
@@ -213,7 +220,7 @@ class Stack(nn.Module):
         *,
         carry: tuple | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         deterministic: bool | None = None,
     ) -> tuple[tuple, Array]:
         """Runs the layers over ``xs``.

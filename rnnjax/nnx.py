@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rnnjax._modules import UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
+from rnnjax._modules import Checkpoint, UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
 from rnnjax.cells.base import Cell
+from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 
 Array = jax.Array
@@ -37,9 +38,9 @@ class RNN(nnx.Module):
         *,
         rngs: nnx.Rngs,
         reverse: bool = False,
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -79,7 +80,12 @@ class RNN(nnx.Module):
         return rnn_layer(self.cell, reverse=self.reverse, options=self.options)
 
     def __call__(
-        self, xs: Array, *, carry: PyTree | None = None, lengths: Array | None = None, grad: str = "manual"
+        self,
+        xs: Array,
+        *,
+        carry: PyTree | None = None,
+        lengths: Array | None = None,
+        grad: GradMode = "manual",
     ) -> tuple[PyTree, Array]:
         """Runs the cell over ``xs``.
 
@@ -106,9 +112,9 @@ class Bidirectional(nnx.Module):
         *,
         merge: str = "concat",
         rngs: nnx.Rngs,
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -134,7 +140,10 @@ class Bidirectional(nnx.Module):
           ((2, 5, 8), (2, 4))
         """
         self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
-        cell_fw, cell_bw = bidirectional_layer(cell_fw, cell_bw, merge=merge, options=self.options).children
+        cells: tuple[Cell, Cell] = bidirectional_layer(
+            cell_fw, cell_bw, merge=merge, options=self.options
+        ).children
+        cell_fw, cell_bw = cells
         self.merge = merge
         kw = {"rngs": rngs, "dtype": dtype, **self.options._asdict()}
         self.fw = RNN(cell_fw, input_size, **kw)
@@ -154,7 +163,7 @@ class Bidirectional(nnx.Module):
         *,
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
     ) -> tuple[BidirectionalCarry, Array]:
         """Runs both directions over ``xs``.
 
@@ -182,9 +191,9 @@ class Stack(nnx.Module):
         residual: bool = False,
         dropout: float = 0.0,
         deterministic: bool = False,
-        checkpoint: int | str | None = None,
+        checkpoint: Checkpoint = None,
         budget: int | None = None,
-        schedule: str | None = None,
+        schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
@@ -253,7 +262,7 @@ class Stack(nnx.Module):
         *,
         carry: tuple | None = None,
         lengths: Array | None = None,
-        grad: str = "manual",
+        grad: GradMode = "manual",
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | Array | None = None,
     ) -> tuple[tuple, Array]:

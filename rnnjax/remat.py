@@ -79,17 +79,20 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
     _, y = jax.eval_shape(cell.step, params, carry0, x_t)
     x_bytes = nbytes(x_t)
     residual = carry + x_bytes
-    if not cell.is_builtin:
+    backward = cell.backward  # None: a user-written cell
+    if backward is None:
         residual += nbytes(y)
     else:
 
         def gates(p: PyTree, c: PyTree, x: Array) -> PyTree:
             zx = input_projection(p, x)
-            return cell.gates(p, zx, c.h @ p.w_hh if hasattr(p, "w_hh") else None, c)[1]
+            return backward.gates(p, zx, c.h @ p.w_hh if hasattr(p, "w_hh") else None, c)[1]
 
         zx = jax.eval_shape(input_projection, params, x_t)
         res = jax.eval_shape(gates, params, carry0, x_t)
-        _, dzh, _, *aux = jax.eval_shape(lambda p, r, c: cell.gates_bwd(p, r, c, c, c), params, res, carry0)
+        _, dzh, _, *aux = jax.eval_shape(
+            lambda p, r, c: backward.gates_bwd(p, r, c, c, c), params, res, carry0
+        )
         # dzx beside the segment's zx, two more [B, G] of slack; dzh's own columns when they are stacked
         stacked_dzh = 0
         if dzh is not None:

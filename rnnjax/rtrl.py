@@ -239,9 +239,11 @@ def _diagonal_rtrl(
     k = G // N  # gate blocks of N columns
     unit_leaves = [f for f in params._fields if f not in ("w_ih", "b")]  # each [N]: one entry per unit
     loss_grads = _loss_grads(step_loss, B)
+    gates = cell.gates
+    assert gates is not None, "the diagonal RTRL runs only for a built-in cell"
 
     def new_h(p: PyTree, zx: Array, h: Array) -> Array:
-        return cell.gates(p, zx, None, HCarry(h=h))[0].h
+        return gates(p, zx, None, HCarry(h=h))[0].h
 
     def blocks(v: Array) -> Array:
         """``[B, S] -> [B, r, N]``: entry a of unit j at ``[:, a, j]``."""
