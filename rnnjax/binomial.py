@@ -353,7 +353,9 @@ def _leaves_bwd(impl, plan, cell, reverse, unroll, saved, cotangents):
     def d_ys_of(time_leaf: Array) -> PyTree:
         def one(d: Any) -> Array:
             if isinstance(d, SymbolicZero):
-                return zeros_rows(d.aval.update(shape=(d.shape[0], K, *d.shape[2:])))
+                # (JAX types SymbolicZero.aval as AbstractValue; a cotangent's is a ShapedArray)
+                shape = d.aval.shape  # pyright: ignore[reportAttributeAccessIssue]
+                return zeros_rows(d.aval.update(shape=(shape[0], K, *shape[2:])))
             return jax.lax.dynamic_slice_in_dim(d, time_leaf * K, K, axis=1)
 
         return jax.tree.map(one, d_ys, is_leaf=lambda d: isinstance(d, SymbolicZero))

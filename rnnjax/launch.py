@@ -338,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rnnjax.launch",
         usage="%(prog)s -n N [--devices-per-process K] [--port PORT] [--grace-period S] -- COMMAND ...",
-        description=__doc__.splitlines()[0],
+        description=__doc__.splitlines()[0] if __doc__ else None,  # None under python -OO
     )
     parser.add_argument("-n", "--num-processes", type=_at_least(1, int), required=True, help="processes")
     parser.add_argument(

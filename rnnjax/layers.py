@@ -323,7 +323,8 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
         keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
         carries = []
         for i, layer in enumerate(layers):
-            k_layer, k_drop = jax.random.split(keys[i]) if keys[i] is not None else (None, None)
+            k_i = keys[i]
+            k_layer, k_drop = jax.random.split(k_i) if k_i is not None else (None, None)
             c, ys = layer.apply(
                 params[i],
                 xs,
@@ -337,6 +338,7 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
             if residual and i > 0:
                 ys = ys + xs
             if drop and i < len(layers) - 1:
+                assert k_drop is not None  # dropout in training needs the key (checked above)
                 # the mask one device would draw, its rows split like ys's on a mesh (the same training)
                 keep = batch_like(jax.random.bernoulli(k_drop, 1.0 - dropout, ys.shape), ys, ys.ndim - 2)
                 ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys))

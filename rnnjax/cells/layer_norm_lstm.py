@@ -161,7 +161,7 @@ def layer_norm_lstm(
 
     def gates_bwd(
         params: LayerNormLSTMParams, res: tuple, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
-    ) -> tuple[Array, Array, LSTMCarry, tuple[Array, Array]]:
+    ) -> tuple[Array, Array, LSTMCarry, tuple[Array, ...]]:
         act, ax, ah, c_hat, r = res
         o = act[..., 3 * H :]
         tn = jnp.tanh(_lift(params.gamma_c, c_hat) * c_hat + _lift(params.beta_c, c_hat))
