@@ -234,7 +234,7 @@ def _dispatch(
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
         xs = _zero_padding(xs, mask)
-    args = (
+    args: tuple[Any, ...] = (
         cell,
         reverse,
         unroll,
