@@ -74,9 +74,8 @@ def _cell(kind: str, H: int, P: int = 0) -> Cell:
 def _direction_params(module: Any, kind: str, k: int, suffix: str) -> PyTree:
     H = module.hidden_size
 
-    def get(name: str) -> np.ndarray | None:
-        p = getattr(module, f"{name}_l{k}{suffix}", None)
-        return None if p is None else p.detach().cpu().numpy()
+    def get(name: str) -> np.ndarray:  # read only where the module has it (its biases when bias=True)
+        return getattr(module, f"{name}_l{k}{suffix}").detach().cpu().numpy()
 
     w_ih, w_hh = get("weight_ih"), get("weight_hh")
     G = w_ih.shape[0]
