@@ -60,7 +60,7 @@ test-min: $(MIN_VENV)/constraints.txt
 test-dist: $(STAMP_DEV)
 	RNNJAX_TEST_DIST=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_dist.py
 
-# Not yet part of CI: pyright (basic mode, [tool.pyright] in pyproject.toml) on rnnjax/.
+# pyright (basic mode, [tool.pyright] in pyproject.toml) on rnnjax/: CI runs it after `make lint`.
 typecheck: $(STAMP_DEV)
 	$(VENV)/bin/pyright --pythonpath $(PY)
 
