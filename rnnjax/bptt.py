@@ -279,7 +279,7 @@ def _backward(
     if w_hh_t is not None:
         grads["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_own))
     if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
-        assert extra_grads is not None, "GatesBackward.extra_from_aux says how extra_grads reads"
+        assert extra_grads is not None, "GatesBackward.extra_from_aux describes its extra_grads"
         grads.update(extra_grads(params, grads, None, None, None, None, *aux))
     elif extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)

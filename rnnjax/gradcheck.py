@@ -400,7 +400,7 @@ def _compare(
     zeros = [np.zeros(x.shape, x.dtype) for x in x0]
     use_complex = "complex_step" in oracles and complex_fn is not None
     if use_complex:
-        assert complex_fn is not None
+        assert complex_fn is not None  # (use_complex says so)
         # every input in complex128: the other leaves (e.g. the carry) must not mix real and complex
         x0_c = [x.astype(jnp.complex128) for x in x0]
         zeros_c = [np.zeros(x.shape, np.complex128) for x in x0]
