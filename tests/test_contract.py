@@ -214,6 +214,12 @@ def test_layers_refuse_unknown_options():
 def test_gates_backward_is_typed():
     with pytest.raises(TypeError, match=r"GatesBackward.gates_bwd must be a function, got NoneType"):
         rj.GatesBackward(gates=rj.lstm(3).gates, gates_bwd=None)
+    with pytest.raises(
+        ValueError, match=r"extra_from_aux=True says extra_grads reads only aux, but extra_grads is None"
+    ):
+        rj.GatesBackward(gates=rj.lstm(3).gates, gates_bwd=rj.lstm(3).gates_bwd, extra_from_aux=True)
+    with pytest.raises(TypeError, match=r"GatesBackward.extra_grads must be a function or None, got int"):
+        rj.GatesBackward(gates=rj.lstm(3).gates, gates_bwd=rj.lstm(3).gates_bwd, extra_grads=3)
     with pytest.raises(TypeError, match=r"Cell.backward must be an rj.GatesBackward or None, got dict"):
         rj.Cell(init=rj.lstm(3).init, initial_carry=rj.lstm(3).initial_carry, backward={})
     cell = rj.lstm(3)

@@ -132,6 +132,15 @@ class GatesBackward:
                 )
         if not isinstance(self.gate_names, tuple) or not all(isinstance(n, str) for n in self.gate_names):
             raise TypeError(f"GatesBackward.gate_names must be a tuple of str, got {self.gate_names!r}")
+        if self.extra_from_aux and self.extra_grads is None:
+            raise ValueError(
+                "GatesBackward.extra_from_aux=True says extra_grads reads only aux, but extra_grads is None: "
+                "give extra_grads, or leave extra_from_aux False"
+            )
+        if self.extra_grads is not None and not callable(self.extra_grads):
+            raise TypeError(
+                f"GatesBackward.extra_grads must be a function or None, got {type(self.extra_grads).__name__}"
+            )
         _check_hashable(self)
 
 
