@@ -180,17 +180,18 @@ MODULES = {
 
 
 def record_unroll(monkeypatch: Any) -> list[dict[str, Any]]:
-    """Records the keyword arguments of every `rj.unroll` call that the framework modules make."""
-    import rnnjax._modules
+    """Records the keyword arguments of every `rj.unroll` call that the framework modules make (through the
+    functional layers)."""
+    import rnnjax.layers
 
     calls: list[dict[str, Any]] = []
-    real = rnnjax._modules.unroll
+    real = rnnjax.layers.unroll
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rnnjax._modules, "unroll", spy)
+    monkeypatch.setattr(rnnjax.layers, "unroll", spy)
     return calls
 
 
