@@ -6,7 +6,7 @@ Equations (one step, shapes with B batch, I input, H hidden)::
     h_t = f(z_t)                              f in {tanh, relu, sigmoid, identity}
     y_t = h_t
 
-This is the seed material's ``s_t = f(x_t U + s_{t-1} W)`` with ``U = w_ih``, ``W = w_hh``. PyTorch's
+In the common notation ``s_t = f(x_t U + s_{t-1} W)``, ``U = w_ih`` and ``W = w_hh``. PyTorch's
 ``nn.RNN(nonlinearity=...)`` computes the same with ``weight_ih_l0 = w_ihᵀ``, ``weight_hh_l0 = w_hhᵀ`` and
 ``b = bias_ih_l0 + bias_hh_l0``.
 
@@ -74,6 +74,11 @@ def elman(
 ) -> Cell:
     """An Elman cell ``h_t = f(x_t w_ih + h_{t-1} w_hh + b)``.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``)::
+
+        h_t = f(x_t w_ih + h_{t-1} w_hh + b)         w_ih [I, H], w_hh [H, H], b [H]
+        y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden state (>= 1).
       activation: one of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"identity"``.
@@ -84,7 +89,11 @@ def elman(
     Returns:
       A `Cell` whose params are `ElmanParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1, or ``activation`` is not one of `ACTIVATIONS`.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.elman(8, activation="relu")
       >>> params = cell.init(jax.random.key(0), input_size=3)

@@ -76,6 +76,12 @@ def gru(
 ) -> Cell:
     """A GRU cell with PyTorch's gate order (r, z, n) and its reset-after-product candidate.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``; ``w_ih [I, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``)::
+
+        [zx_r, zx_z, zx_n] = x_t w_ih + b ;  [zh_r, zh_z, zh_n] = h_{t-1} w_hh
+        r = σ(zx_r + zh_r) ;  z = σ(zx_z + zh_z) ;  n = tanh(zx_n + r ⊙ (zh_n + b_hn))
+        h_t = (1 − z) ⊙ n + z ⊙ h_{t-1} ;  y_t = h_t
+
     Args:
       hidden_size: H (>= 1).
       w_ih_init, w_hh_init, b_init: optional initializers ``(key, shape, dtype) -> array``; by default
@@ -85,7 +91,11 @@ def gru(
     Returns:
       A `Cell` whose params are `GRUParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.gru(8)
       >>> params = cell.init(jax.random.key(0), input_size=2)

@@ -65,6 +65,11 @@ def indrnn(
 ) -> Cell:
     """An IndRNN cell ``h_t = f(x_t w_ih + b + u ⊙ h_{t-1})``.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``)::
+
+        h_t = f(x_t w_ih + b + u ⊙ h_{t-1})          w_ih [I, H], b [H], u [H]: a diagonal recurrence
+        y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden state (>= 1).
       activation: one of ``"relu"`` (the paper's), ``"tanh"``, ``"sigmoid"``, ``"identity"``.
@@ -75,7 +80,11 @@ def indrnn(
     Returns:
       A `Cell` whose params are `IndRNNParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1, or ``activation`` is not one of `ACTIVATIONS`.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.indrnn(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)

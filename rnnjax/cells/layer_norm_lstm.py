@@ -101,6 +101,12 @@ def layer_norm_lstm(
 ) -> Cell:
     """An LSTM whose input and recurrent pre-activations and cell state are layer-normalised.
 
+    Equations (``x_t [B, I]``, ``h_t, c_t [B, H]``; ``LN`` normalises each row, without gain or shift)::
+
+        z_t = γ_ih ⊙ LN(x_t w_ih) + γ_hh ⊙ LN(h_{t-1} w_hh) + β      w_ih [I, 4H], w_hh [H, 4H]; γ, β [4H]
+        i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)
+        c_t = f ⊙ c_{t-1} + i ⊙ g ;  h_t = o ⊙ tanh(γ_c ⊙ LN(c_t) + β_c) ;  y_t = h_t
+
     Args:
       hidden_size: H (>= 1).
       eps: ε inside the square root of every LN (PyTorch's ``nn.LayerNorm`` default, 1e-5).
@@ -113,7 +119,11 @@ def layer_norm_lstm(
     Returns:
       A `Cell` whose params are `LayerNormLSTMParams` and whose carry is `LSTMCarry(h, c)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1, or ``eps`` is not > 0.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.layer_norm_lstm(16, forget_bias=1.0)
       >>> params = cell.init(jax.random.key(0), input_size=4)

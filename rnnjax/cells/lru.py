@@ -91,6 +91,13 @@ def lru(
 ) -> Cell:
     """A linear recurrent unit with ``state_size`` complex units, carried as ``h = [Re s, Im s]``.
 
+    Equations (``x_t [B, I]``; the complex state ``s_t [B, N]`` is carried as ``h_t = [Re s_t, Im s_t]``
+    ``[B, 2N]``)::
+
+        λ = exp(−exp(ν) + i exp(θ)) ;  γ = exp(γ_log)          ν, θ, γ_log [N]: |λ| < 1 always
+        [zr, zi] = x_t w_ih + b                                  w_ih [I, 2N], b [2N]
+        s_t = λ ⊙ s_{t-1} + γ ⊙ (zr + i zi) ;  y_t = h_t
+
     Args:
       state_size: N (>= 1), the number of complex state units; ``h`` and the outputs have 2N features.
       r_min, r_max: the ring ``r_min ≤ |λ| < r_max`` the eigenvalues are drawn from (uniformly in area);
@@ -103,7 +110,12 @@ def lru(
       A `Cell` whose params are `LRUParams` and whose carry is ``HCarry(h [B, 2N])``; ``cell.hidden_size``
       is 2N.
 
-    Example:
+    Raises:
+      TypeError: if ``state_size`` is not an int.
+      ValueError: if ``state_size`` is below 1, ``r_min`` and ``r_max`` break ``0 <= r_min < r_max <= 1``,
+        or ``max_phase`` is not > 0.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.lru(8, r_min=0.9, r_max=0.999)
       >>> params = cell.init(jax.random.key(0), input_size=3)

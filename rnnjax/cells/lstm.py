@@ -101,6 +101,12 @@ def lstm(
 ) -> Cell:
     """An LSTM cell with PyTorch's gate order (i, f, g, o) and weight layout.
 
+    Equations (``x_t [B, I]``, ``h_t, c_t [B, H]``)::
+
+        z_t = x_t w_ih + h_{t-1} w_hh + b                 w_ih [I, 4H], w_hh [H, 4H], b [4H]
+        i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)    each [B, H]
+        c_t = f ⊙ c_{t-1} + i ⊙ g ;  h_t = o ⊙ tanh(c_t) ;  y_t = h_t
+
     Args:
       hidden_size: H (>= 1).
       forget_bias: added to the forget-gate block ``b[H:2H]`` at init (Jozefowicz et al. 2015 suggest 1.0;
@@ -111,7 +117,11 @@ def lstm(
     Returns:
       A `Cell` whose params are `LSTMParams` and whose carry is `LSTMCarry(h, c)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.lstm(16, forget_bias=1.0)
       >>> params = cell.init(jax.random.key(0), input_size=4)

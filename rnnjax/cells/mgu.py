@@ -66,6 +66,13 @@ def mgu(
 ) -> Cell:
     """A minimal gated unit: ``h_t = (1 − f) ⊙ h_{t-1} + f ⊙ tanh(x w_h + (f ⊙ h_{t-1}) u_h + b_h)``.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``)::
+
+        [zx_f, zx_h] = x_t w_ih + b                      w_ih [I, 2H], b [2H]
+        f = σ(zx_f + h_{t-1} w_hh)                       w_hh [H, H]
+        h̃ = tanh(zx_h + (f ⊙ h_{t-1}) u_h)               u_h [H, H]
+        h_t = (1 − f) ⊙ h_{t-1} + f ⊙ h̃ ;  y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden state (>= 1).
       w_ih_init, w_hh_init, b_init: optional initializers ``(key, shape, dtype) -> array``; by default
@@ -74,7 +81,11 @@ def mgu(
     Returns:
       A `Cell` whose params are `MGUParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.mgu(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)

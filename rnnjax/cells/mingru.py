@@ -58,6 +58,11 @@ def mingru(
 ) -> Cell:
     """A minGRU cell ``h_t = (1 − z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t`` with ``[z_t, h̃_t] = [σ, id](x_t w_ih + b)``.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``)::
+
+        [a_t, h̃_t] = x_t w_ih + b                        w_ih [I, 2H], b [2H]
+        z_t = σ(a_t) ;  h_t = (1 − z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t ;  y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden state (>= 1).
       w_ih_init, b_init: optional initializers ``(key, shape, dtype) -> array``; by default U(−1/√I, 1/√I),
@@ -66,7 +71,11 @@ def mingru(
     Returns:
       A `Cell` whose params are `MinGRUParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.mingru(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)

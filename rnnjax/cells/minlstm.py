@@ -57,6 +57,12 @@ def minlstm(
 ) -> Cell:
     """A minLSTM cell ``h_t = f'_t ⊙ h_{t-1} + i'_t ⊙ h̃_t`` with normalised gates, all from ``x_t``.
 
+    Equations (``x_t [B, I]``, ``h_t [B, H]``)::
+
+        [a_f, a_i, h̃_t] = x_t w_ih + b                   w_ih [I, 3H], b [3H]
+        f, i = σ(a_f), σ(a_i) ;  f' = f / (f + i) ;  i' = i / (f + i)
+        h_t = f' ⊙ h_{t-1} + i' ⊙ h̃_t ;  y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden state (>= 1).
       w_ih_init, b_init: optional initializers ``(key, shape, dtype) -> array``; by default U(−1/√I, 1/√I),
@@ -65,7 +71,11 @@ def minlstm(
     Returns:
       A `Cell` whose params are `MinLSTMParams` and whose carry is `HCarry(h)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.minlstm(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)

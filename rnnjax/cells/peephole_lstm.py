@@ -71,6 +71,12 @@ def peephole_lstm(
 ) -> Cell:
     """An LSTM whose input and forget gates read ``c_{t-1}`` and whose output gate reads ``c_t``.
 
+    Equations (``x_t [B, I]``, ``h_t, c_t [B, H]``; peepholes ``p = [p_i, p_f, p_o] [3H]``)::
+
+        z_t = x_t w_ih + h_{t-1} w_hh + b                 w_ih [I, 4H], w_hh [H, 4H], b [4H]
+        i = σ(z_i + p_i ⊙ c_{t-1}) ;  f = σ(z_f + p_f ⊙ c_{t-1}) ;  g = tanh(z_g)
+        c_t = f ⊙ c_{t-1} + i ⊙ g ;  o = σ(z_o + p_o ⊙ c_t) ;  h_t = o ⊙ tanh(c_t) ;  y_t = h_t
+
     Args:
       hidden_size: H, the width of the hidden and cell states (>= 1).
       forget_bias: added to the forget-gate block ``b[H:2H]`` at init.
@@ -81,7 +87,11 @@ def peephole_lstm(
     Returns:
       A `Cell` whose params are `PeepholeLSTMParams` and whose carry is `LSTMCarry(h, c)`.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.peephole_lstm(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)

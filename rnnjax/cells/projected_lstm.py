@@ -79,6 +79,12 @@ def projected_lstm(
 ) -> Cell:
     """An LSTM whose hidden state is projected to ``proj_size`` features (PyTorch's ``proj_size``).
 
+    Equations (``x_t [B, I]``, ``h_t [B, P]``, ``c_t [B, H]``)::
+
+        z_t = x_t w_ih + h_{t-1} w_hh + b                 w_ih [I, 4H], w_hh [P, 4H], b [4H]
+        i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)    each [B, H]
+        c_t = f ⊙ c_{t-1} + i ⊙ g ;  h_t = (o ⊙ tanh(c_t)) w_hr ;  y_t = h_t      w_hr [H, P]
+
     Args:
       hidden_size: H, the width of the cell state and of each gate (>= 1).
       proj_size: P, the width of ``h`` and of the outputs (1 <= P < H, as PyTorch requires).
@@ -90,7 +96,11 @@ def projected_lstm(
       A `Cell` with ``hidden_size=H`` and ``proj_size=P`` (so ``cell.output_size == P``), params
       `ProjectedLSTMParams` and carry ``LSTMCarry(h [B, P], c [B, H])``.
 
-    Example:
+    Raises:
+      TypeError: if ``hidden_size`` or ``proj_size`` is not an int.
+      ValueError: if ``hidden_size`` is below 1, or ``proj_size`` is not in ``[1, hidden_size)``.
+
+    Examples:
       >>> import jax, rnnjax as rj
       >>> cell = rj.projected_lstm(16, proj_size=4)
       >>> params = cell.init(jax.random.key(0), input_size=3)
