@@ -114,6 +114,28 @@ class GatesBackward:
         entry per unit ([N]). `rnnjax.rtrl_value_and_grad` then keeps r sensitivities per parameter. 1 for
         `indrnn`, `mingru` and `minlstm`; 2 for `lru` (real and imaginary parts). The backward reads the
         carries and the output gradients by these r blocks (`rnnjax.scan.read_row`).
+
+    Raises:
+      TypeError: if ``gates``, ``gates_bwd`` or ``extra_grads`` is not a function, ``gate_names`` is not a
+        tuple of str, or a field does not hash.
+      ValueError: if ``extra_from_aux`` is True without ``extra_grads``.
+
+    Examples:
+      A tanh Elman cell's gates and their derivative (``dh_t ⊙ (1 − h_t²)``), put in place of `elman`'s:
+
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> def gates(params, zx, zh, carry):
+      ...     h = jnp.tanh(zx + zh)
+      ...     return rj.HCarry(h), h
+      >>> def gates_bwd(params, h, prev, new, d_new):
+      ...     dz = d_new.h * (1 - h * h)
+      ...     return dz, None, rj.HCarry(jnp.zeros_like(dz))
+      >>> backward = rj.GatesBackward(gates=gates, gates_bwd=gates_bwd, gate_names=("h",))
+      >>> cell = rj.elman(4).replace(backward=backward)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> bool(jnp.allclose(rj.unroll(cell, params, xs)[1], rj.unroll(rj.elman(4), params, xs)[1]))
+      True
     """
 
     gates: Callable[..., tuple[PyTree, PyTree]]
@@ -191,6 +213,29 @@ class Cell:
 
     Its ``step`` must treat the rows of the batch independently, as every RNN cell does (lengths mask rows
     one by one; with the batch split over an explicit mesh, its backward runs on each device's own rows).
+
+    Raises:
+      TypeError: if ``init``, ``initial_carry``, ``step`` or ``backward`` is of the wrong type, neither
+        ``step`` nor ``backward`` is given, ``hidden_size`` is not an int, or a field does not hash.
+      ValueError: if both ``step`` and ``backward`` are given (the step is written from the backward's
+        gates), or ``hidden_size`` is below 1.
+
+    Examples:
+      A user-written cell, ``h_t = tanh([x_t, h_{t-1}] w)``; `unroll` differentiates it with `jax.vjp`:
+
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> def init(key, input_size, dtype=None):
+      ...     return {"w": 0.1 * jax.random.normal(key, (input_size + 4, 4), dtype or jnp.float32)}
+      >>> def initial_carry(params, batch_shape=()):
+      ...     return jnp.zeros((*batch_shape, 4), params["w"].dtype)
+      >>> def step(params, h, x):
+      ...     h = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ params["w"])
+      ...     return h, h
+      >>> cell = rj.Cell(init=init, initial_carry=initial_carry, step=step, hidden_size=4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> carry, ys = rj.unroll(cell, params, jnp.ones((2, 5, 3)))
+      >>> carry.shape, ys.shape, ys.dtype
+      ((2, 4), (2, 5, 4), dtype('float32'))
     """
 
     init: Callable[..., PyTree]

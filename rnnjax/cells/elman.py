@@ -62,6 +62,7 @@ ACTIVATION_FUNCTIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array]
 }
 
 ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_FUNCTIONS)
+"""The activations `elman` and `indrnn` accept: ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"identity"``."""
 
 
 def elman(
