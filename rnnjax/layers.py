@@ -38,6 +38,7 @@ Array = jax.Array
 PyTree = Any
 
 MERGES: tuple[str, ...] = ("concat", "sum")
+"""How `bidirectional` merges its two directions per step: ``"concat"`` or ``"sum"``."""
 
 
 LAYER_KINDS: tuple[str, ...] = ("rnn", "bidirectional", "stack", "time_major")
@@ -67,6 +68,14 @@ class Layer:
         ``children`` and ``options`` it describes the layer to tools such as `rnnjax.to_torch`.
       children: the cells (``rnn``: one; ``bidirectional``: forward, backward) or layers it is made of.
       options: ``(name, value)`` pairs of the layer's settings.
+
+    Examples:
+      The built-in constructors make layers; a layer describes itself and compares by its structure:
+
+      >>> import rnnjax as rj
+      >>> layer = rj.bidirectional(rj.lstm(8))
+      >>> layer.kind, layer.output_size, layer == rj.bidirectional(rj.lstm(8))
+      ('bidirectional', 16, True)
     """
 
     init: Callable[..., PyTree]
@@ -139,7 +148,16 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool | None = 
       unroll_steps: `rj.unroll` 's ``unroll_steps`` (None: its default); ``apply(..., unroll_steps=)``
         overrides it.
 
-    Example:
+    Returns:
+      A `Layer` whose ``apply(params, xs [B, T, I])`` returns the cell's final carry and
+      ``ys [B, T, H]`` (``[B, T, P]`` for a projected cell), in the dtype of the params; its params are
+      the cell's.
+
+    Raises:
+      TypeError: if ``cell`` is not a `Cell`.
+      ValueError: if the cell has no ``hidden_size`` (the layer could not know its output size).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> layer = rj.rnn(rj.gru(8))
       >>> params = layer.init(jax.random.key(0), 3)
@@ -187,7 +205,18 @@ def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "c
     The carry is `BidirectionalCarry(fw, bw)`: the forward direction's carry after each sequence's last
     valid step and the backward direction's after step 0, as PyTorch's ``h_n`` for the two directions.
 
-    Example:
+    Returns:
+      A `Layer` whose params are `BidirectionalParams(fw, bw)`, whose carry is `BidirectionalCarry`, and
+      whose ``apply(params, xs [B, T, I])`` returns ``ys [B, T, H_fw + H_bw]`` (``"concat"``) or
+      ``[B, T, H]`` (``"sum"``).
+
+    Raises:
+      TypeError: if a cell is not a `Cell` (and, from ``apply``, if ``carry`` is not a
+        `BidirectionalCarry`).
+      ValueError: if ``merge`` is not one of `MERGES`, ``"sum"`` meets unequal hidden sizes, or a cell has
+        no ``hidden_size``.
+
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> layer = rj.bidirectional(rj.lstm(4))
       >>> params = layer.init(jax.random.key(0), 3)
@@ -265,7 +294,17 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
 
     The carry is a tuple of the layers' carries, first layer first.
 
-    Example:
+    Returns:
+      A `Layer` whose params and carry are tuples with one entry per layer, and whose
+      ``apply(params, xs [B, T, I])`` returns the last layer's ``ys [B, T, output_size]``.
+
+    Raises:
+      TypeError: if an entry of ``layers`` is neither a `Layer` nor a `Cell`.
+      ValueError: if ``layers`` is empty, ``dropout`` is not in ``[0, 1)``, or ``residual=True`` meets a
+        layer whose input and output sizes differ (and, from ``apply``, if dropout in training has no
+        ``key``).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> deep = rj.stack(rj.bidirectional(rj.lstm(4)), rj.bidirectional(rj.lstm(4)), residual=True)
       >>> params = deep.init(jax.random.key(0), 3)
@@ -359,7 +398,25 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
 
 
 def time_major(layer: Layer) -> Layer:
-    """The same layer on time-major inputs: ``xs [T, B, I] -> ys [T, B, output_size]``."""
+    """The same layer on time-major inputs: ``xs [T, B, I] -> ys [T, B, output_size]``.
+
+    The batch-major layers run inside; the time-major layout is a transpose on the way in and out.
+
+    Args:
+      layer: a `Layer`, e.g. from `rnn`, `bidirectional` or `stack`.
+
+    Returns:
+      A `Layer` with the same params, carry and options whose ``apply`` takes ``xs [T, B, I]`` and returns
+      ``ys [T, B, output_size]``; it raises a ValueError for ``xs`` that is not 3-D.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> layer = rj.time_major(rj.rnn(rj.gru(4)))
+      >>> params = layer.init(jax.random.key(0), 3)
+      >>> carry, ys = layer.apply(params, jnp.ones((5, 2, 3)))    # [T, B, I]
+      >>> ys.shape, carry.h.shape
+      ((5, 2, 4), (2, 4))
+    """
 
     def apply(params: PyTree, xs: Array, **kwargs: Any) -> tuple[PyTree, Array]:
         if jnp.ndim(xs) != 3:
@@ -384,7 +441,19 @@ class DenseParams(NamedTuple):
 class Dense:
     """A dense read-out ``y = x w + b`` over the last axis (any leading axes, e.g. ``[B, T, I]``).
 
-    Static structure, equal by ``output_size`` (``rj.dense(10) == rj.dense(10)``)."""
+    Static structure, equal by ``output_size`` (``rj.dense(10) == rj.dense(10)``). Made by `dense`.
+
+    Attributes:
+      init: ``init(key, input_size, dtype=None) -> DenseParams`` (``w [I, O]``, ``b [O]``).
+      apply: ``apply(params, x [..., I]) -> [..., O]``.
+      output_size: O.
+
+    Examples:
+      >>> import rnnjax as rj
+      >>> head = rj.dense(10)
+      >>> head.output_size, head == rj.dense(10)
+      (10, True)
+    """
 
     init: Callable[..., DenseParams]
     apply: Callable[[DenseParams, Array], Array]
@@ -400,7 +469,20 @@ class Dense:
 def dense(output_size: int) -> Dense:
     """The read-out ``o_t = s_t V + c`` (logits; apply a softmax in the loss), PyTorch's Linear init.
 
-    Example:
+    Args:
+      output_size: O, the number of output features (>= 1).
+
+    Returns:
+      A `Dense` whose ``init(key, input_size=I, dtype=None)`` draws ``w [I, O]`` and ``b [O]`` from
+      U(−1/√I, 1/√I) (PyTorch's ``nn.Linear``), and whose ``apply(params, x [..., I])`` returns
+      ``x w + b [..., O]`` in the params' dtype; ``apply`` raises a ValueError when ``x``'s last axis is
+      not I.
+
+    Raises:
+      TypeError: if ``output_size`` is not an int.
+      ValueError: if ``output_size`` is below 1.
+
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> head = rj.dense(10)
       >>> params = head.init(jax.random.key(0), 8)
@@ -438,7 +520,18 @@ def embed(table: Array, tokens: Array) -> Array:
     ``table[tokens]`` there, whose output sharding it cannot infer. Token ids are not range-checked (they
     may be traced); ids outside ``[0, V)`` follow JAX's indexing rules.
 
-    Example:
+    Args:
+      table: ``[V, E]`` floating-point embedding table.
+      tokens: integer ids of any shape ``[...]`` (e.g. ``[B, T]``).
+
+    Returns:
+      ``[..., E]`` rows of ``table``, in its dtype.
+
+    Raises:
+      ValueError: if ``table`` is not 2-D.
+      TypeError: if ``tokens`` is not an integer array.
+
+    Examples:
       >>> import jax.numpy as jnp, rnnjax as rj
       >>> rj.embed(jnp.arange(6.0).reshape(3, 2), jnp.array([[2, 0]]))
       Array([[[4., 5.],
@@ -460,6 +553,23 @@ def last_valid(ys: Array, lengths: Array | None = None) -> Array:
     """Each sequence's output at its last valid step: ``ys [B, T, F] -> [B, F]`` (zeros where length is 0).
 
     For a forward `rnn` this equals the final carry's ``h``; it is the read-out point of many-to-one models.
+
+    Args:
+      ys: ``[B, T, F]`` outputs of any dtype, batch-major.
+      lengths: ``[B]`` integers in ``[0, T]``; None means every sequence has all T steps.
+
+    Returns:
+      ``[B, F]`` in the dtype of ``ys``: ``ys[b, lengths[b] - 1]``, or zeros where ``lengths[b] == 0``.
+
+    Raises:
+      ValueError: if ``ys`` is not 3-D or ``lengths`` is not ``[B]``.
+
+    Examples:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> ys = jnp.arange(12.0).reshape(2, 3, 2)    # [B=2, T=3, F=2]
+      >>> rj.last_valid(ys, jnp.array([2, 0]))
+      Array([[2., 3.],
+             [0., 0.]], dtype=float32)
     """
     if jnp.ndim(ys) != 3:
         raise ValueError(f"ys must have shape [B, T, F], got shape {jnp.shape(ys)}")
