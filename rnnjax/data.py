@@ -75,7 +75,7 @@ def pad_sequences(
       ValueError: ``seqs`` is empty, a sequence has no axis, the feature shapes differ, ``max_length`` is
         negative, or ``padding``/``truncating`` is not one of the names above.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> import rnnjax as rj
       >>> xs, lengths = rj.pad_sequences([np.array([1, 2, 3]), np.array([4])], value=-1)
@@ -175,7 +175,7 @@ def bucket_by_length(
       ValueError: ``lengths`` is not 1-D or holds a negative number, ``batch_size < 1``, or ``boundaries``
         is not strictly increasing positive integers.
 
-    Example:
+    Examples:
       >>> import rnnjax as rj
       >>> [b.tolist() for b in rj.bucket_by_length([3, 9, 4, 8, 1], 2)]
       [[4, 0], [2, 3], [1]]
@@ -241,7 +241,7 @@ def unbucket(batches: Sequence[Any], outputs: Sequence[Any]) -> Any:
         output's leading axis differs from its batch's size, or the outputs' structures or trailing shapes
         differ.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> import rnnjax as rj
       >>> batches = rj.bucket_by_length([3, 9, 4, 8, 1], 2)

@@ -118,7 +118,7 @@ def unroll(
       TypeError, ValueError: at trace time, naming the argument, the expected and the actual shape or
         dtype, for inputs that do not fit.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> cell = rj.lstm(hidden_size=16)
       >>> params = cell.init(jax.random.key(0), input_size=8)

@@ -76,7 +76,7 @@ class RNN(eqx.Module):
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, rnnjax as rj
           >>> from rnnjax import equinox as req
           >>> model = req.RNN(rj.gru(8), 3, key=jax.random.key(0), checkpoint="sqrt")
@@ -156,7 +156,7 @@ class Bidirectional(eqx.Module):
             `RNN`).
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, rnnjax as rj
           >>> from rnnjax import equinox as req
           >>> model = req.Bidirectional(rj.lstm(4), 3, key=jax.random.key(0))
@@ -244,7 +244,7 @@ class Stack(eqx.Module):
             stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp, rnnjax as rj
           >>> from rnnjax import equinox as req
           >>> model = req.Stack([rj.lstm(4), rj.lstm(4)], 3, key=jax.random.key(0), dropout=0.1)

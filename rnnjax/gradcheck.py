@@ -218,7 +218,7 @@ def gradcheck(
     Returns:
       A `GradcheckReport`: one row per input leaf; ``print(report)`` shows the table.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> cell = rj.gru(4)
       >>> params = cell.init(jax.random.key(0), input_size=3)

@@ -51,7 +51,7 @@ class RNN(nn.Module):
 
     Params: ``"cell"``, the output of ``cell.init(key, I, param_dtype)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> from rnnjax import linen as rln
       >>> model = rln.RNN(rj.gru(8))
@@ -114,7 +114,7 @@ class Bidirectional(nn.Module):
     Params: ``"fw"`` and ``"bw"``, each the output of its cell's ``init``;
     ``rj.BidirectionalParams(**variables["params"])`` is what ``rj.bidirectional(...).apply`` takes.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> from rnnjax import linen as rln
       >>> model = rln.Bidirectional(rj.lstm(4), merge="sum")
@@ -185,7 +185,7 @@ class Stack(nn.Module):
 
     Params: ``"layers"``, the tuple ``rj.stack(*layers).init`` returns (one entry per layer).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> from rnnjax import linen as rln
       >>> model = rln.Stack((rj.lstm(4), rj.bidirectional(rj.gru(2))), dropout=0.1)

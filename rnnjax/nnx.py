@@ -57,7 +57,7 @@ class RNN(nnx.Module):
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, rnnjax as rj
           >>> from flax import nnx
           >>> from rnnjax import nnx as rnx
@@ -130,7 +130,7 @@ class Bidirectional(nnx.Module):
             `RNN`).
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, rnnjax as rj
           >>> from flax import nnx
           >>> from rnnjax import nnx as rnx
@@ -213,7 +213,7 @@ class Stack(nnx.Module):
             stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
           dtype: the dtype of the params.
 
-        Example:
+        Examples:
           >>> import jax.numpy as jnp, rnnjax as rj
           >>> from flax import nnx
           >>> from rnnjax import nnx as rnx

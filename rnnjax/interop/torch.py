@@ -98,7 +98,7 @@ def from_torch(module: Any) -> tuple[Layer, tuple]:
     ``batch_first=True``, ``[T, B, I]`` otherwise) and returns its ``output``; variable lengths replace
     ``PackedSequence``. Gradients through the layer use the hand-derived BPTT.
 
-    Example:
+    Examples:
       >>> import torch, rnnjax as rj
       >>> gru = torch.nn.GRU(3, 8, num_layers=2, bidirectional=True, batch_first=True)
       >>> layer, params = rj.from_torch(gru)
