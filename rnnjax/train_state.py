@@ -52,7 +52,9 @@ _FORMAT = 1
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint that cannot be read back as it was written: truncated, overwritten or incomplete."""
+    """A checkpoint that cannot be read back as it was written: truncated, overwritten or incomplete.
+
+    A `ValueError`; `restore_training_state` raises it, naming the checkpoint's directory."""
 
 
 def save_training_state(
@@ -76,6 +78,13 @@ def save_training_state(
     Raises:
       TypeError: ``step`` is not an int.
       ValueError: ``step`` is negative, or ``directory`` already holds a checkpoint of ``step``.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, rnnjax as rj
+      >>> directory = tempfile.mkdtemp()
+      >>> path = rj.save_training_state(directory, 10, {"w": jnp.ones(3), "window": 2})
+      >>> path.name, rj.latest_training_step(directory)
+      ('10', 10)
     """
     import orbax.checkpoint as ocp
 
@@ -105,7 +114,23 @@ def save_training_state(
 
 
 def latest_training_step(directory: str | os.PathLike) -> int | None:
-    """The newest complete checkpoint's step in ``directory``, or None if it holds none (or is missing)."""
+    """The newest complete checkpoint's step in ``directory``, or None if it holds none (or is missing).
+
+    Args:
+      directory: a run's checkpoint directory, as given to `save_training_state`.
+
+    Returns:
+      The largest step whose checkpoint is complete (an int), or None.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, rnnjax as rj
+      >>> directory = tempfile.mkdtemp()
+      >>> print(rj.latest_training_step(directory))
+      None
+      >>> _ = rj.save_training_state(directory, 5, {"w": jnp.zeros(2)})
+      >>> rj.latest_training_step(directory)
+      5
+    """
     steps = _steps(directory)
     return steps[-1] if steps else None
 
@@ -131,6 +156,15 @@ def restore_training_state(
         shape or dtype (the message names the leaf, the saved and the given).
       CorruptCheckpointError: the checkpoint's files are truncated, overwritten or missing (the message
         names the checkpoint's directory).
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, rnnjax as rj
+      >>> directory = tempfile.mkdtemp()
+      >>> state = {"w": jnp.arange(3.0), "window": 4}
+      >>> _ = rj.save_training_state(directory, 20, state)
+      >>> step, restored = rj.restore_training_state(directory, like={"w": jnp.zeros(3), "window": 0})
+      >>> step, restored["w"], restored["window"]
+      (20, Array([0., 1., 2.], dtype=float32), 4)
     """
     import orbax.checkpoint as ocp
 
