@@ -98,6 +98,19 @@ def from_torch(module: Any) -> tuple[Layer, tuple]:
     ``batch_first=True``, ``[T, B, I]`` otherwise) and returns its ``output``; variable lengths replace
     ``PackedSequence``. Gradients through the layer use the hand-derived BPTT.
 
+    Args:
+      module: a ``torch.nn.RNN`` (tanh or relu), ``nn.LSTM`` (with or without ``proj_size``) or
+        ``nn.GRU``, with any ``num_layers``, ``bidirectional``, ``bias``, ``dropout`` and ``batch_first``.
+
+    Returns:
+      ``(layer, params)``: a `rj.stack` with one `rj.rnn` or `rj.bidirectional` per PyTorch layer (inside
+      `rj.time_major` when ``batch_first=False``), and a tuple of one params per layer, JAX arrays in the
+      module's dtype (float32 or float64).
+
+    Raises:
+      TypeError: if ``module`` is not one of the three.
+      ImportError: if torch is not installed.
+
     Examples:
       >>> import torch, rnnjax as rj
       >>> gru = torch.nn.GRU(3, 8, num_layers=2, bidirectional=True, batch_first=True)
@@ -144,6 +157,26 @@ def to_torch(layer: Layer, params: PyTree) -> Any:
     ``layer`` is a `rj.stack` of `rj.rnn` or `rj.bidirectional` layers (or one such layer, optionally
     wrapped in `rj.time_major`), all of one cell kind and hidden size, as `from_torch` makes them. The
     biases go to ``bias_ih`` (``bias_hh`` zero, but for the GRU's ``b_hn``).
+
+    Args:
+      layer: the layer, as above.
+      params: its params (float32 or float64).
+
+    Returns:
+      A ``torch.nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` with ``num_layers``, ``bidirectional``,
+      ``batch_first``, ``dropout`` and ``proj_size`` read from ``layer``, in the params' dtype.
+
+    Raises:
+      ValueError: if ``layer`` is not such a stack (a reverse-only `rj.rnn`, mixed cells or sizes, a
+        ``merge="sum"`` bidirectional layer), naming the layer that does not fit.
+      ImportError: if torch is not installed.
+
+    Examples:
+      >>> import jax, rnnjax as rj
+      >>> layer = rj.stack(rj.lstm(4), rj.lstm(4))
+      >>> module = rj.to_torch(layer, layer.init(jax.random.key(0), 3))
+      >>> module
+      LSTM(3, 4, num_layers=2, batch_first=True)
     """
     torch = _torch()
     layers, batch_first, inner = _describe(layer)
@@ -203,6 +236,26 @@ def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
     """PyTorch's ``h_0`` (and LSTM ``c_0``), ``[num_layers * num_directions, B, H]``, as the layer's carry.
 
     ``h`` and ``c`` may be torch tensors or JAX arrays (differentiable: gradients reach them).
+
+    Args:
+      layer: a layer as `from_torch` makes it (a `rj.stack` of `rj.rnn` or `rj.bidirectional` layers).
+      h: ``[num_layers * num_directions, B, H]`` (``[..., B, P]`` with ``proj_size``), PyTorch's order:
+        layer by layer, forward direction first.
+      c: the LSTM's ``c_0`` of the same leading shape, ``[..., B, H]``; None for the RNN and the GRU.
+
+    Returns:
+      A tuple of one carry per layer (`LSTMCarry`, `HCarry`, or a `BidirectionalCarry` of two), JAX
+      arrays in the dtype of ``h``, to pass as ``layer.apply(params, xs, carry=...)``.
+
+    Raises:
+      ValueError: if ``h`` has more or fewer layer-directions than ``layer``.
+
+    Examples:
+      >>> import torch, rnnjax as rj
+      >>> layer, params = rj.from_torch(torch.nn.GRU(3, 4, num_layers=2, batch_first=True))
+      >>> carry = rj.carry_from_torch(layer, torch.zeros(2, 5, 4))
+      >>> len(carry), carry[0].h.shape
+      (2, (5, 4))
     """
     layers, _, _ = _describe(layer)
     h = _as_jax(h)
@@ -222,7 +275,24 @@ def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
 
 def carry_to_torch(carry: tuple) -> tuple[Any, Any]:
     """The layer's final carry as PyTorch's ``(h_n, c_n)``, each ``[num_layers * num_directions, B, H]``
-    (``c_n`` None but for LSTMs)."""
+    (``c_n`` None but for LSTMs).
+
+    Args:
+      carry: a tuple of one carry per layer, as a stack's ``apply`` returns it (`LSTMCarry`, `HCarry` or
+        `BidirectionalCarry` entries).
+
+    Returns:
+      ``(h_n, c_n)``: JAX arrays ``[num_layers * num_directions, B, H]`` in the carry's dtype, layer by
+      layer, forward direction first (PyTorch's order); ``c_n`` is None unless every carry has a ``c``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> layer = rj.stack(rj.bidirectional(rj.lstm(4)))
+      >>> carry = layer.initial_carry(layer.init(jax.random.key(0), 3), (5,))
+      >>> h_n, c_n = rj.carry_to_torch(carry)
+      >>> h_n.shape, c_n.shape
+      ((2, 5, 4), (2, 5, 4))
+    """
     flat = []
     for c in carry:
         flat.extend([c.fw, c.bw] if isinstance(c, BidirectionalCarry) else [c])
