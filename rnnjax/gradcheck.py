@@ -50,6 +50,7 @@ PyTree = Any
 
 
 ORACLES: tuple[str, ...] = ("autodiff", "rtrl", "complex_step", "finite_differences")
+"""The references `gradcheck` compares the hand-derived gradient with (``rj.GRADCHECK_ORACLES``)."""
 RTRL_MAX_BYTES = 1 << 30
 
 
@@ -80,7 +81,25 @@ class Localisation:
 
 @dataclasses.dataclass(frozen=True)
 class GradcheckRow:
-    """The check of one input leaf."""
+    """The check of one input leaf: its relative errors against each oracle, and the verdict.
+
+    Attributes:
+      leaf: the leaf's path, e.g. ``"params.w_ih"``, ``"xs"``, ``"carry.h"``.
+      shape: the leaf's shape.
+      manual_vs_autodiff: ``‖g_manual − g_autodiff‖_∞ / ‖g_autodiff‖_∞``; None where not run.
+      manual_vs_fd: the largest ``|fd − ⟨g_manual, v⟩| / ‖g_manual‖₂`` over the random directions ``v``;
+        None where not run.
+      passed: whether every error that was computed is within its tolerance.
+      manual_vs_rtrl: ``‖g_manual − g_rtrl‖_∞ / ‖g_rtrl‖_∞``; None where not run.
+      manual_vs_complex: as ``manual_vs_fd``, against the complex-step derivative; None where not run.
+
+    Examples:
+      >>> import rnnjax as rj
+      >>> row = rj.GradcheckRow("params.w_ih", (3, 12), manual_vs_autodiff=1e-16, manual_vs_fd=2e-9,
+      ...                       passed=True)
+      >>> row.passed, row.manual_vs_rtrl
+      (True, None)
+    """
 
     leaf: str  # e.g. "params.w_ih", "xs", "carry.h"
     shape: tuple[int, ...]
@@ -93,7 +112,38 @@ class GradcheckRow:
 
 @dataclasses.dataclass(frozen=True)
 class GradcheckReport:
-    """What `gradcheck` found; ``str(report)`` is a table, ``report.passed`` the verdict."""
+    """What `gradcheck` found; ``str(report)`` is a table, ``report.passed`` the verdict.
+
+    Attributes:
+      name: the title (the cell's name by default).
+      rows: one `GradcheckRow` per input leaf.
+      rtol_autodiff: the tolerance of the autodiff, RTRL and complex-step errors.
+      rtol_fd: the tolerance of the finite-difference error.
+      eps: the finite-difference step.
+      n_directions: random directions per leaf.
+      oracles: the oracles that were asked for (see `ORACLES`).
+      notes: why an oracle that was asked for did not run.
+      localisation: for a cell whose manual gradient parts from autodiff, the first step and gate blocks
+        where they disagree; else None.
+
+    Examples:
+      `gradcheck` builds it; by hand, for the table's layout:
+
+      >>> import rnnjax as rj
+      >>> row = rj.GradcheckRow("params.w_ih", (3, 12), manual_vs_autodiff=1e-16, manual_vs_fd=2e-9,
+      ...                       passed=True)
+      >>> report = rj.GradcheckReport("mine", (row,), rtol_autodiff=1e-10, rtol_fd=1e-6, eps=6e-6,
+      ...                             n_directions=3)
+      >>> report.passed, report.max_fd_error
+      (True, 2e-09)
+      >>> print(report)  # doctest: +NORMALIZE_WHITESPACE
+      gradcheck mine: the manual gradient in float64 against autodiff, finite_differences; fourth-order
+      central differences eps=6e-06 and the complex step along 3 random directions per leaf
+      leaf         shape    vs autodiff  vs RTRL  vs complex step  vs finite diff  ok
+      -----------  -------  -----------  -------  ---------------  --------------  ---
+      params.w_ih  (3, 12)  1.00e-16     n/a      n/a              2.00e-09        yes
+      tolerances: autodiff, RTRL and complex step <= 1e-10, finite differences <= 1e-06: PASSED
+    """
 
     name: str
     rows: tuple[GradcheckRow, ...]
@@ -212,11 +262,17 @@ def gradcheck(
       rtrl_max_bytes: the most memory the RTRL oracle may take. Its forward-mode sensitivities grow as
         (number of inputs) x (the forward's memory), O(S²P) for a cell: before it runs, its program is
         compiled and its memory read; over this cap it is skipped, with a line in the report saying so.
-        None: no cap. The default, 1 GiB, keeps a laptop-sized check (e.g. an LSTM with H=64, 18.8k
-        inputs, needs 6 GB) from running out of memory.
+        None: no cap. The default, 1 GiB, keeps a laptop-sized check from running out of memory (the
+        sensitivities of an LSTM with H=64 over a short sequence take gigabytes).
 
     Returns:
       A `GradcheckReport`: one row per input leaf; ``print(report)`` shows the table.
+
+    Raises:
+      TypeError: if ``target`` is neither a `Cell` nor a function, a cell gets other than two arguments
+        after it, or an argument is of the wrong type.
+      ValueError: if ``n_directions``, ``eps``, ``complex_step``, ``rtrl_max_bytes`` or ``oracles`` is out
+        of range, or the loss function does not return a scalar.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
