@@ -65,8 +65,8 @@ def hidden_grad_norms(d_hs: Array, lengths: Array | None = None) -> Array:
     return _grad_norms(d_hs, lengths)
 
 
-# The diagnostics' computations, each one compiled program (inlined under an outer jit): called eagerly,
-# jacobian_spectrum compiled 71 small programs for an LSTM, hidden_grad_norms 16.
+# The diagnostics' computations, each one compiled program (inlined under an outer jit), so that an eager
+# call compiles one program rather than one per operation.
 @jax.jit
 def _grad_norms(d_hs: Array, lengths: Array | None) -> Array:
     B, T, _ = d_hs.shape

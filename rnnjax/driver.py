@@ -35,6 +35,7 @@ PyTree = Any
 GradMode = Literal["manual", "autodiff"]
 Schedule = Literal["binomial", "nested"]
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
+"""The values of `unroll`'s ``grad``: ``"manual"`` (the hand-derived BPTT) and ``"autodiff"``."""
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 

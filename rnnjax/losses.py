@@ -81,8 +81,8 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
     return _cross_entropy(logits, targets, lengths)
 
 
-# Each loss's computation is one compiled program (inlined under an outer jit); called eagerly,
-# sequence_cross_entropy compiled 28 small programs and ctc 46. The shape checks run first, in Python, and
+# Each loss's computation is one compiled program (inlined under an outer jit), so that an eager call
+# compiles one program rather than one per operation. The shape checks run first, in Python, and
 # valid_mask's checks of lengths at trace time.
 @jax.jit
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:

@@ -40,6 +40,25 @@ def truncated_bptt(
       ``(loss, grads, carry)``: the sum of the chunk losses, the truncated gradient ``Σ_k ∂L_k/∂params``
       (each chunk's incoming carry a constant), and the carry after the last chunk (pass it to the next
       call to continue a stream).
+
+    Raises:
+      ValueError: if ``chunk_size`` is not an int >= 1, or ``stream`` is empty or its arrays do not share
+        one T on axis 1.
+
+    Examples:
+      An LSTM over a stream of T = 12 steps in chunks of K = 4, the carry passed on from chunk to chunk:
+
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> def chunk_loss(params, carry, chunk):
+      ...     carry, ys = rj.unroll(cell, params, chunk["x"], carry)
+      ...     return jnp.mean((ys - chunk["y"]) ** 2), carry
+      >>> stream = {"x": jnp.ones((2, 12, 3)), "y": jnp.zeros((2, 12, 4))}
+      >>> loss, grads, carry = rj.truncated_bptt(
+      ...     chunk_loss, params, cell.initial_carry(params, (2,)), stream, chunk_size=4)
+      >>> loss.shape, grads.w_hh.shape, carry.h.shape
+      ((), (4, 16), (2, 4))
     """
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -54,8 +73,8 @@ def truncated_bptt(
     return _truncated(chunk_loss, chunk_size, params, carry, stream)
 
 
-# One compiled program after the checks (inlined under an outer jit): called eagerly, an LSTM's chunks
-# compiled 19 small programs.
+# One compiled program after the checks (inlined under an outer jit), so that an eager call compiles one
+# program rather than one per operation.
 @partial(jax.jit, static_argnums=(0, 1))
 def _truncated(
     chunk_loss: ChunkLoss, chunk_size: int, params: PyTree, carry: PyTree, stream: PyTree
