@@ -26,7 +26,9 @@ StepFn = Callable[[PyTree, Array], tuple[PyTree, Array]]
 
 
 class Decoded(NamedTuple):
-    """What greedy decoding and sampling return."""
+    """What greedy decoding and sampling return: ``tokens [B, L]`` int (``end_token`` after a sequence
+    has finished), ``lengths [B]`` int (up to and including the first end token; L if none) and the step
+    function's final ``state``."""
 
     tokens: Array  # [B, L] int; end_token after a sequence has finished
     lengths: Array  # [B] int: tokens up to and including the first end token (L if none)
@@ -34,7 +36,8 @@ class Decoded(NamedTuple):
 
 
 class Beams(NamedTuple):
-    """What beam search returns, best beam first."""
+    """What beam search returns, best beam first: ``tokens [B, K, L]`` int, ``lengths [B, K]`` int,
+    ``scores [B, K]`` (``log p / lengths ** length_penalty``) and ``log_probs [B, K]`` (float32)."""
 
     tokens: Array  # [B, K, L] int
     lengths: Array  # [B, K] int
@@ -115,6 +118,25 @@ def greedy(
       start_tokens: ``[B]`` the first input tokens (e.g. a start-of-sequence id).
       max_length: the number of tokens to generate.
       end_token: the id that finishes a sequence, or None.
+
+    Returns:
+      `Decoded` with ``tokens [B, max_length]`` (the dtype of ``start_tokens``), ``lengths [B]`` int32 and
+      the final state.
+
+    Raises:
+      ValueError: if ``start_tokens`` is not an integer ``[B]`` array, ``max_length`` is not an int >= 1,
+        or ``step_fn`` does not return logits ``[B, V]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> def step_fn(state, tokens):    # a toy model: the next id, mod 5, is the likeliest
+      ...     return state, 4.0 * jax.nn.one_hot((tokens + 1) % 5, 5)
+      >>> out = rj.decode.greedy(step_fn, (), jnp.array([0, 2]), max_length=4, end_token=4)
+      >>> out.tokens
+      Array([[1, 2, 3, 4],
+             [3, 4, 4, 4]], dtype=int32)
+      >>> out.lengths
+      Array([4, 2], dtype=int32)
     """
     return _autoregress(
         step_fn,
@@ -141,7 +163,26 @@ def sample(
     """Ancestral sampling from ``softmax(logits / temperature)``, optionally from the ``top_k`` tokens only.
 
     ``temperature -> 0`` approaches greedy decoding; ``temperature > 1`` flattens the distribution.
-    Arguments as `greedy`, plus the PRNG ``key``.
+
+    Args:
+      step_fn, state, start_tokens, max_length, end_token: as `greedy`.
+      key: the PRNG key; each step draws with its own split of it.
+      temperature: divides the logits (> 0).
+      top_k: sample among the ``top_k`` likeliest tokens only (>= 1), or among all (None).
+
+    Returns:
+      `Decoded`, as `greedy`.
+
+    Raises:
+      ValueError: if ``temperature`` is not > 0 or ``top_k`` is not an int >= 1 or None, and as `greedy`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> def step_fn(state, tokens):    # a toy model: the next id, mod 5, is the likeliest
+      ...     return state, 4.0 * jax.nn.one_hot((tokens + 1) % 5, 5)
+      >>> out = rj.decode.sample(step_fn, (), jnp.array([0, 2]), 6, jax.random.key(0), top_k=2)
+      >>> out.tokens.shape, out.tokens.dtype, out.lengths
+      ((2, 6), dtype('int32'), Array([6, 6], dtype=int32))
     """
     if not temperature > 0:
         raise ValueError(
@@ -183,7 +224,25 @@ def beam_search(
       length_penalty: the exponent α of the length normalisation.
 
     Returns:
-      `Beams` with ``tokens [B, K, L]``, ``lengths [B, K]``, ``scores [B, K]`` and ``log_probs [B, K]``.
+      `Beams` with ``tokens [B, K, L]``, ``lengths [B, K]``, ``scores [B, K]`` and ``log_probs [B, K]``
+      (L = ``max_length``; scores and log-probabilities in float32).
+
+    Raises:
+      ValueError: if ``beam_size`` is not an int >= 1, and as `greedy`.
+
+    Examples:
+      A model that always gives the ids 0, 1, 2 probabilities 0.5, 0.3, 0.2; after ``[0, 0]`` (0.25) come
+      ``[0, 1]`` and ``[1, 0]`` (0.15 each, ties to the lower index):
+
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> def step_fn(state, tokens):    # tokens [B·K]: one row per beam
+      ...     return state, jnp.log(jnp.array([0.5, 0.3, 0.2])) + jnp.zeros((tokens.shape[0], 1))
+      >>> beams = rj.decode.beam_search(step_fn, (), jnp.array([0]), max_length=2, beam_size=2)
+      >>> beams.tokens
+      Array([[[0, 0],
+              [0, 1]]], dtype=int32)
+      >>> [round(float(p), 4) for p in jnp.exp(beams.log_probs[0])]
+      [0.25, 0.15]
     """
     start_tokens = _check_start(start_tokens, max_length)
     if not (isinstance(beam_size, int) and beam_size >= 1):

@@ -31,10 +31,28 @@ def valid_mask(
 ) -> Array:
     """``mask [B, T]`` bool, True at steps ``t < lengths[b]`` (all True when ``lengths`` is None).
 
-    With ``like`` (an array ``[B, ...]``, the values the mask selects), the mask is typed as its rows: its
-    batch axis split over devices as ``like``'s is, so that a ``where`` may join them on an explicit mesh
-    whatever the sharding of ``lengths`` (or with none at all). ``name`` names ``lengths`` in errors, and
-    lengths outside ``[0, T]`` (the mask clamps them) are an error under ``checkify.checkify``."""
+    Args:
+      lengths: ``[B]`` integers in ``[0, T]``, or None. Lengths outside ``[0, T]`` (the mask clamps them)
+        are an error under ``checkify.checkify``.
+      B, T: the batch size and the number of steps.
+      like: an array ``[B, ...]``, the values the mask selects, or None. With it the mask is typed as its
+        rows: its batch axis split over devices as ``like``'s is, so that a ``where`` may join them on an
+        explicit mesh whatever the sharding of ``lengths`` (or with none at all).
+      name: how errors name ``lengths``.
+
+    Returns:
+      ``[B, T]`` bool.
+
+    Raises:
+      TypeError: if ``lengths`` is not an integer array.
+      ValueError: if ``lengths`` is not ``[B]``.
+
+    Examples:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> rj.losses.valid_mask(jnp.array([3, 1]), 2, 4)
+      Array([[ True,  True,  True, False],
+             [ True, False, False, False]], dtype=bool)
+    """
     if lengths is None:
         mask = jnp.ones((B, T), bool)
     else:
@@ -69,7 +87,22 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
       lengths: ``[B]`` integers; None means every step is valid.
 
     Returns:
-      The scalar ``Σ_valid −log softmax(logits)[target] / (number of valid steps)``, in nats.
+      The scalar ``Σ_valid −log softmax(logits)[target] / (number of valid steps)``, in nats, in the dtype
+      of ``logits``.
+
+    Raises:
+      ValueError: if ``logits`` is not ``[B, T, V]`` or ``targets`` is not ``[B, T]`` (or ``lengths`` not
+        ``[B]``).
+      TypeError: if ``targets`` (or ``lengths``) is not an integer array.
+
+    Examples:
+      Uniform logits over V = 4 classes cost ``log 4`` per valid step:
+
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> logits, targets = jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32)
+      >>> loss = rj.losses.sequence_cross_entropy(logits, targets, lengths=jnp.array([3, 1]))
+      >>> round(float(loss), 4), loss.dtype
+      (1.3863, dtype('float32'))
     """
     if jnp.ndim(logits) != 3:
         raise ValueError(f"logits must have shape [B, T, V], got shape {jnp.shape(logits)}")
@@ -100,9 +133,25 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
     """Mean squared error over the valid steps and all features: ``Σ_valid ‖p − y‖² / (valid steps × F)``.
 
     Args:
-      predictions: ``[B, T, F]``.
+      predictions: ``[B, T, F]`` floating-point.
       targets: ``[B, T, F]``, same shape.
       lengths: ``[B]`` integers; None means every step is valid.
+
+    Returns:
+      The scalar mean, in the dtype of ``predictions``.
+
+    Raises:
+      ValueError: if ``predictions`` is not ``[B, T, F]`` or ``targets`` has another shape (or ``lengths``
+        is not ``[B]``).
+      TypeError: if ``lengths`` is not an integer array.
+
+    Examples:
+      The padded step of the second sequence (length 1) does not count:
+
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> predictions = jnp.array([[[1.0], [1.0]], [[2.0], [100.0]]])     # [B=2, T=2, F=1]
+      >>> rj.losses.squared_error(predictions, jnp.zeros((2, 2, 1)), jnp.array([2, 1]))
+      Array(2., dtype=float32)
     """
     if jnp.ndim(predictions) != 3:
         raise ValueError(f"predictions must have shape [B, T, F], got shape {jnp.shape(predictions)}")
@@ -151,7 +200,20 @@ def ctc(
     vary by device, which its type check refuses.
 
     Returns:
-      ``[B]`` negative log-likelihoods (take ``.mean()`` for a batch loss).
+      ``[B]`` negative log-likelihoods in the dtype of ``logits`` (take ``.mean()`` for a batch loss).
+
+    Raises:
+      ValueError: if ``logits`` is not ``[B, T, K]`` or ``labels`` is not ``[B, N]`` (or a lengths array is
+        not ``[B]``).
+      TypeError: if ``lengths`` or ``label_lengths`` is not an integer array.
+
+    Examples:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> logits = jnp.zeros((2, 6, 4))                    # [B, T, K], class 0 the blank
+      >>> labels = jnp.array([[1, 2, 0], [3, 0, 0]])       # [B, N], right-padded
+      >>> nll = rj.losses.ctc(logits, jnp.array([6, 4]), labels, label_lengths=jnp.array([2, 1]))
+      >>> nll.shape, nll.dtype
+      ((2,), dtype('float32'))
     """
     if jnp.ndim(logits) != 3:
         raise ValueError(f"logits must have shape [B, T, K], got shape {jnp.shape(logits)}")

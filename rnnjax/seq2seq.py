@@ -29,7 +29,23 @@ PyTree = Any
 
 
 def shift_right(targets: Array, start_token: int) -> Array:
-    """The decoder inputs of teacher forcing: ``targets [B, T] -> [start, y_1, ..., y_{T-1}]``."""
+    """The decoder inputs of teacher forcing: ``targets [B, T] -> [start, y_1, ..., y_{T-1}]``.
+
+    Args:
+      targets: ``[B, T]`` integer token ids.
+      start_token: the id that opens every decoder input.
+
+    Returns:
+      ``[B, T]`` in the dtype of ``targets``: ``start_token``, then ``targets[:, :-1]``.
+
+    Raises:
+      ValueError: if ``targets`` is not an integer ``[B, T]`` array.
+
+    Examples:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> rj.seq2seq.shift_right(jnp.array([[5, 6, 7]]), start_token=1)
+      Array([[1, 5, 6]], dtype=int32)
+    """
     targets = jnp.asarray(targets)
     if targets.ndim != 2 or not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(
@@ -49,6 +65,24 @@ def decoder_step(
       params: its params.
       embedding: ``[V, E]`` the token embedding table (the decoder's inputs).
       head_params: the `rnnjax.dense` read-out from ``H`` to ``V`` logits.
+
+    Returns:
+      ``step_fn(carry, tokens [B]) -> (carry, logits [B, V])``: embeds the tokens, steps the cell once and
+      reads out the logits, in the dtype of the params.
+
+    Examples:
+      An (untrained) GRU decoder started from zeros, greedy for 4 tokens:
+
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> V, E, H = 5, 3, 8
+      >>> k_cell, k_emb, k_head = jax.random.split(jax.random.key(0), 3)
+      >>> cell, head = rj.gru(H), rj.dense(V)
+      >>> params = cell.init(k_cell, input_size=E)
+      >>> step_fn = rj.seq2seq.decoder_step(
+      ...     cell, params, jax.random.normal(k_emb, (V, E)), head.init(k_head, H))
+      >>> out = rj.decode.greedy(step_fn, cell.initial_carry(params, (2,)), jnp.array([0, 0]), 4)
+      >>> out.tokens.shape, out.state.h.shape
+      ((2, 4), (2, 8))
     """
     head = dense(head_params.w.shape[1])
 
