@@ -78,6 +78,13 @@ def initialize(*, cluster: bool = False) -> bool:
     Raises:
         ValueError: a launcher variable that is not an integer, or a process id outside
             ``[0, num_processes)``.
+
+    Examples:
+        Run alone (no launcher variables, no ``cluster=True``), the program stays one process:
+
+        >>> from rnnjax.launch import initialize
+        >>> initialize()
+        False
     """
     import jax
 
@@ -108,10 +115,31 @@ def process_rows(sharding: Any, rows: int) -> slice:
     """The rows of a global ``[rows, ...]`` array that this process's devices hold under ``sharding`` (a
     split of the leading axis): what this process gives `jax.make_array_from_process_local_data`.
 
-    Example::
+    Args:
+        sharding: a `jax.sharding.Sharding` that splits (or replicates) the leading axis, e.g.
+            ``NamedSharding(mesh, P("data"))``.
+        rows: the global array's leading size.
 
-        batch = NamedSharding(mesh, P("data"))
-        xs = jax.make_array_from_process_local_data(batch, global_xs[process_rows(batch, len(global_xs))])
+    Returns:
+        The ``slice`` of the global rows that this process's devices hold together.
+
+    Raises:
+        ValueError: if this process's rows are not one contiguous block.
+
+    Examples:
+        In a multi-process program each process passes its own block of the batch::
+
+            batch = NamedSharding(mesh, P("data"))
+            xs = jax.make_array_from_process_local_data(batch, global_xs[process_rows(batch, len(global_xs))])
+
+        In one process, it holds every row:
+
+        >>> import jax
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from rnnjax.launch import process_rows
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> process_rows(NamedSharding(mesh, P("data")), 8)
+        slice(0, 8, None)
     """
     bounds = [
         index[0].indices(rows)[:2] for index in sharding.addressable_devices_indices_map((rows,)).values()
@@ -139,7 +167,22 @@ def _exit_at_once_on_error() -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that no one listens on now (the system picks it)."""
+    """A TCP port on ``host`` that no one listens on at the time of the call (the system picks it).
+
+    Args:
+        host: the address to bind.
+
+    Returns:
+        The port number.
+
+    Raises:
+        OSError: if no socket can be bound on ``host``.
+
+    Examples:
+        >>> from rnnjax.launch import free_port
+        >>> 0 < free_port() < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -150,7 +193,25 @@ def process_env(
 ) -> dict[str, str]:
     """The environment of process ``process_id``: ``base``, the variables `initialize` reads, unbuffered
     Python output (lines arrive as they are printed), and with ``devices`` an ``XLA_FLAGS`` asking for that
-    many host devices (replacing a device count already there)."""
+    many host devices (replacing a device count already there).
+
+    Args:
+        base: the environment to start from (e.g. ``os.environ``); it is not changed.
+        port: the coordinator's port on 127.0.0.1.
+        num_processes: how many processes the program has.
+        process_id: this process's index, in ``[0, num_processes)``.
+        devices: host (CPU) devices for the process, or None to leave ``XLA_FLAGS`` as it is.
+
+    Returns:
+        A new environment dict.
+
+    Examples:
+        >>> from rnnjax.launch import process_env
+        >>> env = process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, port=1234,
+        ...                   num_processes=2, process_id=1, devices=4)
+        >>> env["RNNJAX_COORDINATOR_ADDRESS"], env["RNNJAX_PROCESS_ID"], env["XLA_FLAGS"]
+        ('127.0.0.1:1234', '1', '--xla_force_host_platform_device_count=4')
+    """
     env = dict(base)
     env.update(
         {
@@ -259,6 +320,27 @@ def run(
     Returns:
         0 when every process exits with 0; else the exit code of the first process seen failing (128 + the
         signal, when a signal ended it), or 130 on Ctrl-C, 143 on SIGTERM.
+
+    Raises:
+        ValueError: if ``command`` is empty, or ``num_processes``, ``devices_per_process`` or
+            ``grace_period`` is out of range.
+        OSError: if the command cannot be started (the processes already started are stopped).
+
+    The processes are forked: call it from a process that has not started JAX's runtime (JAX warns that a
+    fork after its threads started may deadlock), as ``python -m rnnjax.launch`` does.
+
+    Examples:
+        From a launcher script, before JAX starts::
+
+            sys.exit(run([sys.executable, "train.py"], 2, devices_per_process=2))
+
+        The arguments are checked before anything starts:
+
+        >>> from rnnjax.launch import run
+        >>> run([], 2)
+        Traceback (most recent call last):
+          ...
+        ValueError: command: expected a program to run, got an empty command
     """
     if not command:
         raise ValueError("command: expected a program to run, got an empty command")
@@ -355,7 +437,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``python -m rnnjax.launch -n N [options] -- COMMAND ...``; returns the exit code."""
+    """The command line: ``python -m rnnjax.launch -n N [options] -- COMMAND ...``; returns the exit code.
+
+    Args:
+        argv: the arguments after the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        `run`'s exit code, or 127 when the command cannot be started. Bad arguments exit through
+        argparse (code 2), with a message naming the argument.
+
+    Examples:
+        From a shell, two processes that print their index (lines come back prefixed, as they arrive)::
+
+            $ python -m rnnjax.launch -n 2 -- python -c "import os; print(os.environ['RNNJAX_PROCESS_ID'])"
+            [p0] 0
+            [p1] 1
+
+        A command line without a command stops with argparse's usage error (code 2):
+
+        >>> from rnnjax.launch import main
+        >>> main(["-n", "2"])
+        Traceback (most recent call last):
+          ...
+        SystemExit: 2
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     split = argv.index("--") if "--" in argv else len(argv)
