@@ -18,7 +18,7 @@ and the backward, a reverse-time `jax.lax.scan`, is::
         d w_hh = Σ_t h_{t-1}ᵀ dzh_t   (+ the cell's extra gradients, e.g. the GRU's d b_hn, from the
                                       stacked dzx, dzh, carries, residuals and aux)
 
-What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256: 0.41x of autodiff's):
+What the training step holds, and why (less compiled memory than autodiff's training step holds):
 
 - The forward keeps ``xs`` transposed time-major (the projection GEMM needs that copy anyway), every carry
   and each cell's minimal residuals (none for Elman, four gate activations for LSTM, ``[r, z, n]`` and
@@ -39,8 +39,8 @@ What the training step holds, and why (compiled memory, LSTM B=32 T=128 I=H=256:
 
 Every row that a loop reads from a stacked buffer and a cell then slices by gates (the projection, the
 residuals, a diagonal cell's carries and output gradients) is read block by block (`rnnjax.scan.read_row`):
-XLA:CPU ran a kernel that read a row and sliced it several ways unvectorized, and that cost the LSTM's
-backward loop 40% of its time.
+XLA:CPU runs a kernel that reads a row and slices it several ways without vectorizing it, a large share of
+the backward loop's time.
 
 For a user-written cell that gives only ``step``, the "manual" gradient is the same reverse recursion built
 from per-step VJPs: the forward keeps the carries, and the backward recomputes each step's VJP with
@@ -86,12 +86,11 @@ from rnnjax.sharding import batch_split, explicit_spec, reshard_like, reshard_to
 Array = jax.Array
 PyTree = Any
 
-# ``unroll=None`` runs every loop at an unroll factor of 1. The undifferentiated forward ran at 4 while the
-# gates' kernels were slow (a fused row read sliced several ways ran unvectorized, `rnnjax.scan.read_row`);
-# since they are fast, 1, 2 and 4 time the same for the LSTM, GRU and Elman at B=32 T=128 I=H=256, B=16
-# T=512 H=128, B=8 H=512, B=64 H=64 and B=1 T=1000 H=64 (2 CPU cores, float32), and 4 is slower for
-# minGRU, minLSTM and IndRNN (7.4 -> 9.6, 11.1 -> 13.3 and 3.9 -> 6.7 ms at B=32 H=256). The gradient's
-# loops run at 1 anyway: it is the only factor at which the projection's buffer is shared.
+# ``unroll=None`` runs every loop at an unroll factor of 1: with the gates' kernels vectorized (rows read
+# block by block, `rnnjax.scan.read_row`), factors 1, 2 and 4 time the same for the LSTM, GRU and Elman on
+# CPU over the shapes the benchmarks sweep, and 4 is slower for minGRU, minLSTM and IndRNN
+# (``python -m benchmarks.rnn_step`` measures it). The gradient's loops run at 1 anyway: it is the only
+# factor at which the projection's buffer is shared.
 
 
 def _loops(unroll: int | bool | None) -> int | bool:

@@ -189,7 +189,7 @@ def unroll(
         unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
     segment = None if checkpoint is None else segment_length(checkpoint, T)
     # the memory-saving schedules run uncompiled: jit's transpose makes the cotangent of an unused ys a
-    # zero array [B, T, H], whose O(T) memory they exist to avoid (3x the compiled temp memory at T=4096)
+    # zero array [B, T, H], whose O(T) memory they exist to avoid
     run = _run if plan is None and not nesting and segment is None else _dispatch
     try:
         return run(

@@ -7,11 +7,12 @@ residual memory falls from O(T) to O(T/K + K) steps — O(√T) for K = √T —
 (Chen et al., "Training deep nets with sublinear memory cost", 2016; Gruslys et al., "Memory-efficient
 backpropagation through time", NeurIPS 2016, §3). Inputs, outputs and their gradients are O(T) as always.
 
-With ``rj.unroll(..., budget=M)`` (bytes) the segments nest, L levels deep, for L extra forward passes, and
-`budget_schedule` takes the fewest levels whose peak (carries, residuals and output cotangents, sized from
-the cell's own shapes) fits in M.
-This is the recursive schedule of Chen et al. (§4), not the time-optimal binomial one (Griewank's Revolve,
-Gruslys et al.'s dynamic programme), which would recompute less at the same budget.
+With ``rj.unroll(..., budget=M, schedule="nested")`` (bytes) the segments nest, L levels deep, for L extra
+forward passes, and `budget_schedule` takes the fewest levels whose peak (carries, residuals and output
+cotangents, sized from the cell's own shapes) fits in M. This is the recursive schedule of Chen et al.
+(§4). ``budget=M`` alone runs the time-optimal binomial schedule instead (Griewank's Revolve,
+`rnnjax.binomial`), which recomputes fewer steps at the same budget; both size their peak with
+`step_sizes`.
 
 Each segment is sliced out of ``xs`` inside the loop, so no copy of the inputs is made, and an input
 gradient nobody asked for is never accumulated.
@@ -65,13 +66,10 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
     the carry, and its backward an output and an input per step (it recomputes each step's VJP).
 
     A model, not a measurement, calibrated on compiled memory to over-count. The plain backward's
-    per-step memory is the carry, input, residuals and one ``[B, G]`` (the LSTM at B=32, H=256: 352 KiB
-    against the model's 736), less for the cells whose residuals share the projection's buffer
-    (`rnnjax.scan.residual_slot`), which the model does not count. For all eleven built-in cells at
-    B=32, I=H=256, T=2000 and budgets of 6, 12 and 24 MiB, the binomial schedule's compiled memory came
-    to 0.46–0.96 of the budget (the highest: IndRNN at 6 MiB, whose per-unit gradient sums are ``aux``).
-    tests/test_remat.py and tests/test_binomial.py hold compiled memory within it (within 2x for the
-    nested schedule).
+    per-step memory is the carry, input, residuals and one ``[B, G]``, less than the model counts, and
+    less again for the cells whose residuals share the projection's buffer (`rnnjax.scan.residual_slot`),
+    which the model does not count. tests/test_remat.py and tests/test_binomial.py hold compiled memory
+    within the budget this model sizes (within 2x for the nested schedule).
     """
     nbytes = lambda tree: sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))  # noqa: E731
     x_t = jax.ShapeDtypeStruct((xs.shape[0], xs.shape[-1]), xs.dtype)

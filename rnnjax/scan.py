@@ -59,10 +59,10 @@ def project(params: PyTree, xs: Array) -> Array:
 
     Returns:
       ``xs w_ih [T, B, G]``, time-major for the loop. ``xs`` is transposed first and then multiplied as
-      one plain ``[T·B, I] x [I, G]`` GEMM: on XLA:CPU this is ~1.8x faster than a dot that writes a
+      one plain ``[T·B, I] x [I, G]`` GEMM: on XLA:CPU this is faster than a dot that writes a
       transposed output (``einsum("bti,ig->tbg")``). The bias ``b`` is added per step in `scan_gates`,
-      where it fuses with the gates: a separate ``+ b`` over all T held a second ``[T, B, G]`` buffer
-      (LSTM B=32, T=128, H=256: 16 MiB of the training step's 76) and took a quarter of the forward's time.
+      where it fuses with the gates: a separate ``+ b`` over all T would hold a second ``[T, B, G]`` buffer
+      and add a pass over it.
     """
     return jnp.swapaxes(xs, 0, 1) @ params.w_ih
 
@@ -127,9 +127,8 @@ def read_row(buf: Array, t: Array, blocks: int, f: Callable[[slice, Array], Arra
     whole if G does not split so.
 
     The gates slice the row by those same blocks, and XLA folds each slice of the concatenation into its
-    own block's read. Read whole, the row's read fused into the gates' kernels together with several
-    column slices of it, and XLA:CPU ran such a kernel unvectorized: 4-8x slower (the peephole LSTM's and
-    the GRU's forward time loops took 1.7x and 2.3x as long, minLSTM's 4x; B=32, H=256).
+    own block's read. Read whole, the row's read fuses into the gates' kernels together with several
+    column slices of it, and XLA:CPU runs such a kernel without vectorizing it, several times slower.
     """
     G = buf.shape[-1]
     n = blocks if blocks > 1 and G % blocks == 0 else 1
@@ -195,16 +194,16 @@ def scan_gates_saving(
     `residual_slot` goes into ``zx_rows`` itself, over the row its step has read. That write is one step late:
     a step first writes the residual of the step visited before it, then reads its own row, so the buffer has
     one reader at a time and XLA updates it in place whatever it fuses (written in the same step, any reader
-    of the row fused apart from the write made XLA copy the whole buffer every step). And the step reads its
+    of the row fused apart from the write makes XLA copy the whole buffer every step). And the step reads its
     row once, behind `jax.lax.optimization_barrier`, so that every reader shares that one ``[B, G]`` value:
-    the layer-norm LSTM's readers each fused the row's slice, one of them reading the buffer from before the
-    write, and XLA copied the buffer every step (its training step ran 2x slower). (Without a leaf in the
+    readers that each fuse the row's slice (the layer-norm LSTM's) may read the buffer from before the
+    write, and XLA then copies the buffer every step. (Without a leaf in the
     buffer, the row is read by gate blocks instead, `read_row`.) The first step writes exact zeros into the
     spare row ``T·(1 − o)``. Two residuals stay out of the buffer: the last step's (not yet
     written) and the first step's, whose row gets exact zeros instead. The backward visits that step last and
     cannot write its ``dzx`` there either; a zero row then adds exactly nothing to the GEMMs over all rows, to
     which that ``dzx`` is added apart. (Leaving the residual in the row and subtracting it back out cancels
-    catastrophically: with a loss scaled by 1e-6, float32 ``d w_ih`` came out 26% wrong.)
+    catastrophically: with a small loss scale, float32 ``d w_ih`` loses its leading digits.)
 
     Returns:
       ``(final_carry, carries, res, aside)``: ``aside`` is ``(last, first)``, the residuals of the last
@@ -217,11 +216,10 @@ def scan_gates_saving(
     _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
     res_leaves, treedef = jax.tree.flatten(res_spec)
     # One step per loop iteration only: unrolled, a step's late write and a later step's read share an
-    # iteration, and XLA copied the buffer (the LSTM's training step at unroll 2 ran 5x slower). And only
-    # for a buffer of at least as many rows as the weights: the backward corrects each weight gradient by
-    # one row (`rnnjax.bptt._backward`), an [I, G] and an [H, G] temporary that cost more than they save
-    # on a short segment (checkpoint=3, LSTM B=32 I=H=256, T=1000: 25.9 -> 29.5 MiB with them; √T's
-    # segments of 32 steps: 20.6 -> 13.3 MiB).
+    # iteration, and XLA copies the buffer every iteration. And only for a buffer of at least as many rows
+    # as the weights: the backward corrects each weight gradient by one row (`rnnjax.bptt._backward`), an
+    # [I, G] and an [H, G] temporary that cost more memory than the shared buffer saves on a segment with
+    # fewer rows than the weights.
     one_step = unroll is False or (not isinstance(unroll, bool) and unroll == 1)
     weight_rows = sum(getattr(params, w).shape[0] for w in ("w_ih", "w_hh") if hasattr(params, w))
     long_enough = zx_rows.shape[0] * zx_rows.shape[1] >= weight_rows

@@ -406,8 +406,7 @@ def time_gemm(a: Array, b: Array) -> Array:
     Any leading axes are summed over, as ``T`` and ``B`` are (``a [B, P]``, ``b [B, G]``: ``aᵀ b``). The
     weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
     keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
-    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copied ``dz`` whole
-    (16 MiB of the LSTM's training step at B=32, T=128, H=256).
+    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copies ``dz`` whole.
 
     Under a device mesh (`rnnjax.sharding.under_mesh`: a context mesh of several devices, or a batch
     sharded explicitly) the contracted axes stay apart instead: a batch sharding does not survive the merge
@@ -448,7 +447,7 @@ def batch_sum(v: Array) -> Array:
     or a copy per column block.
 
     Under a device mesh (`rnnjax.sharding.under_mesh`) the rows are kept, ``[B, n]``: a sum over a batch
-    split across devices is an all-reduce, and inside the loop that was one all-reduce per step (the GRU's
+    split across devices is an all-reduce, and inside the loop it is one all-reduce per step (the GRU's
     ``d b_hn``, the peepholes', IndRNN's, the LRU's, the layer norm's gains). Each device then stacks its own
     ``[T+1, B/devices, n]``, and `steps_sum` sums them with one all-reduce after the loop.
     """
