@@ -28,7 +28,7 @@ NP_ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0), "sigmoid": _sigmo
 
 
 def numpy_unroll(name, params, xs, carry, lengths, reverse):
-    """The equations of DESIGN.md in plain numpy, one sequence and one step at a time."""
+    """The cells' equations (each cell module's docstring) in plain numpy, one sequence and one step at a time."""
     p = {k: np.asarray(v) for k, v in params._asdict().items()}
     xs = np.asarray(xs)
     h_all = np.asarray(carry.h).copy()
