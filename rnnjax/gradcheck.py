@@ -22,8 +22,8 @@ is compared, per input leaf, with:
   central difference ``D = (8 (L(θ + εv) − L(θ − εv)) − (L(θ + 2εv) − L(θ − 2εv))) / 12ε`` and
   ``|D − ⟨g_manual, v⟩| / ‖g_manual‖₂``. It errs by O(ε⁴) in truncation and O(δ_machine / ε) in round-off;
   at the default ε = δ_machine^(1/3) ≈ 6e-6, ~1e-10 whatever L's higher derivatives. (The two-point
-  difference errs by O(ε²) times L's third derivative: a layer-norm LSTM from a zero carry, whose
-  normalised ``h w_hh`` is 1/√ε_LN-steep there, came out 2e-6 off at that ε.)
+  difference errs by O(ε²) times L's third derivative, which is large for a layer-norm LSTM from a zero
+  carry, whose normalised ``h w_hh`` is 1/√ε_LN-steep there.)
 
 Every error is normalised by the gradient's own norm, so the tolerances do not loosen with array size (unlike
 `jax.test_util.check_grads`, whose tolerance scales with it).

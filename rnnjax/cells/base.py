@@ -410,8 +410,8 @@ def time_gemm(a: Array, b: Array) -> Array:
 
     Under a device mesh (`rnnjax.sharding.under_mesh`: a context mesh of several devices, or a batch
     sharded explicitly) the contracted axes stay apart instead: a batch sharding does not survive the merge
-    of ``(t, b)`` into one axis, and XLA all-gathered ``a`` and ``b`` first and ran the whole GEMM on every
-    device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
+    of ``(t, b)`` into one axis, and XLA would all-gather ``a`` and ``b`` first and run the whole GEMM on
+    every device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
     (into a replicated result). On one device that form costs a transposed copy of both operands on XLA:CPU.
 
     Operands narrower than float32 (bfloat16, float16: ``rj.unroll(..., compute_dtype=)``) are accumulated
