@@ -185,6 +185,12 @@ class Stack(nn.Module):
 
     Params: ``"layers"``, the tuple ``rj.stack(*layers).init`` returns (one entry per layer).
 
+    Raises:
+      TypeError: if ``layers`` is not a sequence of cells, `rj.rnn` and `rj.bidirectional` layers.
+      ValueError: as `rj.stack` (no layers, ``dropout`` outside ``[0, 1)``, ``residual=True`` with a
+        layer whose input and output sizes differ).
+      flax.errors.InvalidRngError: where dropout runs without a ``"dropout"`` rng.
+
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> from rnnjax import linen as rln

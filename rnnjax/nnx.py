@@ -213,6 +213,11 @@ class Stack(nnx.Module):
             stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
           dtype: the dtype of the params.
 
+        Raises:
+          TypeError: if ``layers`` is not a sequence of cells, `rj.rnn` and `rj.bidirectional` layers.
+          ValueError: as `rj.stack` (no layers, ``dropout`` outside ``[0, 1)``, ``residual=True`` with a
+            layer whose input and output sizes differ).
+
         Examples:
           >>> import jax.numpy as jnp, rnnjax as rj
           >>> from flax import nnx
