@@ -137,7 +137,7 @@ def process_rows(sharding: Any, rows: int) -> slice:
         >>> import jax
         >>> from jax.sharding import NamedSharding, PartitionSpec as P
         >>> from rnnjax.launch import process_rows
-        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
         >>> process_rows(NamedSharding(mesh, P("data")), 8)
         slice(0, 8, None)
     """
