@@ -172,6 +172,21 @@ def test_constant_documented(name: str) -> None:
     assert _assignment_docstrings(path).get(attr, "").strip(), f"{name} ({path.name}) has no docstring"
 
 
+CELL_FACTORIES = [
+    name
+    for name in rnnjax.cells.__all__
+    if inspect.isfunction(getattr(rnnjax.cells, name))
+    and inspect.signature(getattr(rnnjax.cells, name)).return_annotation == "Cell"
+]
+
+
+@pytest.mark.parametrize("name", CELL_FACTORIES)
+def test_cell_carries_its_equations(name: str) -> None:
+    # the API reference shows a cell's factory, not its module: the equations belong in the factory's docs
+    doc = inspect.getdoc(getattr(rnnjax.cells, name)) or ""
+    assert "Equations" in doc and "h_t" in doc and "::" in doc, f"rj.{name}'s docstring has no equations"
+
+
 def test_names_found() -> None:
     # the walk itself: it sees the cells, the layers, the submodules and the framework modules
     names = {name for name, _ in NAMES}
