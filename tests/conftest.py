@@ -2,8 +2,8 @@
 
 import os
 
-# The suite compiles several hundred small programs, and LLVM's optimisation of XLA:CPU's kernels took a
-# third of its time (11 min 8 s against 6 min 57 s on 2 cores) while buying nothing at test shapes. XLA's
+# The suite compiles several hundred small programs, and LLVM's optimisation of XLA:CPU's kernels is a
+# large part of the suite's time while buying nothing at test shapes. XLA's
 # HLO passes, fusion and buffer assignment, which the memory tests measure, are unchanged by this flag; the
 # GEMMs run in precompiled libraries either way. An XLA_FLAGS that sets the level itself wins.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -23,8 +23,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # Many tests compile the same programs again (each builds its cells and losses anew): JAX's persistent
-# compilation cache, in a directory that lives for this run only, took 15-23% off test_bptt, test_gradcheck
-# and test_unroll together (219 s against 169-187 s). Every program is cached, however quick to compile.
+# compilation cache, in a directory that lives for this run only, saves those recompilations. Every program
+# is cached, however quick to compile.
 # Each xdist worker has its own subdirectory: JAX writes an entry without a lock, and a worker reading
 # another's half-written entry warned (an error here).
 _CACHE_ENV = "RNNJAX_TEST_COMPILATION_CACHE"
