@@ -286,7 +286,8 @@ def run(
 
     Returns:
         0 when every process exits with 0; else the exit code of the first process seen failing (128 + the
-        signal, when a signal ended it), or 130 on Ctrl-C, 143 on SIGTERM.
+        signal, when a signal ended it; the lowest index among several seen at once), or 130 on Ctrl-C,
+        143 on SIGTERM.
     """
     if not command:
         raise ValueError("command: expected a program to run, got an empty command")
@@ -333,11 +334,12 @@ def run(
             codes = [c.popen.poll() for c in children]
             failed = [(c.index, code) for c, code in zip(children, codes, strict=True) if code]
             if failed:
-                index, code = failed[0]
+                # several seen at once (one's death ending another) are all named: which came first is
+                # not known
                 others = [c.index for c in children if c.popen.poll() is None]
                 stopping = f"; stopping {', '.join(f'p{i}' for i in others)}" if others else ""
-                _say(f"p{index} exited with {_describe(code)}{stopping}")
-                return _exit_code(code)
+                _say(", ".join(f"p{i} exited with {_describe(code)}" for i, code in failed) + stopping)
+                return _exit_code(failed[0][1])
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(poll_interval)
