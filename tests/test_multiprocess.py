@@ -209,6 +209,10 @@ def test_launcher_reaps_every_process_on_sigterm(tmp_path):
             "--grace-period: expected float >= 0, got '-1'",
         ),
         (["-n", "2", "--port", "70000", "--", "python"], "--port: expected a port <= 65535, got 70000"),
+        (
+            ["-n", "2", "--heartbeat-timeout", "0", "--", "python"],
+            "--heartbeat-timeout: expected int >= 1, got '0'",
+        ),
     ],
 )
 def test_launcher_command_line_errors(args, message, capsys):
@@ -237,6 +241,10 @@ def test_launcher_cannot_start_the_command():
         (dict(command=["x"], num_processes=0), r"num_processes: expected >= 1, got 0"),
         (dict(command=["x"], num_processes=1, devices_per_process=0), r"devices_per_process: expected >= 1"),
         (dict(command=["x"], num_processes=1, grace_period=-1.0), r"grace_period: expected >= 0 seconds"),
+        (
+            dict(command=["x"], num_processes=1, heartbeat_timeout=0),
+            r"heartbeat_timeout: expected >= 1 second or None, got 0",
+        ),
     ],
 )
 def test_run_rejects_bad_arguments(kwargs, message):
@@ -255,6 +263,40 @@ def test_process_env():
         launch.process_env(base, port=1, num_processes=1, process_id=0, devices=None)["XLA_FLAGS"]
         == (base["XLA_FLAGS"])
     )
+    assert launch.HEARTBEAT_TIMEOUT_ENV not in env
+    env = launch.process_env(base, port=1, num_processes=1, process_id=0, devices=None, heartbeat_timeout=7)
+    assert env[launch.HEARTBEAT_TIMEOUT_ENV] == "7"
+
+
+def test_initialize_passes_the_heartbeat_timeout(monkeypatch):
+    """The launcher's heartbeat timeout (or the argument, which wins) reaches `jax.distributed.initialize`."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize replaces it; restored after
+    monkeypatch.setenv(launch.COORDINATOR_ENV, "127.0.0.1:1")
+    monkeypatch.setenv(launch.NUM_PROCESSES_ENV, "2")
+    monkeypatch.setenv(launch.PROCESS_ID_ENV, "1")
+    monkeypatch.setenv(launch.HEARTBEAT_TIMEOUT_ENV, "7")
+    assert launch.initialize() is True
+    assert launch.initialize(heartbeat_timeout_seconds=9) is True
+    monkeypatch.delenv(launch.HEARTBEAT_TIMEOUT_ENV)
+    assert launch.initialize() is True
+    common = dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
+    assert calls == [
+        {**common, "heartbeat_timeout_seconds": 7},
+        {**common, "heartbeat_timeout_seconds": 9},
+        common,
+    ]
+    for value, message in [
+        ("0", r"heartbeat_timeout_seconds: expected >= 1, got 0"),
+        ("x", r"environment variable RNNJAX_HEARTBEAT_TIMEOUT: expected an integer, got 'x'"),
+    ]:
+        monkeypatch.setenv(launch.HEARTBEAT_TIMEOUT_ENV, value)
+        with pytest.raises(ValueError, match=message):
+            launch.initialize()
 
 
 def test_initialize_alone_does_nothing(monkeypatch):
