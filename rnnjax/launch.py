@@ -14,7 +14,8 @@ Each process's output comes back line by line, prefixed with its index (``[p0] `
 fails fast: when a process exits with a non-zero code, it stops the others (SIGTERM, then SIGKILL after
 ``--grace-period`` seconds: JAX takes SIGTERM as a preemption notice and keeps running), names the process
 and its code, and exits with that code. It waits for every child it started, on Ctrl-C too, and asks Linux
-to kill them if the launcher itself is killed.
+to kill them if the launcher itself is killed. ``--heartbeat-timeout S`` sets how long JAX's coordination
+service waits for a silent process before it fails the others (see `initialize`).
 
 The program itself calls `initialize` once, before anything else touches JAX's devices::
 
