@@ -91,7 +91,7 @@ def initialize(*, cluster: bool = False, heartbeat_timeout_seconds: int | None =
 
     if jax.distributed.is_initialized():
         return True
-    timeout: dict[str, int] = {}
+    timeout: dict[str, Any] = {}  # keyword arguments of jax.distributed.initialize
     if heartbeat_timeout_seconds is None and HEARTBEAT_TIMEOUT_ENV in os.environ:
         heartbeat_timeout_seconds = _env_int(os.environ, HEARTBEAT_TIMEOUT_ENV)
     if heartbeat_timeout_seconds is not None:
