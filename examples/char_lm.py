@@ -27,6 +27,13 @@ the parameters and optimizer state replicated). The training step is the same fu
 one device per core before JAX starts; each device then runs its own tracks' small GEMMs on its core:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m examples.char_lm --data-parallel
+
+The same flag runs the example as several processes (one per host or per GPU on a cluster; here, on one
+machine, under the launcher). Every process reads the same corpus and gives JAX only its own tracks of each
+window (`jax.make_array_from_process_local_data`); every process takes part in each step, evaluation and
+checkpoint (each writes its own shards), and process 0 alone prints, plots and writes the samples:
+
+    python -m rnnjax.launch -n 2 -- python -m examples.char_lm --quick --data-parallel
 """
 
 from __future__ import annotations
@@ -52,9 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rnnjax as rj
+from rnnjax.launch import initialize, process_rows
 
 # A fixed vocabulary, so that a model trained on one Python's source reads another's: printable ASCII,
 # newline and tab, and one symbol for everything else.
@@ -173,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
     )
     parser.add_argument(
-        "--data-parallel", action="store_true", help="split the tracks over all devices (a device mesh)"
+        "--data-parallel",
+        action="store_true",
+        help="split the tracks over all devices of all processes (several under python -m rnnjax.launch)",
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    if args.data_parallel:
+        initialize()  # joins the other processes under python -m rnnjax.launch; alone, nothing
     mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.data_parallel else None
     for name in ("batch_size", "val_tracks"):
         if mesh is not None and getattr(cfg, name) % mesh.size:
@@ -241,17 +255,26 @@ def train(
     """Trains (from the newest checkpoint in ``cfg.checkpoint_dir`` if ``resume``), plots and samples."""
     from tqdm.auto import tqdm
 
+    lead = jax.process_index() == 0  # prints, plots and writes the samples
+    say = print if lead else lambda *args, **kwargs: None
     train_stream, val_stream = load_corpus(cfg)
     train_tracks = tracks(train_stream, cfg.batch_size)  # [B, L]: B parallel streams
     val_tracks = tracks(val_stream, cfg.val_tracks, min(cfg.val_track_len, len(val_stream) // cfg.val_tracks))
-    print(
+    say(
         f"corpus: {len(train_stream):,} training and {len(val_stream):,} validation characters of "
         f"Python {sysconfig.get_python_version()}'s standard library; vocabulary {VOCAB_SIZE}"
     )
 
     cell, head, optimizer = model(cfg)
-    # with a mesh: the tracks of each window split over the devices
-    rows = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, P("data")))
+
+    def rows(a: Any) -> jax.Array:
+        """A global ``[B, ...]`` array; with a mesh, split over its devices, this process giving its rows."""
+        if mesh is None:
+            return jnp.asarray(a)
+        split = NamedSharding(mesh, P("data"))
+        a = np.asarray(a)
+        return jax.make_array_from_process_local_data(split, a[process_rows(split, len(a))])
+
     n_windows = (train_tracks.shape[1] - 1) // cfg.window
 
     state = initial_state(cfg, mesh)
@@ -260,17 +283,20 @@ def train(
     if resume:
         restored = rj.restore_training_state(cfg.checkpoint_dir, like=state)
         if restored is None:
-            print(f"no checkpoint in {cfg.checkpoint_dir}: training from step 0")
+            say(f"no checkpoint in {cfg.checkpoint_dir}: training from step 0")
         else:
             step, state = restored
             saved_step = step
-            print(f"resumed from the checkpoint of step {step} in {cfg.checkpoint_dir}")
+            say(f"resumed from the checkpoint of step {step} in {cfg.checkpoint_dir}")
     elif cfg.checkpoint_every and (latest := rj.latest_training_step(cfg.checkpoint_dir)) is not None:
         # a fresh run starts over; the earlier run's checkpoints are kept (one run back), not mixed in
         previous = os.path.normpath(cfg.checkpoint_dir) + ".previous"
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(cfg.checkpoint_dir, previous)
-        print(
+        if lead:
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(cfg.checkpoint_dir, previous)
+        if jax.process_count() > 1:  # no process saves before the directory is moved
+            multihost_utils.sync_global_devices("char_lm: earlier checkpoints moved")
+        say(
             f"starting over: the checkpoints of an earlier run (to step {latest}) moved to {previous}; "
             "--resume continues a run instead"
         )
@@ -324,7 +350,7 @@ def train(
     reached_2: float | None = None
     first_step = step
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="char_lm", disable=no_progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, desc="char_lm", disable=no_progress or not lead, leave=False)
 
     def evaluate(step: int) -> None:
         nonlocal reached_2
@@ -338,6 +364,8 @@ def train(
         sample_key = jax.random.split(jax.random.fold_in(state.key, step))[1]
         text = decode_text(np.asarray(generate(state.params, prompt, sample_key)))
         samples.append((step, text))
+        if not lead:
+            return
         tqdm.write(f"\n[step {step}, {elapsed / 60:.1f} min] validation {bits:.3f} bits/char; sample:")
         tqdm.write(cfg.prompt + text)
 
@@ -365,7 +393,9 @@ def train(
 
     platform = jax.devices()[0].platform
     devices = "" if mesh is None else f", the tracks split over {mesh.size} {platform} devices"
-    print(
+    if jax.process_count() > 1:
+        devices += f" in {jax.process_count()} processes"
+    say(
         f"\nvalidation {history['val_bits'][-1]:.3f} bits/char after {step} steps "
         + (f"({step - first_step} since the checkpoint) " if first_step else "")
         + f"in {minutes:.1f} min "
@@ -373,14 +403,15 @@ def train(
         + (f"below 2.0 after {reached_2 / 60:.1f} min" if reached_2 is not None else "not yet below 2.0")
         + devices
     )
-    os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, "char_lm.png")
-    plot(history, path)
     sample_path = os.path.join(cfg.out_dir, "samples.txt")
-    with open(sample_path, "w") as f:
-        for s, text in samples:
-            f.write(f"--- step {s}\n{cfg.prompt}{text}\n")
-    print(f"plot: {path}\nsamples: {sample_path}")
+    if lead:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        plot(history, path)
+        with open(sample_path, "w") as f:
+            for s, text in samples:
+                f.write(f"--- step {s}\n{cfg.prompt}{text}\n")
+        print(f"plot: {path}\nsamples: {sample_path}")
     return {
         **history,
         "samples": samples,

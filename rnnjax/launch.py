@@ -14,7 +14,8 @@ Each process's output comes back line by line, prefixed with its index (``[p0] `
 fails fast: when a process exits with a non-zero code, it stops the others (SIGTERM, then SIGKILL after
 ``--grace-period`` seconds: JAX takes SIGTERM as a preemption notice and keeps running), names the process
 and its code, and exits with that code. It waits for every child it started, on Ctrl-C too, and asks Linux
-to kill them if the launcher itself is killed.
+to kill them if the launcher itself is killed. ``--heartbeat-timeout S`` sets how long JAX's coordination
+service waits for a silent process before it fails the others (see `initialize`).
 
 The program itself calls `initialize` once, before anything else touches JAX's devices::
 
@@ -43,6 +44,7 @@ from typing import IO, Any, TextIO
 COORDINATOR_ENV = "RNNJAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "RNNJAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "RNNJAX_PROCESS_ID"
+HEARTBEAT_TIMEOUT_ENV = "RNNJAX_HEARTBEAT_TIMEOUT"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -54,7 +56,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}: expected an integer, got {value!r}") from None
 
 
-def initialize(*, cluster: bool = False) -> bool:
+def initialize(*, cluster: bool = False, heartbeat_timeout_seconds: int | None = None) -> bool:
     """Joins this process to a multi-process JAX program, when it is one.
 
     Under `python -m rnnjax.launch` (the variables ``RNNJAX_COORDINATOR_ADDRESS``, ``RNNJAX_NUM_PROCESSES``
@@ -69,15 +71,21 @@ def initialize(*, cluster: bool = False) -> bool:
     instead of exiting where the launcher or the cluster manager sees it. (A ``sys.exit(n)`` still goes
     through that barrier: raise an exception to fail.)
 
+    When another process dies, a process waiting for it inside a collective fails at once (its connection
+    is reset); one waiting at a barrier of JAX's coordination service (a checkpoint's, the shutdown's) fails
+    once the dead process has missed its heartbeats for ``heartbeat_timeout_seconds``.
+
     Args:
         cluster: with no launcher variables set, let JAX detect a cluster manager's job.
+        heartbeat_timeout_seconds: how long a silent process counts as alive; None reads
+            ``RNNJAX_HEARTBEAT_TIMEOUT`` (set by the launcher's ``--heartbeat-timeout``), else JAX's default.
 
     Returns:
         Whether this process is one of several (`jax.distributed` is initialized).
 
     Raises:
-        ValueError: a launcher variable that is not an integer, or a process id outside
-            ``[0, num_processes)``.
+        ValueError: a launcher variable that is not an integer, a process id outside
+            ``[0, num_processes)``, or a heartbeat timeout below 1.
 
     Examples:
         Run alone (no launcher variables, no ``cluster=True``), the program stays one process:
@@ -90,6 +98,13 @@ def initialize(*, cluster: bool = False) -> bool:
 
     if jax.distributed.is_initialized():
         return True
+    timeout: dict[str, Any] = {}  # keyword arguments of jax.distributed.initialize
+    if heartbeat_timeout_seconds is None and HEARTBEAT_TIMEOUT_ENV in os.environ:
+        heartbeat_timeout_seconds = _env_int(os.environ, HEARTBEAT_TIMEOUT_ENV)
+    if heartbeat_timeout_seconds is not None:
+        if heartbeat_timeout_seconds < 1:
+            raise ValueError(f"heartbeat_timeout_seconds: expected >= 1, got {heartbeat_timeout_seconds}")
+        timeout["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
     if COORDINATOR_ENV in os.environ:
         num_processes = _env_int(os.environ, NUM_PROCESSES_ENV)
         process_id = _env_int(os.environ, PROCESS_ID_ENV)
@@ -102,9 +117,10 @@ def initialize(*, cluster: bool = False) -> bool:
             coordinator_address=os.environ[COORDINATOR_ENV],
             num_processes=num_processes,
             process_id=process_id,
+            **timeout,
         )
     elif cluster:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeout)
     else:
         return False
     _exit_at_once_on_error()
@@ -189,11 +205,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def process_env(
-    base: Mapping[str, str], *, port: int, num_processes: int, process_id: int, devices: int | None
+    base: Mapping[str, str],
+    *,
+    port: int,
+    num_processes: int,
+    process_id: int,
+    devices: int | None,
+    heartbeat_timeout: int | None = None,
 ) -> dict[str, str]:
     """The environment of process ``process_id``: ``base``, the variables `initialize` reads, unbuffered
-    Python output (lines arrive as they are printed), and with ``devices`` an ``XLA_FLAGS`` asking for that
-    many host devices (replacing a device count already there).
+    Python output (lines arrive as they are printed), with ``devices`` an ``XLA_FLAGS`` asking for that
+    many host devices (replacing a device count already there), and with ``heartbeat_timeout`` the
+    seconds after which a silent process counts as dead.
 
     Args:
         base: the environment to start from (e.g. ``os.environ``); it is not changed.
@@ -201,6 +224,7 @@ def process_env(
         num_processes: how many processes the program has.
         process_id: this process's index, in ``[0, num_processes)``.
         devices: host (CPU) devices for the process, or None to leave ``XLA_FLAGS`` as it is.
+        heartbeat_timeout: seconds after which a silent process counts as dead, or None for JAX's default.
 
     Returns:
         A new environment dict.
@@ -221,6 +245,8 @@ def process_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if heartbeat_timeout is not None:
+        env[HEARTBEAT_TIMEOUT_ENV] = str(heartbeat_timeout)
     if devices is not None:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
         env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={devices}"])
@@ -294,6 +320,7 @@ def _stop(children: Sequence[_Child], grace_period: float) -> None:
             pass
     for c in running:
         if c.popen.poll() is None:
+            _say(f"p{c.index} still running {grace_period:g} s after SIGTERM; sending SIGKILL")
             c.popen.kill()
         c.popen.wait()
 
@@ -306,6 +333,7 @@ def run(
     port: int | None = None,
     grace_period: float = 5.0,
     poll_interval: float = 0.05,
+    heartbeat_timeout: int | None = None,
 ) -> int:
     """Runs ``command`` as ``num_processes`` processes of one JAX program on this machine.
 
@@ -316,10 +344,13 @@ def run(
         port: the coordinator's port on 127.0.0.1, or None for a free one.
         grace_period: seconds between SIGTERM and SIGKILL when stopping the processes.
         poll_interval: seconds between looks at the processes' states.
+        heartbeat_timeout: seconds after which JAX's coordination service counts a silent process as dead
+            and fails the others (see `initialize`); None keeps JAX's default.
 
     Returns:
         0 when every process exits with 0; else the exit code of the first process seen failing (128 + the
-        signal, when a signal ended it), or 130 on Ctrl-C, 143 on SIGTERM.
+        signal, when a signal ended it; the lowest index among several seen at once), or 130 on Ctrl-C,
+        143 on SIGTERM.
 
     Raises:
         ValueError: if ``command`` is empty, or ``num_processes``, ``devices_per_process`` or
@@ -350,6 +381,8 @@ def run(
         raise ValueError(f"devices_per_process: expected >= 1 or None, got {devices_per_process}")
     if grace_period < 0:
         raise ValueError(f"grace_period: expected >= 0 seconds, got {grace_period}")
+    if heartbeat_timeout is not None and heartbeat_timeout < 1:
+        raise ValueError(f"heartbeat_timeout: expected >= 1 second or None, got {heartbeat_timeout}")
     port = free_port() if port is None else port
     lock = threading.Lock()
     children: list[_Child] = []
@@ -364,7 +397,12 @@ def run(
         preexec = _die_with_parent()
         for i in range(num_processes):
             env = process_env(
-                os.environ, port=port, num_processes=num_processes, process_id=i, devices=devices_per_process
+                os.environ,
+                port=port,
+                num_processes=num_processes,
+                process_id=i,
+                devices=devices_per_process,
+                heartbeat_timeout=heartbeat_timeout,
             )
             popen = subprocess.Popen(
                 list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec
@@ -380,11 +418,12 @@ def run(
             codes = [c.popen.poll() for c in children]
             failed = [(c.index, code) for c, code in zip(children, codes, strict=True) if code]
             if failed:
-                index, code = failed[0]
+                # several seen at once (one's death ending another) are all named: which came first is
+                # not known
                 others = [c.index for c in children if c.popen.poll() is None]
                 stopping = f"; stopping {', '.join(f'p{i}' for i in others)}" if others else ""
-                _say(f"p{index} exited with {_describe(code)}{stopping}")
-                return _exit_code(code)
+                _say(", ".join(f"p{i} exited with {_describe(code)}" for i, code in failed) + stopping)
+                return _exit_code(failed[0][1])
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(poll_interval)
@@ -419,7 +458,10 @@ def _at_least(lowest: int | float, kind: type) -> Callable[[str], int | float]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rnnjax.launch",
-        usage="%(prog)s -n N [--devices-per-process K] [--port PORT] [--grace-period S] -- COMMAND ...",
+        usage=(
+            "%(prog)s -n N [--devices-per-process K] [--port PORT] [--grace-period S] "
+            "[--heartbeat-timeout S] -- COMMAND ..."
+        ),
         description=__doc__.splitlines()[0] if __doc__ else None,  # None under python -OO
     )
     parser.add_argument("-n", "--num-processes", type=_at_least(1, int), required=True, help="processes")
@@ -432,6 +474,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_at_least(0, float),
         default=5.0,
         help="seconds from SIGTERM to SIGKILL when stopping the processes (default: 5)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=_at_least(1, int),
+        help="seconds after which a silent process counts as dead (default: JAX's)",
     )
     return parser
 
@@ -477,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             devices_per_process=args.devices_per_process,
             port=args.port,
             grace_period=args.grace_period,
+            heartbeat_timeout=args.heartbeat_timeout,
         )
     except OSError as error:  # the command could not start; the processes already started are stopped
         _say(f"cannot start {command[0]!r}: {error}")

@@ -21,8 +21,20 @@ from one window to the next. Keep them in one pytree and hand it to `save_traini
 The format is orbax-checkpoint's (`orbax.checkpoint.CheckpointManager`), the JAX ecosystem's format for
 training state: one directory per step, written under a temporary name and renamed when complete, so a
 run killed while saving leaves no half-written step behind (the leftover temporary directory is ignored
-when restoring and removed by the next save). Arrays keep their sharding when ``like`` has one, and orbax
-writes and reads sharded arrays from many processes.
+when restoring and removed by the next save).
+
+Several processes (`jax.distributed`, `rnnjax.launch`): every process calls `save_training_state` with the
+same state and step; each writes the shards its devices hold, and the step's directory appears once all
+have written. Every process calls `restore_training_state` alike, with a ``like`` whose leaves carry the
+shardings of the run that restores, which need not be the run that saved: a checkpoint of 2 processes
+restores onto 1, of 1 onto 2, or onto any mesh, with the same values. The state that the new run would
+start from is the natural ``like`` (its arrays placed as that run places them)::
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))  # this run's devices, of all its processes
+    like = jax.eval_shape(init_state)  # shapes and dtypes only: nothing is computed
+    like = like._replace(carry=jax.tree.map(
+        lambda x: x.update(sharding=NamedSharding(mesh, P("data"))), like.carry))  # the rest replicated
+    step, state = rj.restore_training_state(directory, like=like)
 
 Orbax does not check that the bytes it reads back are the bytes it wrote: a flipped bit in a data file
 restores silently wrong values. So beside the arrays each checkpoint holds a JSON record of every leaf's
@@ -143,7 +155,12 @@ def restore_training_state(
     Args:
       directory: the run's checkpoint directory.
       like: a pytree of the saved state's structure, shapes and dtypes (a freshly initialised state, or
-        `jax.ShapeDtypeStruct` leaves); jax array leaves with a sharding are restored with that sharding.
+        `jax.ShapeDtypeStruct` leaves, as `jax.eval_shape` gives). It also says where each leaf goes: a jax
+        array or a `jax.ShapeDtypeStruct` with a sharding is restored with that sharding, whatever the
+        mesh, the number of devices or of processes that saved it (each process reads only the shards its
+        devices hold); a `jax.ShapeDtypeStruct` without one goes to this process's first device, or, in a
+        run of several processes, is replicated over every device; numpy and Python leaves come back as
+        numpy arrays and Python scalars.
       step: which checkpoint to read; None reads the newest complete one.
 
     Returns:
@@ -285,17 +302,30 @@ def _check_like(saved: dict[str, dict[str, Any]], like: PyTree, path: os.PathLik
 
 
 def _abstract(like: PyTree) -> PyTree:
-    """``like`` as `jax.ShapeDtypeStruct` leaves (with the sharding of jax array leaves) for orbax."""
+    """``like`` as `jax.ShapeDtypeStruct` leaves for orbax: a jax array's with its sharding, a
+    `jax.ShapeDtypeStruct`'s with its own or else `_default_sharding`'s, and numpy's and Python's without
+    one (orbax restores them as numpy arrays)."""
+    default = _default_sharding()
 
     def leaf(x: Any) -> Any:
         if isinstance(x, jax.ShapeDtypeStruct):
-            return x
+            return x if x.sharding is not None else x.update(sharding=default)
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         x = np.asarray(x)
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     return jax.tree.map(leaf, like)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """Where a `jax.ShapeDtypeStruct` leaf without a sharding is restored: this process's first device when
+    it runs alone; every device, replicated, when it is one of several (each process then holds the whole
+    leaf, as after computing it itself)."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def _fingerprints(leaves: list[Any]) -> list[str]:

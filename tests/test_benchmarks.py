@@ -138,3 +138,34 @@ def test_profile_step_quick(tmp_path):
         calls = {k["calls"] for k in p["kernels"]}
         assert calls == {16} if p["phase"].startswith("loop") else max(calls) == 1, (p["phase"], calls)
     assert "| loop 2 |" in (tmp_path / "profile_lstm_manual.md").read_text()
+
+
+@pytest.mark.slow
+def test_scaling_devices_quick(tmp_path):
+    """The device-scaling benchmark in a fresh process (it starts processes of its own): every topology
+    ran with the devices and processes it names, strong and weak, and the table and plot are written."""
+    out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling_devices", "--quick", *out],
+        cwd=pathlib.Path(__file__).parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "scaling_devices_quick.json").read_text())
+    shapes = [(t["name"], t["processes"], t["devices"]) for t in record["topologies"]]
+    assert shapes == [
+        ("1 process x 1 device", 1, 1),
+        ("1 process x 2 devices", 1, 2),
+        ("2 processes x 1 device", 2, 2),
+    ]
+    for t in record["topologies"]:
+        (config,) = t["configs"].values()
+        assert config["strong"]["global_B"] == 4 and config["weak"]["global_B"] == 4 * t["devices"]
+        assert config["strong"]["median_ms"] > 0 and config["weak"]["median_ms"] > 0
+    assert record["device"]["cores"] == os.cpu_count()
+    table = (tmp_path / "scaling_devices_quick.md").read_text()
+    assert "| lstm B=4 T=16 I=8 H=8 | weak | " in table and "What a 2-core machine can show" in table
+    assert (tmp_path / "scaling_devices_quick.png").stat().st_size > 0

@@ -209,6 +209,10 @@ def test_launcher_reaps_every_process_on_sigterm(tmp_path):
             "--grace-period: expected float >= 0, got '-1'",
         ),
         (["-n", "2", "--port", "70000", "--", "python"], "--port: expected a port <= 65535, got 70000"),
+        (
+            ["-n", "2", "--heartbeat-timeout", "0", "--", "python"],
+            "--heartbeat-timeout: expected int >= 1, got '0'",
+        ),
     ],
 )
 def test_launcher_command_line_errors(args, message, capsys):
@@ -237,6 +241,10 @@ def test_launcher_cannot_start_the_command():
         (dict(command=["x"], num_processes=0), r"num_processes: expected >= 1, got 0"),
         (dict(command=["x"], num_processes=1, devices_per_process=0), r"devices_per_process: expected >= 1"),
         (dict(command=["x"], num_processes=1, grace_period=-1.0), r"grace_period: expected >= 0 seconds"),
+        (
+            dict(command=["x"], num_processes=1, heartbeat_timeout=0),
+            r"heartbeat_timeout: expected >= 1 second or None, got 0",
+        ),
     ],
 )
 def test_run_rejects_bad_arguments(kwargs, message):
@@ -255,6 +263,40 @@ def test_process_env():
         launch.process_env(base, port=1, num_processes=1, process_id=0, devices=None)["XLA_FLAGS"]
         == (base["XLA_FLAGS"])
     )
+    assert launch.HEARTBEAT_TIMEOUT_ENV not in env
+    env = launch.process_env(base, port=1, num_processes=1, process_id=0, devices=None, heartbeat_timeout=7)
+    assert env[launch.HEARTBEAT_TIMEOUT_ENV] == "7"
+
+
+def test_initialize_passes_the_heartbeat_timeout(monkeypatch):
+    """The launcher's heartbeat timeout (or the argument, which wins) reaches `jax.distributed.initialize`."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize replaces it; restored after
+    monkeypatch.setenv(launch.COORDINATOR_ENV, "127.0.0.1:1")
+    monkeypatch.setenv(launch.NUM_PROCESSES_ENV, "2")
+    monkeypatch.setenv(launch.PROCESS_ID_ENV, "1")
+    monkeypatch.setenv(launch.HEARTBEAT_TIMEOUT_ENV, "7")
+    assert launch.initialize() is True
+    assert launch.initialize(heartbeat_timeout_seconds=9) is True
+    monkeypatch.delenv(launch.HEARTBEAT_TIMEOUT_ENV)
+    assert launch.initialize() is True
+    common = dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
+    assert calls == [
+        {**common, "heartbeat_timeout_seconds": 7},
+        {**common, "heartbeat_timeout_seconds": 9},
+        common,
+    ]
+    for value, message in [
+        ("0", r"heartbeat_timeout_seconds: expected >= 1, got 0"),
+        ("x", r"environment variable RNNJAX_HEARTBEAT_TIMEOUT: expected an integer, got 'x'"),
+    ]:
+        monkeypatch.setenv(launch.HEARTBEAT_TIMEOUT_ENV, value)
+        with pytest.raises(ValueError, match=message):
+            launch.initialize()
 
 
 def test_initialize_alone_does_nothing(monkeypatch):
@@ -322,3 +364,156 @@ def test_process_rows():
         ValueError, match=r"sharding: this process's rows of 4 are not one block: \[\(0, 1\), \(2, 3\)\]"
     ):
         launch.process_rows(Interleaved(), 4)
+
+
+# -- checkpoints across process counts, and a lost process ------------------------------------------------
+
+CHECKPOINT_SCRIPT = ROOT / "tests" / "multiprocess_checkpoint.py"
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_process_counts(tmp_path):
+    """A training state saved by 1 process restores onto 2 processes of 2 devices each (each reading its
+    own shards), which save it again (each writing its own); 1 process restores that. Every leaf comes back
+    bit for bit, with the sharding the restoring run asked for."""
+    directory = str(tmp_path / "checkpoints")
+    script = [sys.executable, str(CHECKPOINT_SCRIPT), directory]
+    code, out, err, _ = _run([*script, "--save", "1"], timeout=120)
+    assert code == 0, err[-3000:]
+    assert "1 processes, 1 devices: saved step 1" in out
+    code, out, err, _ = _launch(
+        "-n", "2", "--devices-per-process", "2", "--", *script, "--restore", "1", "--save", "2", timeout=120
+    )
+    assert code == 0, err[-3000:]
+    assert "[p0] 2 processes, 4 devices: restored step 1, equal" in out
+    assert "[p0] 2 processes, 4 devices: saved step 2" in out
+    shards = tmp_path / "checkpoints" / "2" / "state"
+    assert (shards / "ocdbt.process_0").is_dir() and (shards / "ocdbt.process_1").is_dir()
+    code, out, err, _ = _run([*script, "--restore", "2"], timeout=120)
+    assert code == 0, err[-3000:]
+    assert "1 processes, 1 devices: restored step 2, equal" in out
+
+
+def _children(pid: int) -> dict[int, int]:
+    """The processes the launcher ``pid`` started, by their index (read from their environment)."""
+    found = {}
+    for child in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            environ = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for entry in environ:
+            if entry.startswith(launch.PROCESS_ID_ENV.encode() + b"="):
+                found[int(entry.split(b"=", 1)[1])] = int(child)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the launcher's children in /proc")
+def test_char_lm_two_processes_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """``examples.char_lm --data-parallel`` as 2 processes, checkpointing every 2 steps:
+    - uninterrupted for 12 steps, it trains and process 0 alone reports;
+    - a second run has process 1 killed (SIGKILL) after the checkpoint of step 4 or later: process 0
+      fails by itself with JAX's error (its collective's peer or its heartbeat gone) within seconds, not
+      at the launcher's SIGKILL a minute later, and the launcher names process 1;
+    - both restarted with ``--resume`` end with the uninterrupted run's state at step 12, bit for bit."""
+    import jax
+
+    import rnnjax as rj
+    from examples import char_lm
+
+    steps = 12
+    cache = tmp_path / "jax_cache"  # the runs share their compiled programs
+
+    def command(name: str, *args: str) -> list[str]:
+        (tmp_path / name).mkdir(exist_ok=True)
+        example = [sys.executable, "-m", "examples.char_lm", "--quick", "--no-progress", "--data-parallel"]
+        example += ["--dropout", "0.1", "--steps", str(steps), "--checkpoint-every", "2"]
+        example += ["--checkpoint-dir", str(tmp_path / name / "checkpoints"), *args]
+        return [sys.executable, "-m", "rnnjax.launch", "-n", "2", *LOST_PROCESS_OPTIONS, "--", *example]
+
+    env = dict(
+        _env(),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            command(name, *args),
+            cwd=tmp_path / name,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        return proc.returncode, out, err
+
+    runs: list[subprocess.Popen] = []
+    try:
+        runs.append(whole := start("whole"))
+        code, out, err = finish(whole)
+        assert code == 0, err[-3000:]
+        assert "[p0] validation" in out and "[p1] validation" not in out
+        assert "the tracks split over 2 cpu devices in 2 processes" in out
+        assert (tmp_path / "whole" / "runs/char_lm/char_lm.png").stat().st_size > 0
+
+        runs.append(killed := start("killed"))
+        checkpoints = tmp_path / "killed" / "checkpoints"
+        deadline = time.monotonic() + 180
+        while not any(p.name.isdigit() and int(p.name) >= 4 for p in checkpoints.glob("*")):
+            assert killed.poll() is None, finish(killed)[2][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of step 4 within 180 s"
+            time.sleep(0.02)
+        os.kill(_children(killed.pid)[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code, out, err = finish(killed, timeout=120)
+        waited = time.monotonic() - killed_at
+        # p0 fails by itself, long before the launcher would kill it: at once in a collective (its peer's
+        # connection reset), or after the heartbeat timeout at a barrier; the launcher may see both at once
+        assert code in (1, 128 + signal.SIGKILL), err[-3000:]
+        assert "p1 exited with signal SIGKILL" in err
+        assert "p0 still running" not in err, err[-3000:]
+        survivor = "\n".join(line for line in err.splitlines() if line.startswith("[p0]"))
+        assert any(m in survivor for m in SURVIVOR_ERRORS), survivor[-3000:]
+        assert waited < 45, err[-3000:]
+        k = rj.latest_training_step(checkpoints)
+        assert k is not None and 4 <= k < steps and k % 2 == 0, k
+
+        runs.append(resumed := start("killed", "--resume"))
+        code, out, err = finish(resumed)
+        assert code == 0, err[-3000:]
+        assert f"[p0] resumed from the checkpoint of step {k} in" in out
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+    with jax.enable_x64(False):  # the example trains in float32
+        like = jax.eval_shape(lambda: char_lm.initial_state(char_lm.QUICK))
+    step_a, a = rj.restore_training_state(checkpoints, like=like)
+    step_b, b = rj.restore_training_state(tmp_path / "whole" / "checkpoints", like=like)
+    assert step_a == step_b == steps
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+    assert int(a.window) == steps
+
+
+# a survivor at a barrier learns of a dead process after the heartbeat timeout; the launcher waits a minute
+# before it kills a survivor, so the test sees the survivor fail by itself
+LOST_PROCESS_OPTIONS = ["--heartbeat-timeout", "5", "--grace-period", "60"]
+# JAX's errors in a process whose peer died: in a gloo collective, and from the coordination service
+SURVIVOR_ERRORS = ["Connection reset by peer", "heartbeat timeout", "stopped sending heartbeats"]
