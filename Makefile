@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-SRC    := $(wildcard rnnjax tests examples benchmarks)
+SRC    := $(wildcard rnnjax tests examples benchmarks docs)
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 DEMO_MINUTES ?= 3
@@ -12,7 +12,7 @@ MIN_PY   := $(MIN_VENV)/bin/python
 # The tests run against the lowest declared versions of jax, flax and optax: quick, and torch-free.
 MIN_TESTS ?= tests/test_losses.py tests/test_layers.py tests/test_interop.py tests/test_errors.py tests/test_data.py
 
-.PHONY: demo test test-slow test-min test-dist typecheck lint format clean
+.PHONY: demo test test-slow test-min test-dist typecheck lint format docs docs-serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP_RUN): pyproject.toml | $(PY)
 	touch $@
 
 $(STAMP_DEV): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[dev,bench,examples]"
+	$(PY) -m pip install -q -e ".[dev,bench,examples,docs]"
 	touch $@ $(STAMP_RUN)
 
 # The flagship: the gradient-check table of every cell, then the character language model trained for a
@@ -65,6 +65,14 @@ test-dist: $(STAMP_DEV)
 typecheck: $(STAMP_DEV)
 	$(VENV)/bin/pyright --pythonpath $(PY)
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any broken link or reference.
+# The benchmark tables are generated from benchmarks/results/*.json as it builds (docs/hooks/benchmarks.py).
+docs: $(STAMP_DEV)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP_DEV)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
@@ -74,4 +82,4 @@ format: $(STAMP_DEV)
 	$(VENV)/bin/ruff check --fix $(SRC)
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache runs
+	rm -rf $(VENV) $(MIN_VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache runs site

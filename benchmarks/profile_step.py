@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import glob
 import gzip
 import json
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "config": {"cell": args.cell, "grad": args.grad, "B": B, "T": T, "I": I, "H": H},
         "steps": steps,
+        "date": datetime.date.today().isoformat(),
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}, {os.cpu_count()} CPU cores",
         "phases": phases(step, (params, xs), steps),
     }

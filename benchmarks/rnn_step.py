@@ -14,6 +14,7 @@ faster). For JAX libraries the compiled temporary memory is reported too.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -64,6 +65,7 @@ def device_info() -> dict[str, Any]:
         pass
     dev = jax.devices()[0]
     return {
+        "date": datetime.date.today().isoformat(),  # the docs' benchmark tables name it
         "jax_device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -163,8 +163,7 @@ def markdown(record: dict[str, Any]) -> str:
         b = record["budget"]
         plan = b["binomial_plan"]
         lines += [
-            f"**Memory-budgeted BPTT** (issue 6; LSTM B={b['B']}, T={b['T']:,}, I={b['I']}, H={b['H']}, "
-            "many-to-one):",
+            f"**Memory-budgeted BPTT** (LSTM B={b['B']}, T={b['T']:,}, I={b['I']}, H={b['H']}, many-to-one):",
             "",
             f"| | plain manual BPTT | √T checkpoints | ratio | `budget={b['budget_bytes'] / 2**20:.3g} MiB`, "
             f"binomial (leaves of {plan['K']} steps, {plan['snapshots']} snapshots) | ratio "
