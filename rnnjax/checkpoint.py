@@ -15,9 +15,15 @@ from flax import serialization
 PyTree = Any
 
 
+def _check_path(path: str | os.PathLike) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
+    return os.fspath(path)
+
+
 def save(path: str | os.PathLike, tree: PyTree) -> None:
     """Writes ``tree`` to ``path`` (atomically: a temporary file, then a rename)."""
-    path = os.fspath(path)
+    path = _check_path(path)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(serialization.to_bytes(tree))
@@ -26,5 +32,5 @@ def save(path: str | os.PathLike, tree: PyTree) -> None:
 
 def load(path: str | os.PathLike, target: PyTree) -> PyTree:
     """Reads what `save` wrote into the structure of ``target``."""
-    with open(os.fspath(path), "rb") as f:
+    with open(_check_path(path), "rb") as f:
         return serialization.from_bytes(target, f.read())
