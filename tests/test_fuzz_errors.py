@@ -4,9 +4,12 @@ either raises a ValueError/TypeError whose message names that argument, or is on
 legitimately valid (listed in ``VALID``, each with the result it must give). Never a crash from inside JAX,
 never a silent result.
 
-Valid by design: an empty batch (B = 0) and empty sequences (T = 0) give empty outputs of the right shape
-(and, for the losses, a zero loss); a Python list where an array is expected is converted as ``jnp.asarray``
-would, where the function documents it (``rj.pad_sequences``, ``rj.bucket_by_length``, token ids).
+Valid by design (``VALID``): a Python list where an array is expected is converted as `jnp.asarray` would;
+an empty batch (B = 0) and empty sequences (T = 0) give empty outputs of the right shape (`rj.unroll` with
+T = 0 and no lengths returns ``ys [B, 0, H]`` and the initial carry, tested in test_unroll; `shift_right`
+gives ``[B, 0]``); `Dense.apply` takes any leading axes and `embed` any shape of ids. Errors by design:
+`last_valid` of T = 0 steps (there is no last step), lengths outside ``[0, T]`` when concrete (under jit
+they clamp, and `checkify` reports them), a zero-row embedding table.
 """
 
 from __future__ import annotations
