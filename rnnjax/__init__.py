@@ -11,38 +11,8 @@ time), ``rj.losses``, ``rj.seq2seq``, and the framework modules ``rj.nnx`` (Flax
 import importlib
 from typing import Any
 
-from rnnjax import decode, diagnostics, losses, seq2seq
-from rnnjax.cells import (
-    ACTIVATIONS,
-    Cell,
-    ElmanParams,
-    GatesBackward,
-    GRUParams,
-    HCarry,
-    HiddenCarry,
-    IndRNNParams,
-    LayerNormLSTMParams,
-    LRUParams,
-    LSTMCarry,
-    LSTMParams,
-    MGUParams,
-    MinGRUParams,
-    MinLSTMParams,
-    PeepholeLSTMParams,
-    ProjectedLSTMParams,
-    ProjectionParams,
-    elman,
-    gru,
-    indrnn,
-    layer_norm_lstm,
-    lru,
-    lstm,
-    mgu,
-    mingru,
-    minlstm,
-    peephole_lstm,
-    projected_lstm,
-)
+from rnnjax import cells, decode, diagnostics, losses, seq2seq
+from rnnjax.cells import *  # noqa: F403  (every cell and its types: the list is rnnjax.cells.__all__)
 from rnnjax.checkpoint import load, save
 from rnnjax.data import bucket_by_length, pad_sequences, unbucket
 from rnnjax.driver import GRAD_MODES, unroll
@@ -76,35 +46,17 @@ from rnnjax.train_state import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS",
     "GRADCHECK_ORACLES",
     "GRAD_MODES",
     "MERGES",
     "BidirectionalCarry",
     "BidirectionalParams",
-    "Cell",
     "CorruptCheckpointError",
     "Dense",
     "DenseParams",
-    "ElmanParams",
-    "GRUParams",
-    "GatesBackward",
     "GradcheckReport",
     "GradcheckRow",
-    "HCarry",
-    "HiddenCarry",
-    "IndRNNParams",
-    "LRUParams",
-    "LSTMCarry",
-    "LSTMParams",
     "Layer",
-    "LayerNormLSTMParams",
-    "MGUParams",
-    "MinGRUParams",
-    "MinLSTMParams",
-    "PeepholeLSTMParams",
-    "ProjectedLSTMParams",
-    "ProjectionParams",
     "bidirectional",
     "bucket_by_length",
     "carry_from_torch",
@@ -112,25 +64,14 @@ __all__ = [
     "decode",
     "dense",
     "diagnostics",
-    "elman",
     "embed",
     "from_torch",
     "gradcheck",
-    "gru",
-    "indrnn",
     "last_valid",
     "latest_training_step",
-    "layer_norm_lstm",
     "load",
     "losses",
-    "lru",
-    "lstm",
-    "mgu",
-    "mingru",
-    "minlstm",
     "pad_sequences",
-    "peephole_lstm",
-    "projected_lstm",
     "restore_training_state",
     "rnn",
     "rtrl_value_and_grad",
@@ -144,6 +85,7 @@ __all__ = [
     "unbucket",
     "unroll",
 ]
+__all__ += cells.__all__
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,12 @@ from flax import serialization
 PyTree = Any
 
 
+def _check_path(path: str | os.PathLike) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
+    return os.fspath(path)
+
+
 def save(path: str | os.PathLike, tree: PyTree) -> None:
     """Writes ``tree`` to ``path`` (atomically: a temporary file, then a rename).
 
@@ -33,7 +39,7 @@ def save(path: str | os.PathLike, tree: PyTree) -> None:
       >>> rj.load(path, {"w": jnp.zeros((2, 3)), "step": 0})["step"]
       7
     """
-    path = os.fspath(path)
+    path = _check_path(path)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(serialization.to_bytes(tree))
@@ -66,5 +72,5 @@ def load(path: str | os.PathLike, target: PyTree) -> PyTree:
       >>> bool((restored.w_hh == params.w_hh).all()), restored.w_hh.dtype
       (True, dtype('float32'))
     """
-    with open(os.fspath(path), "rb") as f:
+    with open(_check_path(path), "rb") as f:
         return serialization.from_bytes(target, f.read())

@@ -9,11 +9,36 @@ an error naming the argument, the range expected and the extremes found.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
 Array = jax.Array
+
+
+def check_array(value: Any, name: str, expected: str, kind: Any = None) -> Array:
+    """``value`` as an array (a Python list or a numpy array converted as `jnp.asarray` would), or a
+    `TypeError` naming ``name``, ``expected`` and what came: None, a string, a ragged list, or a dtype that
+    is not a sub-dtype of ``kind`` (e.g. ``jnp.floating``, ``jnp.integer``; None accepts any).
+
+    Args:
+      value: the argument as the user passed it.
+      name: its name in the error, e.g. ``"lengths"``.
+      expected: what it must be, e.g. ``"an integer array [B]"``.
+      kind: the dtype kind required, or None.
+    """
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        try:
+            value = jnp.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({e})") from None
+    if kind is not None and not jnp.issubdtype(value.dtype, kind):
+        raise TypeError(f"{name} must be {expected}, got dtype {value.dtype}")
+    return value
 
 
 def debug_check_range(values: Array, lo: int, hi: int, what: str, valid: Array | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnnjax.checks import check_array
 from rnnjax.sharding import under_mesh
 
 Array = jax.Array
@@ -46,7 +47,7 @@ class Beams(NamedTuple):
 
 
 def _check_start(start_tokens: Any, max_length: int) -> Array:
-    start_tokens = jnp.asarray(start_tokens)
+    start_tokens = check_array(start_tokens, "start_tokens", "an integer array [B]")
     if start_tokens.ndim != 1 or not jnp.issubdtype(start_tokens.dtype, jnp.integer):
         raise ValueError(
             f"start_tokens must be an integer array [B], got shape {start_tokens.shape} and dtype "
@@ -184,6 +185,8 @@ def sample(
       >>> out.tokens.shape, out.tokens.dtype, out.lengths
       ((2, 6), dtype('int32'), Array([6, 6], dtype=int32))
     """
+    if temperature is None or isinstance(temperature, (str, bytes)):
+        raise TypeError(f"temperature must be a number > 0, got {temperature!r}")
     if not temperature > 0:
         raise ValueError(
             f"temperature must be > 0 (use rj.decode.greedy for the argmax), got {temperature!r}"

@@ -18,7 +18,7 @@ from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
-from rnnjax.checks import debug_check_range
+from rnnjax.checks import check_array, debug_check_range
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -309,8 +309,7 @@ def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
 
 
 def _check_xs(xs: Any) -> Array:
-    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
-        xs = jnp.asarray(xs)
+    xs = check_array(xs, "xs", "a floating-point array [B, T, I]")
     if not jnp.issubdtype(xs.dtype, jnp.floating):
         got = f"xs must be a floating-point array [B, T, I], got dtype {xs.dtype}"
         embed = "xs = rj.embed(table, tokens) with a float table [V, E], which gives [B, T, E]"
@@ -359,10 +358,7 @@ def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> None:
 def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array | None:
     if lengths is None:
         return None
-    if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
-        lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be an integer array [B], got dtype {lengths.dtype}")
+    lengths = check_array(lengths, "lengths", "an integer array [B]", jnp.integer)
     if tuple(lengths.shape) != batch_shape:
         raise ValueError(
             f"lengths must have shape [B] = {batch_shape} (xs.shape[:-2]), got shape {tuple(lengths.shape)}"

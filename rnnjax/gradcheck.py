@@ -294,6 +294,8 @@ def gradcheck(
         raise ValueError(f"complex_step must be > 0, got {complex_step!r}")
     if rtrl_max_bytes is not None and not (isinstance(rtrl_max_bytes, int) and rtrl_max_bytes > 0):
         raise ValueError(f"rtrl_max_bytes must be an int > 0 or None, got {rtrl_max_bytes!r}")
+    if not isinstance(oracles, (tuple, list)):
+        raise TypeError(f"oracles must be a non-empty tuple of {ORACLES}, got {oracles!r}")
     oracles = tuple(oracles)
     unknown = [o for o in oracles if o not in ORACLES]
     if unknown or not oracles:

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, add_bias, check_float_dtype, check_hidden_size, check_input_size
-from rnnjax.driver import GradMode, _check_cell, unroll
+from rnnjax.checks import check_array
+from rnnjax.driver import GradMode, _check_cell, _check_lengths, unroll
 from rnnjax.sharding import batch_like, explicit_spec, sharding_on
 
 Array = jax.Array
@@ -489,7 +490,7 @@ def dense(output_size: int) -> Dense:
       >>> head.apply(params, jnp.ones((2, 5, 8))).shape
       (2, 5, 10)
     """
-    O = check_hidden_size(output_size)
+    O = check_hidden_size(output_size, "output_size")
 
     def init(key: Array, input_size: int, dtype: Any = None) -> DenseParams:
         I = check_input_size(input_size)
@@ -502,6 +503,7 @@ def dense(output_size: int) -> Dense:
         )
 
     def apply(params: DenseParams, x: Array) -> Array:
+        x = check_array(x, "x", "a floating-point array [..., I]", jnp.floating)
         if jnp.shape(x)[-1:] != params.w.shape[:1]:
             raise ValueError(
                 f"x has feature size {jnp.shape(x)[-1:]} but the dense params expect {params.w.shape[0]} "
@@ -537,11 +539,12 @@ def embed(table: Array, tokens: Array) -> Array:
       Array([[[4., 5.],
               [0., 1.]]], dtype=float32)
     """
-    table, tokens = jnp.asarray(table), jnp.asarray(tokens)
+    table = check_array(table, "table", "a floating-point array [V, E]", jnp.floating)
+    tokens = check_array(tokens, "tokens", "an integer array", jnp.integer)
     if table.ndim != 2:
         raise ValueError(f"table must have shape [V, E], got shape {table.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+    if table.shape[0] == 0:
+        raise ValueError(f"table must have V >= 1 rows [V, E], got shape {table.shape}")
     spec = explicit_spec(tokens)
     if spec is None:
         return table[tokens]
@@ -571,13 +574,20 @@ def last_valid(ys: Array, lengths: Array | None = None) -> Array:
       Array([[2., 3.],
              [0., 0.]], dtype=float32)
     """
+    ys = check_array(ys, "ys", "an array [B, T, F]")
     if jnp.ndim(ys) != 3:
         raise ValueError(f"ys must have shape [B, T, F], got shape {jnp.shape(ys)}")
     B, T, _ = ys.shape
     if lengths is None:
+        if T == 0:
+            raise ValueError(f"ys must have T >= 1 steps to read the last of, got shape {ys.shape}")
         return ys[:, -1]
+    lengths = check_array(lengths, "lengths", "an integer array [B]", jnp.integer)
     if jnp.shape(lengths) != (B,):
         raise ValueError(f"lengths must have shape [B] = ({B},), got shape {jnp.shape(lengths)}")
+    # values in [0, T]: checked when concrete, under checkify when traced
+    lengths = _check_lengths(lengths, (B,), T)
+    assert lengths is not None
     idx = jnp.clip(lengths - 1, 0, max(T - 1, 0))
     picked = jnp.take_along_axis(ys, idx[:, None, None], axis=1)[:, 0]
     return jnp.where((lengths > 0)[:, None], picked, jnp.zeros_like(picked))

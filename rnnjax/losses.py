@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnnjax.checks import debug_check_not, debug_check_range
+from rnnjax.checks import check_array, debug_check_not, debug_check_range
 from rnnjax.scan import mask_from_lengths
 from rnnjax.sharding import batch_like, batch_split
 
@@ -56,9 +56,7 @@ def valid_mask(
     if lengths is None:
         mask = jnp.ones((B, T), bool)
     else:
-        lengths = jnp.asarray(lengths)
-        if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"{name} must be an integer array [B], got dtype {lengths.dtype}")
+        lengths = check_array(lengths, name, "an integer array [B]", jnp.integer)
         if lengths.shape != (B,):
             raise ValueError(f"{name} must have shape [B] = ({B},), got shape {lengths.shape}")
         debug_check_range(lengths, 0, T, f"{name} must lie in [0, {T}]")
@@ -104,13 +102,13 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
       >>> round(float(loss), 4), loss.dtype
       (1.3863, dtype('float32'))
     """
+    logits = check_array(logits, "logits", "a floating-point array [B, T, V]", jnp.floating)
+    targets = check_array(targets, "targets", "integer class ids", jnp.integer)
     if jnp.ndim(logits) != 3:
         raise ValueError(f"logits must have shape [B, T, V], got shape {jnp.shape(logits)}")
     B, T, _ = logits.shape
     if jnp.shape(targets) != (B, T):
         raise ValueError(f"targets must have shape [B, T] = ({B}, {T}), got shape {jnp.shape(targets)}")
-    if not jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer):
-        raise TypeError(f"targets must be integer class ids, got dtype {jnp.asarray(targets).dtype}")
     return _cross_entropy(logits, targets, lengths)
 
 
@@ -153,6 +151,12 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
       >>> rj.losses.squared_error(predictions, jnp.zeros((2, 2, 1)), jnp.array([2, 1]))
       Array(2., dtype=float32)
     """
+    predictions = check_array(predictions, "predictions", "a floating-point array [B, T, F]", jnp.floating)
+    targets = check_array(targets, "targets", f"an array [B, T, F] of dtype {predictions.dtype}")
+    if targets.dtype != predictions.dtype:
+        raise TypeError(
+            f"targets must have the dtype of predictions {predictions.dtype}, got {targets.dtype}"
+        )
     if jnp.ndim(predictions) != 3:
         raise ValueError(f"predictions must have shape [B, T, F], got shape {jnp.shape(predictions)}")
     if jnp.shape(targets) != jnp.shape(predictions):

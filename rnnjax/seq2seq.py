@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
+from rnnjax.checks import check_array
 from rnnjax.layers import DenseParams, dense, embed
 
 Array = jax.Array
@@ -46,11 +47,13 @@ def shift_right(targets: Array, start_token: int) -> Array:
       >>> rj.seq2seq.shift_right(jnp.array([[5, 6, 7]]), start_token=1)
       Array([[1, 5, 6]], dtype=int32)
     """
-    targets = jnp.asarray(targets)
+    targets = check_array(targets, "targets", "an integer array [B, T]", jnp.integer)
     if targets.ndim != 2 or not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(
             f"targets must be an integer array [B, T], got shape {targets.shape} and dtype {targets.dtype}"
         )
+    if targets.shape[1] == 0:  # no steps: no inputs either (not the start token alone)
+        return targets
     start = jnp.full((targets.shape[0], 1), start_token, targets.dtype)
     return jnp.concatenate([start, targets[:, :-1]], axis=1)
 

@@ -8,35 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from reference_cells import REFERENCES
 
 import rnnjax as rj
 
-# Every built-in cell, by name: a factory of hidden_size.
-CELLS: dict[str, Any] = {
-    **{f"elman-{a}": (lambda H, a=a: rj.elman(H, a)) for a in rj.ACTIVATIONS},
-    "lstm": rj.lstm,
-    "gru": rj.gru,
-    "indrnn-relu": rj.indrnn,
-    "indrnn-tanh": lambda H: rj.indrnn(H, "tanh"),
-    "mingru": rj.mingru,
-    "minlstm": rj.minlstm,
-    "mgu": rj.mgu,
-    "lstm-peephole": rj.peephole_lstm,
-    # gains and shifts drawn away from 1 and 0, so that a backward that drops one of them is caught; ε
-    # raised from 1e-5 because at a zero carry LN(h w_hh) sits where its k-th derivative is ~ε^(-k/2):
-    # with these gains and shifts even fourth-order differences came out 2.6e-6 off at the default ε
-    # (test_bptt checks the default ε there, with the exact oracles and gains alone)
-    "lstm-layernorm": lambda H: rj.layer_norm_lstm(
-        H,
-        eps=1e-3,
-        gain_init=lambda k, s, d: 1 + 0.5 * jax.random.normal(k, s, d),
-        shift_init=lambda k, s, d: 0.5 * jax.random.normal(k, s, d),
-    ),
-    # outputs of width H (like every cell here) from a state one wider: proj_size < hidden_size
-    # N = H complex units (2H real features), eigenvalues in a ring away from 0 and the phase spread wide
-    "lru": lambda H: rj.lru(H, r_min=0.4, r_max=0.95, max_phase=3.0),
-    "lstm-projected": lambda H: rj.projected_lstm(H + 1, proj_size=H),
-}
+# Every built-in cell, by name: a factory of hidden_size (the configurations of `reference_cells`).
+CELLS: dict[str, Any] = {name: ref.make for name, ref in REFERENCES.items()}
 
 
 def rel_err(a: Any, b: Any) -> float:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
+from reference_cells import REFERENCES
 
 import rnnjax as rj
 
@@ -166,31 +167,7 @@ def test_higher_batch_dims(key):
     np.testing.assert_allclose(g.reshape(6, T, I), g_flat, rtol=1e-13, atol=1e-15)
 
 
-# measured: Elman 0.51x, LSTM 0.34x, GRU 0.57x, MGU 0.59x, minGRU 0.41x, minLSTM 0.29x
-# Measured at these shapes (float32, B=8, T=64, I=H=32), a few points below each bound. Issue 5 asks for
-# 0.7x; the Elman cells with relu or identity, IndRNN with relu and the LRU sit at 0.71-0.76x, because
-# autodiff needs no stored derivative there: both keep the carries and the gate gradients, and the manual
-# BPTT also the time-major copy of xs that its input projection reads.
-LEANER = {
-    "elman-tanh": 0.55,
-    "elman-relu": 0.75,
-    "elman-sigmoid": 0.65,
-    "elman-identity": 0.80,
-    "lstm": 0.40,
-    "gru": 0.50,
-    "indrnn-relu": 0.79,
-    "indrnn-tanh": 0.57,
-    "mingru": 0.45,
-    "minlstm": 0.33,
-    "mgu": 0.63,
-    "lstm-peephole": 0.40,
-    "lstm-layernorm": 0.61,
-    "lru": 0.75,
-    "lstm-projected": 0.50,
-}
-
-
-@pytest.mark.parametrize("name", list(LEANER))
+@pytest.mark.parametrize("name", list(REFERENCES))
 def test_manual_is_leaner_than_autodiff(name):
     """The hand-derived BPTT of every built-in cell keeps less compiled temporary memory than autodiff.
 
@@ -208,7 +185,7 @@ def test_manual_is_leaner_than_autodiff(name):
     for mode in rj.GRAD_MODES:
         step = jax.jit(jax.grad(lambda p, x, m=mode: jnp.sum(rj.unroll(cell, p, x, grad=m)[1] ** 2), (0, 1)))
         temp[mode] = step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes
-    assert temp["manual"] <= LEANER[name] * temp["autodiff"], temp
+    assert temp["manual"] <= REFERENCES[name].leaner * temp["autodiff"], temp
 
 
 @pytest.mark.parametrize("reverse", [False, True])

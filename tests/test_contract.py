@@ -10,23 +10,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 from helpers import CELLS, rel_err
+from reference_cells import REFERENCES
 
 import rnnjax as rj
 
-# Every built-in factory, called twice with the same arguments: each pair must be equal.
-SAME_CONFIG = {
-    **{f"elman-{a}": (lambda a=a: rj.elman(4, a)) for a in rj.ACTIVATIONS},
-    "lstm": lambda: rj.lstm(4, forget_bias=1.0),
-    "gru": lambda: rj.gru(4),
-    "indrnn": lambda: rj.indrnn(4, "tanh"),
-    "mingru": lambda: rj.mingru(4),
-    "minlstm": lambda: rj.minlstm(4),
-    "mgu": lambda: rj.mgu(4),
-    "peephole_lstm": lambda: rj.peephole_lstm(4),
-    "layer_norm_lstm": lambda: rj.layer_norm_lstm(4, eps=1e-3),
-    "lru": lambda: rj.lru(4, r_min=0.4, r_max=0.9),
-    "projected_lstm": lambda: rj.projected_lstm(5, proj_size=3),
-}
+# Every built-in configuration, made twice: each pair must be equal.
+SAME_CONFIG = {name: (lambda ref=ref: ref.make(4)) for name, ref in REFERENCES.items()}
 
 
 @pytest.mark.parametrize("name", list(SAME_CONFIG))

@@ -10,29 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CELLS, compilations, jit_grad, random_problem, rel_err
+from reference_cells import REFERENCES
 
 import rnnjax as rj
 
 B, T, I, H = 4, 7, 3, 5
 
 
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
-
-def _layer_norm(v, eps=1e-3):  # the ε of helpers.CELLS["lstm-layernorm"]
-    return (v - v.mean()) / np.sqrt(v.var() + eps)
-
-
-NP_ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0), "sigmoid": _sigmoid, "identity": lambda z: z}
-
-
 def numpy_unroll(name, params, xs, carry, lengths, reverse):
-    """The cells' equations (each cell module's docstring) in plain numpy, one sequence and one step at a time."""
+    """The cells' equations in plain numpy (`reference_cells`), one sequence and one step at a time."""
+    step = REFERENCES[name].step
     p = {k: np.asarray(v) for k, v in params._asdict().items()}
     xs = np.asarray(xs)
     h_all = np.asarray(carry.h).copy()
-    c_all = np.asarray(carry.c).copy() if name.startswith("lstm") else None
+    c_all = np.asarray(carry.c).copy() if hasattr(carry, "c") else None
     ys = np.zeros((xs.shape[0], xs.shape[1], h_all.shape[-1]))
     for b in range(xs.shape[0]):
         n = xs.shape[1] if lengths is None else int(lengths[b])
@@ -40,69 +31,7 @@ def numpy_unroll(name, params, xs, carry, lengths, reverse):
         h = h_all[b]
         c = c_all[b] if c_all is not None else None
         for t in order:
-            x = xs[b, t]
-            if name.startswith("elman"):
-                h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + h @ p["w_hh"] + p["b"])
-            elif name in ("lstm", "lstm-projected"):
-                z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
-                n = z.shape[-1] // 4  # the cell state's width: H, or H + 1 for the projected LSTM
-                i, f, g, o = (
-                    _sigmoid(z[:n]),
-                    _sigmoid(z[n : 2 * n]),
-                    np.tanh(z[2 * n : 3 * n]),
-                    _sigmoid(z[3 * n :]),
-                )
-                c = f * c + i * g
-                h = o * np.tanh(c)
-                if name == "lstm-projected":  # Sak et al. 2014, §2.2: h_t = (o ⊙ tanh(c_t)) w_hr
-                    h = h @ p["w_hr"]
-            elif name == "lstm-layernorm":  # Ba et al. 2016, §A eqs. 20-22
-                z = (
-                    p["gamma_ih"] * _layer_norm(x @ p["w_ih"])
-                    + p["gamma_hh"] * _layer_norm(h @ p["w_hh"])
-                    + p["beta"]
-                )
-                i, f, g, o = (
-                    _sigmoid(z[:H]),
-                    _sigmoid(z[H : 2 * H]),
-                    np.tanh(z[2 * H : 3 * H]),
-                    _sigmoid(z[3 * H :]),
-                )
-                c = f * c + i * g
-                h = o * np.tanh(p["gamma_c"] * _layer_norm(c) + p["beta_c"])
-            elif name == "lru":  # Orvieto et al. 2023, eq. 1, in complex numbers
-                N = p["nu_log"].shape[0]
-                lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
-                u = x @ p["w_ih"] + p["b"]
-                s = (h[:N] + 1j * h[N:]) * lam + np.exp(p["gamma_log"]) * (u[:N] + 1j * u[N:])
-                h = np.concatenate([s.real, s.imag])
-            elif name.startswith("indrnn"):  # Li et al. 2018, eq. 2
-                h = NP_ACT[name.split("-")[1]](x @ p["w_ih"] + p["u"] * h + p["b"])
-            elif name == "mingru":  # Feng et al. 2024, §3.1
-                zx = x @ p["w_ih"] + p["b"]
-                z = _sigmoid(zx[:H])
-                h = (1 - z) * h + z * zx[H:]
-            elif name == "minlstm":  # Feng et al. 2024, §3.2
-                zx = x @ p["w_ih"] + p["b"]
-                f, i = _sigmoid(zx[:H]), _sigmoid(zx[H : 2 * H])
-                h = f / (f + i) * h + i / (f + i) * zx[2 * H :]
-            elif name == "lstm-peephole":  # Graves 2013, eqs. 7-11
-                z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
-                pi, pf, po = p["p"][:H], p["p"][H : 2 * H], p["p"][2 * H :]
-                i, f = _sigmoid(z[:H] + pi * c), _sigmoid(z[H : 2 * H] + pf * c)
-                c = f * c + i * np.tanh(z[2 * H : 3 * H])
-                h = _sigmoid(z[3 * H :] + po * c) * np.tanh(c)
-            elif name == "mgu":  # Zhou et al. 2016, eq. 8
-                zx = x @ p["w_ih"] + p["b"]
-                f = _sigmoid(zx[:H] + h @ p["w_hh"])
-                h = (1 - f) * h + f * np.tanh(zx[H:] + (f * h) @ p["u_h"])
-            else:
-                assert name == "gru"
-                zx, zh = x @ p["w_ih"] + p["b"], h @ p["w_hh"]
-                r = _sigmoid(zx[:H] + zh[:H])
-                zz = _sigmoid(zx[H : 2 * H] + zh[H : 2 * H])
-                nn_ = np.tanh(zx[2 * H :] + r * (zh[2 * H :] + p["b_hn"]))
-                h = (1 - zz) * nn_ + zz * h
+            h, c = step(p, xs[b, t], h, c)
             ys[b, t] = h
         h_all[b] = h
         if c_all is not None:
