@@ -22,6 +22,7 @@ from rnnjax.cells import (
     HiddenCarry,
     IndRNNParams,
     LayerNormLSTMParams,
+    LinearRecurrence,
     LRUParams,
     LSTMCarry,
     LSTMParams,
@@ -64,6 +65,7 @@ from rnnjax.layers import (
     stack,
     time_major,
 )
+from rnnjax.parallel import METHODS
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
 from rnnjax.train_state import (
@@ -80,6 +82,7 @@ __all__ = [
     "GRADCHECK_ORACLES",
     "GRAD_MODES",
     "MERGES",
+    "METHODS",
     "BidirectionalCarry",
     "BidirectionalParams",
     "Cell",
@@ -99,6 +102,7 @@ __all__ = [
     "LSTMParams",
     "Layer",
     "LayerNormLSTMParams",
+    "LinearRecurrence",
     "MGUParams",
     "MinGRUParams",
     "MinLSTMParams",
