@@ -34,6 +34,7 @@ from rnnjax.layers import (
     stack,
     time_major,
 )
+from rnnjax.parallel import METHODS
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
 from rnnjax.train_state import (
@@ -49,6 +50,7 @@ __all__ = [
     "GRADCHECK_ORACLES",
     "GRAD_MODES",
     "MERGES",
+    "METHODS",
     "BidirectionalCarry",
     "BidirectionalParams",
     "CorruptCheckpointError",

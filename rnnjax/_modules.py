@@ -2,7 +2,8 @@
 
 Each framework module holds a cell's (or a layer's) params in its own way and calls one `Layer` built here.
 These layers are `rj.rnn`, `rj.bidirectional` and `rj.stack` whose ``apply`` passes the module's fixed
-`rj.unroll` options (``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``) to every recurrence inside.
+`rj.unroll` options (``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``, ``method``,
+``chunk_size``) to every recurrence inside.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import Cell
 from rnnjax.driver import Schedule
 from rnnjax.layers import Layer, bidirectional, rnn, stack
+from rnnjax.parallel import Method
 
 Array = jax.Array
 PyTree = Any
@@ -31,12 +33,16 @@ class UnrollOptions(NamedTuple):
       budget: at most this many bytes of state kept for the backward.
       schedule: with ``budget``: ``"binomial"`` or ``"nested"``.
       unroll_steps: `jax.lax.scan`'s unroll factor for the time loops.
+      method: ``"sequential"``, ``"associative"`` (linear cells) or ``"auto"`` (`rnnjax.parallel.METHODS`).
+      chunk_size: with ``method="associative"``: steps per sequential chunk (None: one associative scan).
     """
 
     checkpoint: Checkpoint = None
     budget: int | None = None
     schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
+    method: Method = "sequential"
+    chunk_size: int | None = None
 
 
 def with_options(layer: Layer, options: UnrollOptions) -> Layer:

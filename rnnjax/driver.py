@@ -19,6 +19,8 @@ from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, bino
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
 from rnnjax.checks import check_array, debug_check_range
+from rnnjax.parallel import Method, check_method, resolve_method
+from rnnjax.parallel.associative import AssociativeUnroll, check_chunk_size
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -54,6 +56,8 @@ def unroll(
     schedule: Schedule | None = None,
     compute_dtype: Any = None,
     probe: Array | None = None,
+    method: Method = "sequential",
+    chunk_size: int | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -109,6 +113,18 @@ def unroll(
         never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
         (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
         gradients: ``jax.grad(loss, argnums=(0, 2))(params, xs, probe)``. See `rnnjax.diagnostics`.
+      method: how the time loop runs (`rnnjax.parallel.METHODS`). ``"sequential"`` (default): the
+        `jax.lax.scan` above. ``"associative"``: for a cell linear in its state (``cell.linear``:
+        `rj.mingru`, `rj.minlstm`, `rj.lru`, ``rj.indrnn(activation="identity")`` or a `rj.LinearRecurrence`
+        of your own), a parallel prefix scan over time with a hand-derived backward
+        (`rnnjax.parallel.associative`); same outputs, carry and gradients up to round-off, O(log T) depth
+        but more work and memory than the sequential scan, so it pays on accelerators, not on CPU. It takes
+        neither ``checkpoint``, ``budget`` nor ``probe``. ``"auto"``: ``"associative"`` for a linear cell
+        at lengths from `rnnjax.parallel.AUTO_CROSSOVER` on the running platform, else ``"sequential"``;
+        that table holds no measured platform, so ``"auto"`` runs the sequential scan everywhere.
+      chunk_size: with ``method="associative"`` (or ``"auto"`` when it picks it): None (default) scans all
+        T steps associatively; an int C runs the steps of each chunk of C sequentially, all chunks at
+        once, and only the T/C chunk summaries associatively (O(T) work).
 
     Returns:
       ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
@@ -133,6 +149,11 @@ def unroll(
     _check_cell(cell)
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    check_method(method)
+    if check_chunk_size(chunk_size) is not None and method == "sequential":
+        raise ValueError(
+            f"chunk_size={chunk_size!r} applies to method='associative' (or 'auto'), got method='sequential'"
+        )
     _check_unroll_steps(unroll_steps)
     if isinstance(checkpoint, str) and checkpoint == "none":
         checkpoint = None
@@ -168,6 +189,10 @@ def unroll(
     if probe is not None:
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
 
+    options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe))
+    given = [n for n, v in options if v is not None]
+    method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)
+
     B = math.prod(batch_shape)
     nesting, plan = (), None
     if budget is not None:
@@ -184,6 +209,8 @@ def unroll(
         impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
     if probe is not None:
         impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
+    if method == "associative":
+        impl = AssociativeUnroll(grad, chunk_size)
     plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
     if unroll_steps is None and not plain_bptt:
         unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor

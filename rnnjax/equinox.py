@@ -30,6 +30,7 @@ from rnnjax._modules import Checkpoint, UnrollOptions, bidirectional_layer, rnn_
 from rnnjax.cells.base import Cell
 from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
+from rnnjax.parallel import Method
 
 Array = jax.Array
 PyTree = Any
@@ -42,7 +43,8 @@ class RNN(eqx.Module):
       params: the cell's params (``cell.init``'s output): the module's only array leaves.
       cell: the cell (static).
       reverse: run from the last valid step to the first (static).
-      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule`` and ``unroll_steps`` (static).
+      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``, ``method`` and
+        ``chunk_size`` (static).
     """
 
     params: PyTree
@@ -61,6 +63,8 @@ class RNN(eqx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Initialises the cell's params.
@@ -74,6 +78,8 @@ class RNN(eqx.Module):
           budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
           schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
+          method: `rj.unroll`'s ``method`` (``"sequential"``, ``"associative"`` for linear cells, ``"auto"``).
+          chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
           dtype: the dtype of the params.
 
         Examples:
@@ -84,7 +90,7 @@ class RNN(eqx.Module):
           >>> ys.shape
           (2, 5, 8)
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         layer = rnn_layer(cell, reverse=reverse, options=self.options)
         self.cell, self.reverse = cell, reverse
         self.params = layer.init(key, input_size, dtype)
@@ -122,7 +128,8 @@ class Bidirectional(eqx.Module):
       params: `rj.BidirectionalParams` ``(fw, bw)``, each its cell's params.
       cells: the forward and the backward cell (static).
       merge: ``"concat"`` or ``"sum"`` (static).
-      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule`` and ``unroll_steps`` (static).
+      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``, ``method`` and
+        ``chunk_size`` (static).
     """
 
     params: BidirectionalParams
@@ -142,6 +149,8 @@ class Bidirectional(eqx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Initialises both directions' params as ``rj.bidirectional(cell_fw, cell_bw).init`` does.
@@ -152,8 +161,8 @@ class Bidirectional(eqx.Module):
           cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
           key: a PRNG key.
           merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
-          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for both directions (see
-            `RNN`).
+          checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
+            directions (see `RNN`).
           dtype: the dtype of the params.
 
         Examples:
@@ -164,7 +173,7 @@ class Bidirectional(eqx.Module):
           >>> ys.shape, carry.bw.h.shape
           ((2, 5, 8), (2, 4))
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         layer = bidirectional_layer(cell_fw, cell_bw, merge=merge, options=self.options)
         self.cells, self.merge = layer.children, merge
         self.params = layer.init(key, input_size, dtype)
@@ -204,7 +213,8 @@ class Stack(eqx.Module):
       residual: residual connections around every layer after the first (static).
       dropout: the dropout probability between layers (static).
       inference: True turns dropout off (`eqx.nn.inference_mode` sets it).
-      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule`` and ``unroll_steps`` (static).
+      options: `rj.unroll`'s ``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``, ``method`` and
+        ``chunk_size`` (static).
     """
 
     params: tuple
@@ -227,6 +237,8 @@ class Stack(eqx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Initialises every layer's params as ``rj.stack(*layers).init(key, input_size)`` does.
@@ -240,8 +252,9 @@ class Stack(eqx.Module):
           dropout: the probability of dropping each feature between layers (not after the last), in
             training (``inference=False``), with the ``key`` given to ``__call__``.
           inference: True turns dropout off.
-          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the
-            stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
+          checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
+            recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was
+            made with.
           dtype: the dtype of the params.
 
         Raises:
@@ -258,7 +271,7 @@ class Stack(eqx.Module):
           >>> ys.shape, len(carries)
           ((2, 5, 4), 2)
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         layer = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)
         self.layers, self.residual, self.dropout, self.inference = tuple(layers), residual, dropout, inference
         self.params = layer.init(key, input_size, dtype)

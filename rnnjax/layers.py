@@ -45,7 +45,15 @@ MERGES: tuple[str, ...] = ("concat", "sum")
 LAYER_KINDS: tuple[str, ...] = ("rnn", "bidirectional", "stack", "time_major")
 
 # the options of `rj.unroll` that a layer's ``apply`` passes on to every recurrence inside it
-UNROLL_OPTIONS: tuple[str, ...] = ("checkpoint", "budget", "schedule", "unroll_steps", "compute_dtype")
+UNROLL_OPTIONS: tuple[str, ...] = (
+    "checkpoint",
+    "budget",
+    "schedule",
+    "unroll_steps",
+    "compute_dtype",
+    "method",
+    "chunk_size",
+)
 
 
 @jax.tree_util.register_static
@@ -59,9 +67,9 @@ class Layer:
     Attributes:
       init: ``init(key, input_size, dtype=None) -> params`` (``None``: JAX's default float dtype).
       apply: ``apply(params, xs, *, carry=None, lengths=None, grad="manual", key=None, train=False,
-        checkpoint=None, budget=None, schedule=None, unroll_steps=None, compute_dtype=None)
-        -> (carry, ys)``; ``key`` and ``train`` drive dropout (layers without dropout ignore them); the
-        last five are `rj.unroll` 's, passed to every recurrence inside.
+        checkpoint=None, budget=None, schedule=None, unroll_steps=None, compute_dtype=None,
+        method="sequential", chunk_size=None) -> (carry, ys)``; ``key`` and ``train`` drive dropout (layers
+        without dropout ignore them); the last seven are `rj.unroll` 's, passed to every recurrence inside.
       initial_carry: ``initial_carry(params, batch_shape) -> carry`` (zeros).
       output_size: the feature size of ``ys``.
       name: a short description.

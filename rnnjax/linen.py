@@ -32,6 +32,7 @@ from rnnjax._modules import (
 from rnnjax.cells.base import Cell
 from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
+from rnnjax.parallel import Method
 
 Array = jax.Array
 PyTree = Any
@@ -47,6 +48,8 @@ class RNN(nn.Module):
       budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
       schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
       unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
+      method: `rj.unroll`'s ``method`` (``"sequential"``, ``"associative"`` for linear cells, ``"auto"``).
+      chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
       param_dtype: the dtype of the params.
 
     Params: ``"cell"``, the output of ``cell.init(key, I, param_dtype)``.
@@ -68,11 +71,15 @@ class RNN(nn.Module):
     budget: int | None = None
     schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
+    method: Method = "sequential"
+    chunk_size: int | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["cell"], xs)``."""
-        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        options = UnrollOptions(
+            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+        )
         return rnn_layer(self.cell, reverse=self.reverse, options=options)
 
     @nn.compact
@@ -108,7 +115,8 @@ class Bidirectional(nn.Module):
       cell_fw: the forward direction's cell.
       cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
       merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
-      checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for both directions (see `RNN`).
+      checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
+        directions (see `RNN`).
       param_dtype: the dtype of the params.
 
     Params: ``"fw"`` and ``"bw"``, each the output of its cell's ``init``;
@@ -132,11 +140,15 @@ class Bidirectional(nn.Module):
     budget: int | None = None
     schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
+    method: Method = "sequential"
+    chunk_size: int | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs, on ``rj.BidirectionalParams(**variables["params"])``."""
-        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        options = UnrollOptions(
+            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+        )
         return bidirectional_layer(self.cell_fw, self.cell_bw, merge=self.merge, options=options)
 
     @nn.compact
@@ -179,8 +191,9 @@ class Stack(nn.Module):
       dropout: the probability of dropping each feature between layers (not after the last), in training:
         with ``deterministic=False`` and a ``"dropout"`` rng (``model.apply(..., rngs={"dropout": key})``).
       deterministic: True turns dropout off; None leaves it to ``__call__`` (needed where dropout > 0).
-      checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the stack
-        (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer among ``layers`` was made with.
+      checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
+        recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer among
+        ``layers`` was made with.
       param_dtype: the dtype of the params.
 
     Params: ``"layers"``, the tuple ``rj.stack(*layers).init`` returns (one entry per layer).
@@ -212,11 +225,15 @@ class Stack(nn.Module):
     budget: int | None = None
     schedule: Schedule | None = None
     unroll_steps: int | bool | None = None
+    method: Method = "sequential"
+    chunk_size: int | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["layers"], xs)``."""
-        options = UnrollOptions(self.checkpoint, self.budget, self.schedule, self.unroll_steps)
+        options = UnrollOptions(
+            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+        )
         return stack_layer(self.layers, residual=self.residual, dropout=self.dropout, options=options)
 
     @nn.compact

@@ -23,6 +23,7 @@ from rnnjax._modules import Checkpoint, UnrollOptions, bidirectional_layer, rnn_
 from rnnjax.cells.base import Cell
 from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
+from rnnjax.parallel import Method
 
 Array = jax.Array
 PyTree = Any
@@ -42,6 +43,8 @@ class RNN(nnx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Initialises the cell's params with ``cell.init(rngs.params(), input_size, dtype)``.
@@ -55,6 +58,8 @@ class RNN(nnx.Module):
           budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
           schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
+          method: `rj.unroll`'s ``method`` (``"sequential"``, ``"associative"`` for linear cells, ``"auto"``).
+          chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
           dtype: the dtype of the params.
 
         Examples:
@@ -66,7 +71,7 @@ class RNN(nnx.Module):
           >>> ys.shape
           (2, 5, 8)
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         layer = rnn_layer(cell, reverse=reverse, options=self.options)
         self.cell, self.reverse = cell, reverse
         self.weights = nnx.data(jax.tree.map(nnx.Param, layer.init(rngs.params(), input_size, dtype)))
@@ -116,6 +121,8 @@ class Bidirectional(nnx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Builds the two directions, ``fw`` and ``bw``, each an `RNN` with its own params.
@@ -126,8 +133,8 @@ class Bidirectional(nnx.Module):
           cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
           merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
           rngs: the module's ``nnx.Rngs``.
-          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for both directions (see
-            `RNN`).
+          checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
+            directions (see `RNN`).
           dtype: the dtype of the params.
 
         Examples:
@@ -139,7 +146,7 @@ class Bidirectional(nnx.Module):
           >>> ys.shape, carry.bw.h.shape
           ((2, 5, 8), (2, 4))
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         cells: tuple[Cell, Cell] = bidirectional_layer(
             cell_fw, cell_bw, merge=merge, options=self.options
         ).children
@@ -195,6 +202,8 @@ class Stack(nnx.Module):
         budget: int | None = None,
         schedule: Schedule | None = None,
         unroll_steps: int | bool | None = None,
+        method: Method = "sequential",
+        chunk_size: int | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Builds one `RNN` or `Bidirectional` per layer, in ``self.layers``.
@@ -209,8 +218,9 @@ class Stack(nnx.Module):
           dropout: the probability of dropping each feature between layers (not after the last), in
             training (``deterministic=False``; ``model.eval()`` turns it off).
           deterministic: True turns dropout off.
-          checkpoint, budget, schedule, unroll_steps: `rj.unroll`'s options, for every recurrence in the
-            stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was made with.
+          checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
+            recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was
+            made with.
           dtype: the dtype of the params.
 
         Raises:
@@ -227,7 +237,7 @@ class Stack(nnx.Module):
           >>> ys.shape, len(carries)
           ((2, 5, 4), 2)
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps)
+        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
         built = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)
         self.specs, self.residual, self.dropout = tuple(layers), residual, dropout
         self.deterministic = deterministic

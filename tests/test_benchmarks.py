@@ -169,3 +169,20 @@ def test_scaling_devices_quick(tmp_path):
     table = (tmp_path / "scaling_devices_quick.md").read_text()
     assert "| lstm B=4 T=16 I=8 H=8 | weak | " in table and "What a 2-core machine can show" in table
     assert (tmp_path / "scaling_devices_quick.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_parallel_time_quick(tmp_path):
+    from benchmarks import parallel_time
+
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        out = ["--quick", "--out", str(tmp_path), "--plot-dir", str(tmp_path), "--cells", "mingru"]
+        assert parallel_time.main(out) == 0
+    record = json.loads((tmp_path / "parallel_time_quick.json").read_text())
+    assert [c["T"] for c in record["configs"]] == parallel_time.QUICK_LENGTHS
+    for config in record["configs"]:
+        assert set(config["results"]) == set(parallel_time.METHODS)
+        for r in config["results"].values():
+            assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["train_temp_mib"] >= 0
+        assert config["results"]["sequential"]["train_ratio"] == 1.0
+    assert "| mingru B=4 T=16 I=8 H=8 |" in (tmp_path / "parallel_time_quick.md").read_text()

@@ -5,6 +5,7 @@ from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
 from rnnjax.cells.indrnn import IndRNNParams, indrnn
 from rnnjax.cells.layer_norm_lstm import LayerNormLSTMParams, layer_norm_lstm
+from rnnjax.cells.linear import LinearRecurrence
 from rnnjax.cells.lru import LRUParams, lru
 from rnnjax.cells.lstm import LSTMParams, lstm
 from rnnjax.cells.mgu import MGUParams, mgu
@@ -26,6 +27,7 @@ __all__ = [
     "LSTMCarry",
     "LSTMParams",
     "LayerNormLSTMParams",
+    "LinearRecurrence",
     "MGUParams",
     "MinGRUParams",
     "MinLSTMParams",

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from rnnjax.cells.linear import LinearRecurrence, linear_step
 from rnnjax.sharding import replicated_if_explicit, under_mesh
 
 Array = jax.Array
@@ -206,6 +207,10 @@ class Cell:
       config: a hashable description of the cell's configuration (the built-in factories set it, e.g.
         ``("lstm", 8, 0.0, None, None, None)``). Cells with equal ``config`` are equal and hash equal; a
         cell with ``config=None`` is equal only to a cell with the same functions and settings.
+      linear: a `LinearRecurrence` for a cell whose step is ``h_t = a_t ⊙ h_{t-1} + b_t`` with ``a_t``,
+        ``b_t`` from ``x_t`` alone (`mingru`, `minlstm`, `lru`, `indrnn` with the identity), which
+        ``rj.unroll(..., method="associative")`` solves as a parallel scan over time; or None. With
+        ``linear`` and neither ``step`` nor ``backward``, the step is written from it (`linear_step`).
 
     A user-written cell needs only ``init``, ``initial_carry`` and ``step``::
 
@@ -247,6 +252,7 @@ class Cell:
     check_params: Callable[..., None] | None = None
     proj_size: int | None = None
     config: Hashable | None = None
+    linear: LinearRecurrence | None = None
 
     def __post_init__(self) -> None:
         for field in ("init", "initial_carry"):
@@ -256,12 +262,20 @@ class Cell:
             raise TypeError(
                 f"Cell.backward must be an rj.GatesBackward or None, got {type(self.backward).__name__}"
             )
+        if self.linear is not None and not isinstance(self.linear, LinearRecurrence):
+            raise TypeError(
+                f"Cell.linear must be an rj.LinearRecurrence or None, got {type(self.linear).__name__}"
+            )
         if self.step is None:
-            if self.backward is None:
+            if self.backward is not None:
+                object.__setattr__(self, "step", projection_step(self.backward.gates))
+            elif self.linear is not None:
+                object.__setattr__(self, "step", linear_step(self.linear))
+            else:
                 raise TypeError(
-                    "Cell needs a step function (or a backward=rj.GatesBackward to write it from)"
+                    "Cell needs a step function (or a backward=rj.GatesBackward or a "
+                    "linear=rj.LinearRecurrence to write it from)"
                 )
-            object.__setattr__(self, "step", projection_step(self.backward.gates))
         elif not callable(self.step):
             raise TypeError(f"Cell.step must be a function, got {type(self.step).__name__}")
         elif (
@@ -281,10 +295,13 @@ class Cell:
             return ("config", self.config)
         # a step written from the backward's gates is a function of them: left out, so that two cells
         # built from the same parts are equal
-        derived = self.backward is not None
+        derived = self.backward is not None or self._step_from_linear()
         return tuple(
             getattr(self, f.name) for f in dataclasses.fields(self) if not (derived and f.name == "step")
         )
+
+    def _step_from_linear(self) -> bool:
+        return self.linear is not None and getattr(self.step, "_rnnjax_linear", None) is self.linear
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
@@ -301,7 +318,8 @@ class Cell:
             if self.backward is None:
                 raise ValueError(f"cell {self.name!r} has no backward to change {sorted(back)} in")
             changes["backward"] = dataclasses.replace(self.backward, **back)
-        if "backward" in changes and "step" not in changes:
+        rewrite = "backward" in changes or ("linear" in changes and self._step_from_linear())
+        if rewrite and "step" not in changes:
             changes["step"] = None
         changes.setdefault("config", None)
         return dataclasses.replace(self, **changes)

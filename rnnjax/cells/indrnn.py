@@ -8,7 +8,9 @@ Equations (one step; B batch, I input, H hidden)::
 
 With the recurrence diagonal, ``∂h_t/∂h_{t−k} = Π f'(z) ⊙ u^k`` unit by unit, so a unit's gradient neither
 vanishes nor explodes when ``|u|`` stays near 1 (Li et al. constrain ``|u| ≤ 2^{1/T}``); and there is no
-recurrent GEMM at all: the loop is elementwise.
+recurrent GEMM at all: the loop is elementwise. With the identity, ``h_t = u ⊙ h_{t-1} + (x_t w_ih + b)`` is
+linear in the state given the input, and can also run as a parallel scan over time
+(``rj.unroll(..., method="associative")``).
 
 Hand-derived backward, given ``dh_t``::
 
@@ -38,10 +40,12 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    input_projection,
     steps_sum,
     uniform_init,
 )
 from rnnjax.cells.elman import ACTIVATION_FUNCTIONS, ACTIVATIONS
+from rnnjax.cells.linear import LinearRecurrence
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -127,6 +131,10 @@ def indrnn(
         # d u = Σ_t Σ_b dz_t ⊙ h_{t-1}: the steps' batch sums, added once over all T
         return {"u": steps_sum(d_u)}
 
+    def coefficients(params: IndRNNParams, xs: Array) -> tuple[Array, Array]:
+        zx = input_projection(params, xs)
+        return jnp.broadcast_to(params.u.reshape((1,) * (zx.ndim - 1) + params.u.shape), zx.shape), zx
+
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
             params,
@@ -154,4 +162,5 @@ def indrnn(
         ),
         check_params=check_params,
         config=config,
+        linear=LinearRecurrence(coefficients) if activation == "identity" else None,
     )

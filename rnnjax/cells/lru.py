@@ -10,6 +10,10 @@ real and imaginary parts, ``h_t = [Re s_t, Im s_t]`` [B, 2N], so every array is 
     h_t = [a ⊙ s_re − b ⊙ s_im + γ ⊙ zr ,  b ⊙ s_re + a ⊙ s_im + γ ⊙ zi]
     y_t = h_t
 
+The recurrence is ``s_t = λ ⊙ s_{t-1} + γ ⊙ zx_t``, linear in the state given the input: declared as a
+complex `LinearRecurrence` (``a = [a, b]`` halves, ``b_t = γ ⊙ zx_t``), it also runs as a parallel scan over
+time (``rj.unroll(..., method="associative")``).
+
 The paper's read-out ``y_t = Re(C s_t) + D ⊙ x_t`` is linear in ``h_t``: ``Re(C s) = [Re s, Im s]
 [Re Cᵀ; −Im Cᵀ]``, an `rj.dense` over the outputs (no bias), plus the skip ``D ⊙ x_t``; the tests compose
 them and compare with the paper's complex equations. ``b`` (zero at init; the paper has none) shifts the
@@ -56,8 +60,10 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    input_projection,
     steps_sum,
 )
+from rnnjax.cells.linear import LinearRecurrence
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -196,6 +202,12 @@ def lru(
             "gamma_log": d_cols[:N] + d_cols[N:],
         }
 
+    def coefficients(params: LRUParams, xs: Array) -> tuple[Array, Array]:
+        zx = input_projection(params, xs)
+        a, b, gamma = _eigenvalues(params, zx[..., :N])
+        decay = jnp.broadcast_to(jnp.concatenate([a, b], axis=-1), zx.shape)
+        return decay, jnp.concatenate([gamma, gamma], axis=-1) * zx
+
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
             params,
@@ -224,4 +236,5 @@ def lru(
         ),
         check_params=check_params,
         config=config,
+        linear=LinearRecurrence(coefficients, complex=True),
     )

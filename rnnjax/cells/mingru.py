@@ -8,7 +8,8 @@ Equations (one step; B batch, I input, H hidden, G = 2H)::
     y_t  = h_t
 
 Every step's gate and candidate are known before the loop (one GEMM over all T), and the recurrence is a
-diagonal linear one: the whole sequence could also run as a parallel scan.
+diagonal linear one, ``h_t = a_t ⊙ h_{t-1} + b_t`` with ``a_t = 1 − z_t`` and ``b_t = z_t ⊙ h̃_t``: the
+whole sequence can also run as a parallel scan (``rj.unroll(..., method="associative")``).
 
 Hand-derived backward, given ``dh_t``::
 
@@ -39,8 +40,10 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    input_projection,
     uniform_init,
 )
+from rnnjax.cells.linear import LinearRecurrence
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -111,6 +114,11 @@ def mingru(
         da = dh * (cand - prev.h) * z * (1 - z)
         return jnp.concatenate([da, dh * z], axis=-1), None, HCarry(h=dh * (1 - z))
 
+    def coefficients(params: MinGRUParams, xs: Array) -> tuple[Array, Array]:
+        zx = input_projection(params, xs)
+        z = jax.nn.sigmoid(zx[..., :H])
+        return 1 - z, z * zx[..., H:]
+
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
             params,
@@ -135,4 +143,5 @@ def mingru(
         ),
         check_params=check_params,
         config=config,
+        linear=LinearRecurrence(coefficients),
     )

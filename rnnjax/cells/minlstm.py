@@ -8,6 +8,9 @@ Equations (one step; B batch, I input, H hidden, G = 3H)::
     h_t = f' ⊙ h_{t-1} + i' ⊙ h̃_t                 a diagonal linear recurrence, no recurrent weights
     y_t = h_t
 
+As ``h_t = a_t ⊙ h_{t-1} + b_t`` with ``a_t = f'``, ``b_t = i' ⊙ h̃_t`` it can also run as a parallel
+scan over time (``rj.unroll(..., method="associative")``).
+
 Hand-derived backward, given ``dh_t``::
 
     dh̃  = dh ⊙ i' ;  df' = dh ⊙ h_{t-1} ;  di' = dh ⊙ h̃ ;  dh_{t-1} = dh ⊙ f'
@@ -38,8 +41,10 @@ from rnnjax.cells.base import (
     check_hidden_size,
     check_input_size,
     check_projection_params,
+    input_projection,
     uniform_init,
 )
+from rnnjax.cells.linear import LinearRecurrence
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -117,6 +122,12 @@ def minlstm(
         dzx = jnp.concatenate([df * f * (1 - f), di * i * (1 - i), dh * (i / s)], axis=-1)
         return dzx, None, HCarry(h=dh * (f / s))
 
+    def coefficients(params: MinLSTMParams, xs: Array) -> tuple[Array, Array]:
+        zx = input_projection(params, xs)
+        f, i = jax.nn.sigmoid(zx[..., :H]), jax.nn.sigmoid(zx[..., H : 2 * H])
+        s = f + i
+        return f / s, (i / s) * zx[..., 2 * H :]
+
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
             params,
@@ -141,4 +152,5 @@ def minlstm(
         ),
         check_params=check_params,
         config=config,
+        linear=LinearRecurrence(coefficients),
     )

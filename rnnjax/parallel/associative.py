@@ -1,0 +1,220 @@
+r"""``method="associative"``: a linear recurrence solved by a parallel prefix scan, hand-derived backward.
+
+For a cell with a `rj.LinearRecurrence`, every step is ``h_t = a_t ⊙ h_{t-1} + b_t`` with ``(a_t, b_t)``
+computed from ``x_t`` alone. Two steps compose into one,
+``(a_1, b_1) ∘ (a_2, b_2) = (a_2 a_1, a_2 b_1 + b_2)``, an associative operation, so all prefixes come
+out of `jax.lax.associative_scan` in O(log T) parallel depth (Blelloch, 1990; used for linear RNNs by
+Martin and Cundy, ICLR 2018). The initial state enters as ``b_0 ← b_0 + a_0 ⊙ h_init``.
+
+Backward, given the cotangents ``g_t`` of every state (T-1 the last step)::
+
+    λ_{T-1} = g_{T-1} ;  λ_t = g_t + conj(a_{t+1}) ⊙ λ_{t+1}     the adjoint: the same recurrence, reversed
+    d a_t = λ_t ⊙ conj(h_{t-1}) ,  d b_t = λ_t ,  d h_init = conj(a_0) ⊙ λ_0     (h_{-1} = h_init)
+
+one reverse associative scan and elementwise products (``conj`` is the identity for real units, the
+transpose of each 2×2 block for complex ones). The gradients of ``params`` and ``xs`` then come from the
+per-step map ``(params, x_t) -> (a_t, b_t)`` by `jax.vjp`: it has no recursion in time.
+
+Padded steps (``t >= lengths[b]``) become identity steps ``a = 1, b = 0`` by a select (no arithmetic reads
+their values), so the state after the last valid step carries through to the end of the scan, and their
+outputs are selected to zero. ``reverse`` flips the time axis around the same scan.
+
+With ``chunk_size=C`` the time axis is cut into chunks of C steps: a sequential `jax.lax.scan` over the C
+steps of all chunks at once forms each chunk's summary ``(Π a, h from zero)``, one associative scan over the
+T/C summaries gives each chunk its entering state, and a second sequential pass over the C steps writes
+every state. Work O(T) as in the sequential scan (the plain associative scan does O(T log T)), with T/C
+chunks in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.cells.base import Cell
+from rnnjax.cells.linear import LinearRecurrence, Parts, add, conj, join, mul, split
+
+Array = jax.Array
+PyTree = Any
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """``chunk_size`` if it is None or an int >= 1, else a clear error."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    return chunk_size
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociativeUnroll:
+    """The associative scan as an implementation of `rj.unroll`'s driver (`rnnjax.driver._dispatch`):
+    ``impl(cell, reverse, unroll, params, xs [B, T, I], carry, mask [T, B] or None) -> (carry, ys)``.
+
+    Attributes:
+      grad: ``"manual"``: the hand-derived backward bound by `jax.custom_vjp`; ``"autodiff"``: JAX
+        differentiates the same forward scan (in either mode).
+      chunk_size: None: one associative scan over all T steps; C: sequential within chunks of C steps,
+        associative across them.
+    """
+
+    grad: str = "manual"
+    chunk_size: int | None = None
+
+    def __call__(
+        self,
+        cell: Cell,
+        reverse: bool,
+        unroll: int | bool | None,
+        params: PyTree,
+        xs: Array,
+        carry: PyTree,
+        mask: Array | None,
+    ) -> tuple[PyTree, Array]:
+        spec = cell.linear
+        assert spec is not None  # `rnnjax.parallel.resolve_method` refused a cell without one
+        leaves, treedef = jax.tree.flatten(carry)
+        if len(leaves) != 1:
+            raise TypeError(
+                f"method='associative' needs a carry with one leaf h [B, H]; cell {cell.name!r} has a carry "
+                f"with {len(leaves)} leaves: {treedef}"
+            )
+        h0 = leaves[0]
+        B, T = xs.shape[0], xs.shape[1]
+        a, b = spec.coefficients(params, jnp.swapaxes(xs, 0, 1))  # time-major [T, B, H]
+        _check_coefficients(cell, a, b, (T, B, h0.shape[-1]), h0.dtype, spec)
+        if mask is not None:  # padded steps: the identity step, selected before any arithmetic reads them
+            keep = mask[..., None]
+            a = jnp.where(keep, a, spec.one(a))
+            b = jnp.where(keep, b, jnp.zeros_like(b))
+        if reverse:
+            a, b = jnp.flip(a, 0), jnp.flip(b, 0)
+        solve = linear_recurrence if self.grad == "manual" else _forward
+        hs = solve(a, b, h0, spec.complex, self.chunk_size, 1 if unroll is None else unroll)
+        final = hs[-1]
+        if reverse:
+            hs = jnp.flip(hs, 0)
+        if mask is not None:
+            hs = jnp.where(mask[..., None], hs, jnp.zeros_like(hs))
+        return jax.tree.unflatten(treedef, [final]), jnp.swapaxes(hs, 0, 1)
+
+
+def _check_coefficients(
+    cell: Cell, a: Any, b: Any, shape: tuple[int, ...], dtype: Any, spec: LinearRecurrence
+) -> None:
+    for name, v in (("a", a), ("b", b)):
+        got = tuple(getattr(v, "shape", ()))
+        if got != shape:
+            raise ValueError(
+                f"cell {cell.name!r}: linear.coefficients must return a and b of shape [T, B, H] = "
+                f"{shape} for time-major xs [T, B, I] (the carry's h per step), got {name} of shape {got}"
+            )
+        if jnp.dtype(v.dtype) != jnp.dtype(dtype):
+            raise TypeError(
+                f"cell {cell.name!r}: linear.coefficients must return {name} in the dtype of the carry, "
+                f"{jnp.dtype(dtype)}, got {v.dtype}"
+            )
+    if spec.complex and shape[-1] % 2:
+        raise ValueError(
+            f"cell {cell.name!r}: a complex LinearRecurrence holds [Re, Im] halves, so H must be even, got "
+            f"H={shape[-1]}"
+        )
+
+
+def _combine(first: tuple[Parts, Parts], second: tuple[Parts, Parts]) -> tuple[Parts, Parts]:
+    """``(a_1, b_1)`` followed by ``(a_2, b_2)``: the step ``h -> a_2 (a_1 h + b_1) + b_2``."""
+    (a1, b1), (a2, b2) = first, second
+    return mul(a2, a1), add(mul(a2, b1), b2)
+
+
+def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> Parts:
+    """Every state of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = 0``: ``a``, ``b`` numbers of
+    time-major ``[T, B, N]`` arrays; the result likewise."""
+    T = a[0].shape[0]
+    if chunk_size is None or chunk_size >= T:
+        return jax.lax.associative_scan(_combine, (a, b), axis=0)[1]
+    C = chunk_size
+    K = -(-T // C)
+    pad = K * C - T
+    if pad:  # identity steps at the end: the states before them are unchanged
+
+        def extend(x: Array, value: float) -> Array:
+            return jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), value, x.dtype)])
+
+        a = tuple(extend(x, 1.0 if i == 0 else 0.0) for i, x in enumerate(a))
+        b = tuple(extend(x, 0.0) for x in b)
+    # [K·C, ...] -> [C, K, ...]: step c of every chunk k, so that a scan over C runs the K chunks at once
+    to_chunks = lambda x: jnp.swapaxes(x.reshape(K, C, *x.shape[1:]), 0, 1)  # noqa: E731
+    a, b = tuple(map(to_chunks, a)), tuple(map(to_chunks, b))
+
+    def summarise(acc: tuple[Parts, Parts], step: tuple[Parts, Parts]) -> tuple[tuple[Parts, Parts], None]:
+        return _combine(acc, step), None
+
+    zeros = tuple(jnp.zeros_like(x[0]) for x in b)
+    ones = tuple(jnp.ones_like(x[0]) if i == 0 else jnp.zeros_like(x[0]) for i, x in enumerate(a))
+    (A, Bk), _ = jax.lax.scan(summarise, (ones, zeros), (a, b), unroll=unroll)
+    # the state at the end of every chunk, then the one entering it (zero for the first)
+    ends = jax.lax.associative_scan(_combine, (A, Bk), axis=0)[1]
+    entering = tuple(jnp.concatenate([jnp.zeros_like(e[:1]), e[:-1]]) for e in ends)
+
+    def run(h: Parts, step: tuple[Parts, Parts]) -> tuple[Parts, Parts]:
+        a_t, b_t = step
+        h = add(mul(a_t, h), b_t)
+        return h, h
+
+    _, hs = jax.lax.scan(run, entering, (a, b), unroll=unroll)
+    from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(K * C, *x.shape[2:])[:T]  # noqa: E731
+    return tuple(map(from_chunks, hs))
+
+
+def _forward(
+    a: Array, b: Array, h0: Array, complex_: bool, chunk_size: int | None, unroll: int | bool
+) -> Array:
+    """Every state ``[T, B, H]`` of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = h0 [B, H]``."""
+    ap, bp = split(a, complex_), split(b, complex_)
+    first = add(tuple(x[0] for x in bp), mul(tuple(x[0] for x in ap), split(h0, complex_)))
+    bp = tuple(x.at[0].set(f) for x, f in zip(bp, first, strict=True))
+    return join(scan_linear(ap, bp, chunk_size, unroll))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def linear_recurrence(
+    a: Array, b: Array, h0: Array, complex_: bool, chunk_size: int | None, unroll: int | bool
+) -> Array:
+    """`_forward` with the hand-derived backward of the module docstring: ``a``, ``b`` ``[T, B, H]``,
+    ``h0 [B, H]`` -> every state ``[T, B, H]``."""
+    return _forward(a, b, h0, complex_, chunk_size, unroll)
+
+
+def _linear_recurrence_fwd(
+    a: Array, b: Array, h0: Array, complex_: bool, chunk_size: int | None, unroll: int | bool
+) -> tuple[Array, tuple[Array, Array, Array]]:
+    hs = _forward(a, b, h0, complex_, chunk_size, unroll)
+    return hs, (a, h0, hs)
+
+
+def _linear_recurrence_bwd(
+    complex_: bool,
+    chunk_size: int | None,
+    unroll: int | bool,
+    res: tuple[Array, Array, Array],
+    g: Array,
+) -> tuple[Array, Array, Array]:
+    a, h0, hs = res
+    # λ_t = g_t + conj(a_{t+1}) λ_{t+1}: a linear recurrence run from the last step, whose first decay
+    # (at t = T-1, multiplying λ_T = 0) is never read
+    a_next = conj(split(jnp.concatenate([a[1:], jnp.zeros_like(a[:1])]), complex_))
+    flip = lambda x: tuple(jnp.flip(v, 0) for v in x)  # noqa: E731
+    lam = flip(scan_linear(flip(a_next), flip(split(g, complex_)), chunk_size, unroll))
+    h_prev = split(jnp.concatenate([h0[None], hs[:-1]]), complex_)
+    da = join(mul(lam, conj(h_prev)))
+    dh0 = join(mul(conj(tuple(x[0] for x in split(a, complex_))), tuple(x[0] for x in lam)))
+    return da, join(lam), dh0
+
+
+linear_recurrence.defvjp(_linear_recurrence_fwd, _linear_recurrence_bwd)
