@@ -160,8 +160,11 @@ def _defining_module(module: str, name: str) -> tuple[Path, str]:
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
-                if (alias.asname or alias.name) == name:
-                    return _defining_module(node.module, alias.name)
+                star = alias.name == "*" and name in getattr(
+                    importlib.import_module(node.module), "__all__", ()
+                )
+                if star or (alias.asname or alias.name) == name:
+                    return _defining_module(node.module, name if star else alias.name)
     return path, name
 
 

@@ -48,7 +48,7 @@ class LinearRecurrence:
     (`linear_step`); a cell given both is responsible for their agreeing (the tests of the built-in cells
     compare them).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> def coefficients(params, xs):          # an exponential moving average of a projection of x
       ...     a = jnp.broadcast_to(params["decay"], xs.shape[:-1] + params["decay"].shape)

@@ -15,6 +15,8 @@ from rnnjax.cells.base import Cell
 # every value `rj.unroll` accepts for ``method=``, in one place: a new method is one more name here
 Method = Literal["sequential", "associative", "auto"]
 METHODS: tuple[str, ...] = get_args(Method)
+"""The values of `rj.unroll`'s ``method=``: ``"sequential"`` (the default), ``"associative"`` (cells with a
+`LinearRecurrence`) and ``"auto"``."""
 
 # The sequence length T from which ``method="auto"`` picks the associative scan for a linear cell, per
 # platform (`jax.default_backend()`). A platform missing here runs the sequential scan at every T. An entry
