@@ -19,6 +19,7 @@ from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, bino
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
 from rnnjax.checks import debug_check_range
+from rnnjax.regularize import Regularizer, check_regularize, draw
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -53,6 +54,8 @@ def unroll(
     schedule: Schedule | None = None,
     compute_dtype: Any = None,
     probe: Array | None = None,
+    regularize: Regularizer | None = None,
+    key: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -108,6 +111,11 @@ def unroll(
         never read) whose gradient is ``∂L/∂h_t``, the whole gradient reaching the hidden state of step t
         (0 at padded steps). With ``grad="manual"`` it comes out of the same backward pass as the other
         gradients: ``jax.grad(loss, argnums=(0, 2))(params, xs, probe)``. See `rnnjax.diagnostics`.
+      regularize: an `rj.Regularizer`: input and state (variational) dropout, zoneout and weight drop inside
+        the recurrence (`rnnjax.regularize`), or None. The hand-derived backward multiplies by the same
+        masks. Not with ``probe``.
+      key: with ``regularize``: a PRNG key from which the masks are drawn (training: the same key gives
+        the same masks); None: inference, where dropout is the identity and zoneout its expectation.
 
     Returns:
       ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
@@ -166,6 +174,9 @@ def unroll(
     carry0 = batch_like(carry0, xs, len(batch_shape), params, lengths)
     if probe is not None:
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
+    regularize = check_regularize(regularize, key, cell, params)
+    if regularize is not None and probe is not None:
+        raise ValueError("probe cannot be combined with regularize: pass one of them")
 
     B = math.prod(batch_shape)
     nesting, plan = (), None
@@ -192,7 +203,20 @@ def unroll(
     run = _run if plan is None and not nesting and segment is None else _dispatch
     try:
         return run(
-            impl, cell, reverse, unroll_steps, plan, nesting, segment, params, xs, carry0, lengths, probe
+            impl,
+            cell,
+            reverse,
+            unroll_steps,
+            plan,
+            nesting,
+            segment,
+            params,
+            xs,
+            carry0,
+            lengths,
+            probe,
+            regularize,
+            key,
         )
     except TypeError as e:
         if plan is not None and "forward-mode" in str(e):
@@ -223,10 +247,13 @@ def _dispatch(
     carry0: PyTree,
     lengths: Array | None,
     probe: Array | None,
+    regularize: Regularizer | None = None,
+    key: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
-    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, runs
-    ``impl`` plainly, with the binomial ``plan``, the ``nesting`` segment lengths or checkpoints every
-    ``segment`` steps, and restores the axes."""
+    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, draws the
+    regularisers' masks from ``key`` (`rnnjax.regularize.draw`), runs ``impl`` plainly, with the binomial
+    ``plan``, the ``nesting`` segment lengths or checkpoints every ``segment`` steps, and restores the
+    axes."""
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     B = math.prod(batch_shape)
     xs = xs.reshape(B, T, I)
@@ -234,17 +261,15 @@ def _dispatch(
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
         xs = _zero_padding(xs, mask)
-    args: tuple[Any, ...] = (
-        cell,
-        reverse,
-        unroll,
-        params,
-        xs,
-        _reshape_batch(carry0, len(batch_shape), (B,)),
-        mask,
-    )
-    if probe is not None:
-        args = (*args, probe.reshape(B, T, -1))
+    carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
+    noise = None
+    if regularize is not None:
+        # input dropout and weight drop act outside the recursion: JAX differentiates their products
+        x_mask, w_mask, noise = draw(regularize, key, cell, params, xs, carry0)
+        xs = xs if x_mask is None else xs * x_mask
+        params = params if w_mask is None else params._replace(w_hh=params.w_hh * w_mask)
+    args: tuple[Any, ...] = (cell, reverse, unroll, params, xs, carry0, mask)
+    args = (*args, noise) if probe is None else (*args, probe.reshape(B, T, -1))
     if plan is not None:
         final, ys = binomial_unroll(impl, plan, *args)
     elif nesting:
@@ -272,7 +297,7 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
 # `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
 # went from 57-73 compilations to 13-15, the rest being the loss's own operations)
-_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
 
 
 def _check_cell(cell: Any, what: str = "cell") -> Cell:
