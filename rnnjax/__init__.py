@@ -64,6 +64,7 @@ from rnnjax.layers import (
     stack,
     time_major,
 )
+from rnnjax.regularize import Regularizer
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
 from rnnjax.train_state import (
@@ -105,6 +106,7 @@ __all__ = [
     "PeepholeLSTMParams",
     "ProjectedLSTMParams",
     "ProjectionParams",
+    "Regularizer",
     "bidirectional",
     "bucket_by_length",
     "carry_from_torch",
