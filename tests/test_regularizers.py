@@ -270,3 +270,46 @@ def test_refusals():
     # user-written cells take input dropout, outside the recursion
     mine_p = rj.elman(H).init(KEY, I)
     rj.unroll(mine, mine_p, xs, regularize=rj.Regularizer(input_dropout=0.5), key=KEY)
+
+
+_MESH_SCRIPT = """
+import jax, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+import rnnjax as rj
+from jax.sharding import NamedSharding, PartitionSpec as P
+cell = rj.lstm(5)
+params = cell.init(jax.random.key(0), 3, jnp.float64)
+xs = jax.random.normal(jax.random.key(1), (4, 7, 3), jnp.float64)
+L = jnp.array([7, 0, 3, 1])
+reg = rj.Regularizer(input_dropout=0.3, state_dropout=0.4, zoneout=0.3, zoneout_c=0.5, weight_drop=0.2)
+def loss(p, x, l, mode):
+    c, ys = rj.unroll(cell, p, x, lengths=l, grad=mode, regularize=reg, key=jax.random.key(3))
+    return jnp.sum(jnp.sin(ys)) + jnp.sum(c.c ** 2)
+step = jax.jit(jax.value_and_grad(loss), static_argnums=3)
+ref = step(params, xs, L, "manual")
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+on = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+for mode in ("manual", "autodiff"):
+    with jax.set_mesh(mesh):
+        got = step(params, on(xs), on(L), mode)
+    print(max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))))
+"""
+
+
+@pytest.mark.slow
+def test_a_mesh_draws_the_masks_one_device_draws():
+    """On an explicit mesh of two devices, the batch split: the same masks, values and gradients as one
+    device (masks drawn over the whole batch and split like it)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", _MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = [float(line) for line in out.stdout.split()]
+    assert len(errors) == 2 and max(errors) <= 1e-12, errors
