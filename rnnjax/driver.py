@@ -182,6 +182,8 @@ def unroll(
     nesting, plan = (), None
     if budget is not None:
         sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))
+        if regularize is not None and regularize.zones:  # each step's zoneout masks and un-zoned carry
+            sizes = sizes._replace(residual=sizes.residual + 2 * sizes.carry)
         if schedule == "nested":
             nesting = budget_schedule(T, budget, sizes)
         elif T and (K_c := binomial_schedule(T, budget, sizes)) is not None:

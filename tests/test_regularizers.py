@@ -106,7 +106,7 @@ def test_finite_differences(name):
 
 @pytest.mark.parametrize(
     "schedule",
-    [dict(checkpoint=3), dict(checkpoint="sqrt"), dict(budget=9000), dict(budget=9000, schedule="nested")],
+    [dict(checkpoint=3), dict(checkpoint="sqrt"), dict(budget=12000), dict(budget=12000, schedule="nested")],
     ids=["checkpoint-3", "sqrt", "binomial", "nested"],
 )
 @pytest.mark.parametrize("name", ["lstm", pytest.param("mingru", marks=pytest.mark.slow)])
