@@ -26,7 +26,7 @@ GEMM = [n for n in CELLS if n.split("-")[0] in ("elman", "lstm", "gru", "mgu")]
 DIAGONAL = [n for n in CELLS if n not in GEMM]
 ALL = rj.Regularizer(input_dropout=0.3, state_dropout=0.4, zoneout=0.3, zoneout_c=0.5, weight_drop=0.2)
 ZONE_ONLY = rj.Regularizer(input_dropout=0.3, zoneout=0.4)
-FAST = ("lstm", "gru", "elman-tanh", "mingru")  # the others run with the slow tests
+FAST = ("lstm", "mingru")  # the other cells run with the slow tests
 
 
 def _reg(name: str) -> rj.Regularizer:
@@ -52,10 +52,12 @@ def _grads(loss, params, xs, carry, grad):
     ("name", "lengths", "reverse"),
     [pytest.param(n, None, False, id=f"{n}-full", marks=() if n in FAST else pytest.mark.slow) for n in CELLS]
     + [
-        pytest.param(n, LENGTHS, True, id=f"{n}-lengths-reverse")
+        pytest.param(
+            n, LENGTHS, True, id=f"{n}-lengths-reverse", marks=() if n == "lstm" else pytest.mark.slow
+        )
         for n in ("lstm", "gru", "elman-tanh", "lru")
     ]
-    + [pytest.param("lstm-projected", LENGTHS, False, id="lstm-projected-lengths")],
+    + [pytest.param("lstm-projected", LENGTHS, False, id="lstm-projected-lengths", marks=pytest.mark.slow)],
 )
 def test_manual_equals_autodiff(name, lengths, reverse):
     cell = CELLS[name](H)
@@ -106,8 +108,12 @@ def test_finite_differences(name):
 
 @pytest.mark.parametrize(
     "schedule",
-    [dict(checkpoint=3), dict(checkpoint="sqrt"), dict(budget=12000), dict(budget=12000, schedule="nested")],
-    ids=["checkpoint-3", "sqrt", "binomial", "nested"],
+    [
+        pytest.param(dict(checkpoint=3), id="checkpoint-3", marks=pytest.mark.slow),
+        pytest.param(dict(checkpoint="sqrt"), id="sqrt", marks=pytest.mark.slow),
+        pytest.param(dict(budget=12000), id="binomial"),
+        pytest.param(dict(budget=12000, schedule="nested"), id="nested", marks=pytest.mark.slow),
+    ],
 )
 @pytest.mark.parametrize("name", ["lstm", pytest.param("mingru", marks=pytest.mark.slow)])
 def test_memory_schedules_take_the_same_masks(name, schedule):
@@ -186,8 +192,7 @@ def test_masks_follow_the_key():
     "name",
     [
         "lstm",
-        "mingru",
-        *(pytest.param(n, marks=pytest.mark.slow) for n in ("gru", "mgu", "lstm-projected", "lru")),
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("gru", "mgu", "lstm-projected", "mingru", "lru")),
     ],
 )
 def test_manual_is_leaner_than_autodiff(name):
