@@ -94,6 +94,10 @@ class Config:
     sample_len: int = 200
     temperature: float = 0.7
     dropout: float = 0.0  # on the embedded characters (the LSTM's input), during training
+    # inside the recurrence (`rj.Regularizer`), during training; zoneout's expectation at evaluation
+    dropout_state: float = 0.0  # variational dropout on h entering h w_hh, one mask per track and window
+    zoneout: float = 0.0  # each unit of h and c keeps its previous value with this probability, per step
+    weight_drop: float = 0.0  # DropConnect on w_hh, one mask per batch
     seed: int = 0
     out_dir: str = "runs/char_lm"
     checkpoint_every: int = 500  # steps between training checkpoints; 0 saves none
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, help="stop training after this many steps")
     parser.add_argument("--seed", type=int, help="the seed of the initial parameters and of every key")
     parser.add_argument("--dropout", type=float, help="dropout rate on the LSTM's input while training")
+    parser.add_argument("--dropout-state", type=float, help="variational dropout on h entering h w_hh")
+    parser.add_argument("--zoneout", type=float, help="zoneout probability of the LSTM's h and c")
+    parser.add_argument("--weight-drop", type=float, help="DropConnect rate on the recurrent weights w_hh")
     parser.add_argument(
         "--checkpoint-every", type=int, help="save the training state every N steps (0: never)"
     )
@@ -194,13 +201,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("steps", "steps"),
         ("seed", "seed"),
         ("dropout", "dropout"),
+        ("dropout_state", "dropout_state"),
+        ("zoneout", "zoneout"),
+        ("weight_drop", "weight_drop"),
         ("checkpoint_every", "checkpoint_every"),
         ("checkpoint_dir", "checkpoint_dir"),
     ]:
         if getattr(args, flag) is not None:
             cfg = dataclasses.replace(cfg, **{name: getattr(args, flag)})
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("dropout", "dropout_state", "zoneout", "weight_drop"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
     if args.data_parallel:
@@ -301,16 +313,25 @@ def train(
             "--resume continues a run instead"
         )
 
+    reg = rj.Regularizer(state_dropout=cfg.dropout_state, zoneout=cfg.zoneout, weight_drop=cfg.weight_drop)
+
+    def regularize(key: jax.Array | None) -> dict[str, Any]:
+        """`rj.unroll`'s regularisers: masks from ``key`` in training, the expectation without one."""
+        if reg == rj.Regularizer():
+            return {}
+        return {"regularize": reg, "key": None if key is None else jax.random.fold_in(key, 1)}
+
     def loss_fn(
         params: Any, carry: rj.LSTMCarry, tokens: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, rj.LSTMCarry]:
         """Mean next-character cross-entropy (nats) over a window ``tokens [B, T+1]``, and the carry after;
-        with a ``dropout_key`` (training), dropout on the embedded characters."""
+        with a ``dropout_key`` (training), dropout on the embedded characters and the regularisers inside
+        the recurrence; without one, zoneout's expectation."""
         xs = rj.embed(params["embed"], tokens[:, :-1])
         if cfg.dropout and dropout_key is not None:
             keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, xs.shape)
             xs = jnp.where(keep, xs / (1.0 - cfg.dropout), 0.0)
-        carry, hs = rj.unroll(cell, params["cell"], xs, carry)
+        carry, hs = rj.unroll(cell, params["cell"], xs, carry, **regularize(dropout_key))
         logits = head.apply(params["head"], hs)
         return rj.losses.sequence_cross_entropy(logits, tokens[:, 1:]), carry
 

@@ -35,6 +35,7 @@ from rnnjax.layers import (
     time_major,
 )
 from rnnjax.parallel import METHODS
+from rnnjax.regularize import Regularizer
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
 from rnnjax.train_state import (
@@ -59,6 +60,7 @@ __all__ = [
     "GradcheckReport",
     "GradcheckRow",
     "Layer",
+    "Regularizer",
     "bidirectional",
     "bucket_by_length",
     "carry_from_torch",

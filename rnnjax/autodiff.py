@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
+from rnnjax.regularize import Noise
 from rnnjax.scan import forward
 
 Array = jax.Array
@@ -28,9 +29,10 @@ def autodiff_unroll(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
     """``(final_carry, ys)`` with JAX's own derivative; same signature as `rnnjax.bptt.bptt_unroll`."""
-    return forward(cell, params, xs, carry0, mask, reverse, unroll)
+    return forward(cell, params, xs, carry0, mask, reverse, unroll, noise)
 
 
 def probed_autodiff_unroll(

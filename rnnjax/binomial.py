@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from rnnjax.cells.base import Cell
+from rnnjax.regularize import Noise, noise_steps
 from rnnjax.remat import StepSizes, _grid, run_in_time_order
 from rnnjax.sharding import zeros_rows
 
@@ -242,6 +243,7 @@ def binomial_unroll(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
     """``impl`` (same signature and result) over ``plan.n`` leaves of ``plan.K`` steps on the binomial
     schedule; the ``T mod K`` steps left over run as one rematerialised segment, last in time order."""
@@ -249,11 +251,12 @@ def binomial_unroll(
     split = plan.n * plan.K
 
     def leaves(carry: PyTree) -> tuple[PyTree, PyTree]:
-        return _leaves(impl, plan, cell, reverse, unroll, params, xs, carry, mask)
+        return _leaves(impl, plan, cell, reverse, unroll, params, xs, carry, mask, noise)
 
     def tail(carry: PyTree) -> tuple[PyTree, PyTree]:
         run = partial(impl, cell, reverse, unroll)
-        return jax.checkpoint(run)(params, xs[:, split:], carry, None if mask is None else mask[split:])
+        m, nz = None if mask is None else mask[split:], noise_steps(noise, split, T - split)
+        return jax.checkpoint(run)(params, xs[:, split:], carry, m, nz)
 
     parts = [leaves] + ([tail] if split < T else [])
     return run_in_time_order(parts, carry0, reverse)
@@ -270,9 +273,10 @@ def _leaves(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
     """The first ``n K`` steps of ``xs [B, T, I]`` (``mask [T, B]`` or None), in leaves of K steps."""
-    final, ys, _ = _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask)
+    final, ys, _ = _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask, noise)
     return final, ys
 
 
@@ -284,6 +288,7 @@ def _leaf(
     unroll: int | bool,
     xs: Array,
     mask: Array | None,
+    noise: Noise | None,
     leaf: Array,
     params: PyTree,
     carry: PyTree,
@@ -293,7 +298,7 @@ def _leaf(
     if x is None:
         x = jax.lax.dynamic_slice_in_dim(xs, leaf * plan.K, plan.K, axis=1)
     m = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, leaf * plan.K, plan.K, axis=0)
-    return impl(cell, reverse, unroll, params, x, carry, m)
+    return impl(cell, reverse, unroll, params, x, carry, m, noise_steps(noise, leaf * plan.K, plan.K))
 
 
 def _time_leaf(plan: BinomialPlan, reverse: bool, pos: Array) -> Array:
@@ -308,7 +313,7 @@ def _get(slots: PyTree, slot: Array) -> PyTree:
     return jax.tree.map(lambda s: jax.lax.dynamic_index_in_dim(s, slot, 0, keepdims=False), slots)
 
 
-def _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask):
+def _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask, noise=None):
     """One scan over the leaves in time order (backwards for ``reverse``), storing the snapshots."""
     B = xs.shape[0]
     fwd_slot = jnp.asarray(plan.fwd_slot, jnp.int32)
@@ -317,7 +322,7 @@ def _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask):
     def body(state: tuple[PyTree, PyTree], leaf: Array) -> tuple[tuple[PyTree, PyTree], PyTree]:
         carry, slots = state
         slots = _put(slots, fwd_slot[_time_leaf(plan, reverse, leaf)], carry)
-        carry, ys = _leaf(impl, plan, cell, reverse, unroll, xs, mask, leaf, params, carry)
+        carry, ys = _leaf(impl, plan, cell, reverse, unroll, xs, mask, noise, leaf, params, carry)
         return (carry, slots), ys
 
     (final, slots), ys = jax.lax.scan(
@@ -328,20 +333,20 @@ def _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask):
     return final, ys, slots
 
 
-def _leaves_fwd(impl, plan, cell, reverse, unroll, params, xs, carry0, mask):
+def _leaves_fwd(impl, plan, cell, reverse, unroll, params, xs, carry0, mask, noise=None):
     value = lambda tree: jax.tree.map(lambda p: p.value, tree)  # noqa: E731
     wants_dxs = ((),) if xs.perturbed else ()  # static, as pytree structure
-    params, xs, carry0 = value(params), xs.value, value(carry0)
+    params, xs, carry0, noise = value(params), xs.value, value(carry0), value(noise)
     mask = None if mask is None else mask.value
-    final, ys, slots = _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask)
-    return (final, ys), (params, xs, mask, slots, wants_dxs)
+    final, ys, slots = _forward(impl, plan, cell, reverse, unroll, params, xs, carry0, mask, noise)
+    return (final, ys), (params, xs, mask, noise, slots, wants_dxs)
 
 
 def _leaves_bwd(impl, plan, cell, reverse, unroll, saved, cotangents):
-    params, xs, mask, slots, wants_dxs = saved
+    params, xs, mask, noise, slots, wants_dxs = saved
     d_final, d_ys = cotangents
     K = plan.K
-    leaf = partial(_leaf, impl, plan, cell, reverse, unroll, xs, mask)
+    leaf = partial(_leaf, impl, plan, cell, reverse, unroll, xs, mask, noise)
     tables = {
         name: jnp.asarray(getattr(plan, name), jnp.int32)
         for name in ("load_slot", "load_pos", "store_turn", "store_slot")
@@ -392,7 +397,7 @@ def _leaves_bwd(impl, plan, cell, reverse, unroll, saved, cotangents):
     (d_carry0, d_params, _, d_xs), _ = jax.lax.scan(
         turn, (d_final, zeros, slots, d_xs), jnp.arange(plan.n, dtype=jnp.int32)
     )
-    return d_params, d_xs, d_carry0, None
+    return d_params, d_xs, d_carry0, None, None
 
 
 _leaves.defvjp(_leaves_fwd, _leaves_bwd, symbolic_zeros=True)

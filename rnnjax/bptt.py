@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, time_gemm
+from rnnjax.regularize import Noise
 from rnnjax.scan import (
     forward,
     outputs_from_hs,
@@ -112,12 +113,14 @@ def bptt_unroll(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, Array]:
     """``(final_carry, ys [B, T, H])`` of a built-in cell; its VJP is the hand-derived BPTT below.
 
-    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None. T >= 1.
+    ``xs [B, T, I]``, ``carry0`` leaves ``[B, H]``, ``mask [T, B]`` bool or None, ``noise`` the
+    regularisers' masks inside the recursion (`rnnjax.regularize.Noise`) or None. T >= 1.
     """
-    return forward(cell, params, xs, carry0, mask, reverse, _loops(unroll))
+    return forward(cell, params, xs, carry0, mask, reverse, _loops(unroll), noise)
 
 
 def _bptt_fwd(
@@ -128,20 +131,21 @@ def _bptt_fwd(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[tuple[PyTree, Array], tuple]:
     T, o = xs.shape[1], int(reverse)
     xs_rows = pad_time(jnp.swapaxes(xs, 0, 1), reverse)  # [T+1, B, I]: step t in row t + o
-    final, carries, res, aside = scan_gates_saving(
-        cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, _loops(unroll)
+    final, carries, res, tildes, aside = scan_gates_saving(
+        cell, params, xs_rows @ params.w_ih, carry0, mask, reverse, _loops(unroll), noise
     )
     ys = outputs_from_hs(carries.h[1 - o : T + 1 - o], mask)  # the carries leaving the steps
-    return (final, ys), (params, xs_rows, mask, carries, res, aside)
+    return (final, ys), (params, xs_rows, mask, carries, res, aside, noise, tildes)
 
 
 def _bptt_bwd(
     cell: Cell, reverse: bool, unroll: int | bool | None, saved: tuple, cotangents: tuple
-) -> tuple[PyTree, Array, PyTree, None]:
-    return _backward(cell, reverse, unroll, saved, cotangents, emit_dh=False)[:4]
+) -> tuple[PyTree, Array, PyTree, None, None]:
+    return (*_backward(cell, reverse, unroll, saved, cotangents, emit_dh=False)[:4], None)
 
 
 def _backward(
@@ -155,7 +159,7 @@ def _backward(
     ``d w_hh`` GEMM: were it ±inf, an overflowed forward, ``d w_hh`` would be NaN where autodiff's could
     stay finite for a loss that ignores the last step.)
     """
-    params, xs_rows, mask, carries, res, aside = saved
+    params, xs_rows, mask, carries, res, aside, noise, tildes = saved
     d_final, d_ys = cotangents  # d_final: like the carry, leaves [B, H]; d_ys [B, T, H]
     T, o = d_ys.shape[1], int(reverse)
     w_hh_t = params.w_hh.T if hasattr(params, "w_hh") else None  # [G, H]; None: no recurrent GEMM
@@ -168,8 +172,13 @@ def _backward(
     # (`rnnjax.scan.read_row`), like the residuals below
     state_blocks = cell.diagonal
 
-    def row(t: Array, shift: int) -> PyTree:
-        return jax.tree.map(lambda c: read_row(c, t + shift, state_blocks), carries)
+    def row(t: Array, shift: int, buf: PyTree = carries) -> PyTree:
+        return jax.tree.map(lambda c: read_row(c, t + shift, state_blocks), buf)
+
+    # the regularisers inside the recursion (`rnnjax.regularize`): the state dropout mask m_h [B, H] on the
+    # h entering w_hh, and zoneout, z_t ⊙ c_{t-1} + (1 − z_t) ⊙ c̃_t, whose gates made c̃_t (kept in tildes)
+    state_mask = None if noise is None else noise.state
+    zones = None if noise is None else noise.zone
 
     # When the forward kept a residual leaf in the projection's buffer (`rnnjax.scan.residual_slot`: the
     # LSTM's activations), the gate gradients overwrite it in turn, and the backward holds no [T+1, B, G]
@@ -186,7 +195,7 @@ def _backward(
 
     def body(state: tuple, inp: tuple) -> tuple[tuple, tuple]:
         d_carry, pending = state
-        m_t, t = inp
+        m_t, z_t, t = inp
         leaves = list(res_leaves)
         if reuse is not None:
             buf, value, at = pending
@@ -210,12 +219,20 @@ def _backward(
             return zero_where_not(m_t, d_carry.h[..., cols] + dy)
 
         g_valid = zero_where_not(m_t, d_carry)._replace(h=read_row(d_ys_rows, t, state_blocks, plus_dy))
+        g_gates = g_valid
+        if z_t is not None:  # zoneout: the gates made c̃_t, which reaches c_t as (1 − z_t) ⊙ c̃_t
+            new_t = row(t, 1 - o, tildes)
+            g_gates = jax.tree.map(lambda z, g: (1 - z) * g, z_t, g_valid)
         # through the gates, by the cell's hand-derived derivative
-        dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_valid)
-        # through the recurrent projection zh_t = h_{t-1} w_hh
+        dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_gates)
+        # through the recurrent projection zh_t = (h_{t-1} ⊙ m_h) w_hh
         if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
             dh = reshard_like((dzx if dzh is None else dzh) @ w_hh_t, d_prev.h)
+            if state_mask is not None:
+                dh = dh * state_mask
             d_prev = d_prev._replace(h=d_prev.h + dh)
+        if z_t is not None:  # and c_{t-1} reaches c_t as z_t ⊙ c_{t-1}
+            d_prev = jax.tree.map(lambda d, z, g: d + z * g, d_prev, z_t, g_valid)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
         dzh_own = None if dzh is None else dzh[..., k:]  # the columns of dzh that dzx does not hold
@@ -232,7 +249,7 @@ def _backward(
     (d_carry0, pending), (dzx, dzh_own, d_hs, aux) = scan_stacked_late(
         body,
         (d_final, pending),
-        (mask, jnp.arange(T, dtype=jnp.int32)),
+        (mask, zones, jnp.arange(T, dtype=jnp.int32)),
         T,
         not reverse,
         _loops(unroll),
@@ -275,8 +292,9 @@ def _backward(
 
     # by column blocks: the shared ones from a GEMM over all of dzx (slicing dzx first copies it)
     grads = {"w_ih": rows_gemm(xs_rows), **({"b": rows_sum()} if hasattr(params, "b") else {})}
-    if w_hh_t is not None:
-        grads["w_hh"] = dzh_of(rows_gemm(carries.h), lambda: time_gemm(carries.h, dzh_own))
+    if w_hh_t is not None:  # Σ_t (h_{t-1} ⊙ m_h)ᵀ dzh_t
+        h_in = carries.h if state_mask is None else carries.h * state_mask[None]
+        grads["w_hh"] = dzh_of(rows_gemm(h_in), lambda: time_gemm(h_in, dzh_own))
     if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
         assert extra_grads is not None, "GatesBackward.extra_from_aux describes its extra_grads"
         grads.update(extra_grads(params, grads, None, None, None, None, *aux))
@@ -356,8 +374,12 @@ def stepwise_bptt_unroll(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
-    """``(final_carry, ys)`` of any cell's ``step``; its VJP chains per-step `jax.vjp` s backwards in time."""
+    """``(final_carry, ys)`` of any cell's ``step``; its VJP chains per-step `jax.vjp` s backwards in time.
+
+    ``noise`` is None: only the built-in cells take the regularisers inside the recursion."""
+    assert noise is None, "rnnjax.regularize.check_regularize refuses them for user-written cells"
     return forward(cell, params, xs, carry0, mask, reverse, unroll)
 
 
@@ -369,6 +391,7 @@ def _stepwise_fwd(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: None = None,
 ) -> tuple[tuple[PyTree, PyTree], tuple]:
     final, carries, ys = scan_steps(cell.step, params, xs, carry0, mask, reverse, unroll)
     return (final, ys), (params, xs, carry0, mask, carries)
@@ -376,13 +399,13 @@ def _stepwise_fwd(
 
 def _stepwise_bwd(
     cell: Cell, reverse: bool, unroll: int | bool, saved: tuple, cotangents: tuple
-) -> tuple[PyTree, Array, PyTree, None]:
+) -> tuple[PyTree, Array, PyTree, None, None]:
     params, xs, carry0, mask, carries = saved
     d_final, d_ys = cotangents
     backward = partial(_stepwise_backward, cell, reverse, unroll)
     split = _rows_split(params, xs)
     if split is None:
-        return (*backward(params, xs, carry0, mask, carries, d_final, d_ys), None)
+        return (*backward(params, xs, carry0, mask, carries, d_final, d_ys), None, None)
     # The batch split over an explicit mesh: each device runs the recursion on its own rows, and the
     # parameter gradient is summed over the devices once, after the loop (`sum_to_type`). Run globally,
     # each step's VJP summed its parameter gradient over the batch, and so over the devices: one all-reduce
@@ -405,7 +428,7 @@ def _stepwise_bwd(
     ]
     d_params, d_xs, d_carry0 = per_device(*placed)
     # typed as the primals are (a replicated initial carry gets a replicated gradient)
-    return d_params, reshard_like(d_xs, xs), reshard_like(d_carry0, carry0), None
+    return d_params, reshard_like(d_xs, xs), reshard_like(d_carry0, carry0), None, None
 
 
 def _rows_split(params: PyTree, xs: Array) -> tuple[Any, Any] | None:

@@ -21,6 +21,7 @@ from rnnjax.cells.base import Cell, check_float_dtype
 from rnnjax.checks import check_array, debug_check_range
 from rnnjax.parallel import Method, check_method, resolve_method
 from rnnjax.parallel.associative import AssociativeUnroll, check_chunk_size
+from rnnjax.regularize import Regularizer, check_regularize, draw
 from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
@@ -58,6 +59,8 @@ def unroll(
     probe: Array | None = None,
     method: Method = "sequential",
     chunk_size: int | None = None,
+    regularize: Regularizer | None = None,
+    key: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Steps ``cell`` over the time axis of ``xs``: ``(carry, [B, T, I]) -> (carry, [B, T, H])``.
 
@@ -125,6 +128,11 @@ def unroll(
       chunk_size: with ``method="associative"`` (or ``"auto"`` when it picks it): None (default) scans all
         T steps associatively; an int C runs the steps of each chunk of C sequentially, all chunks at
         once, and only the T/C chunk summaries associatively (O(T) work).
+      regularize: an `rj.Regularizer`: input and state (variational) dropout, zoneout and weight drop inside
+        the recurrence (`rnnjax.regularize`), or None. The hand-derived backward multiplies by the same
+        masks. Not with ``probe``.
+      key: with ``regularize``: a PRNG key from which the masks are drawn (training: the same key gives
+        the same masks); None: inference, where dropout is the identity and zoneout its expectation.
 
     Returns:
       ``(carry, ys)``: the final carry (leaves ``[B, H]``) and the outputs ``ys [B, T, H]`` (for a
@@ -188,8 +196,11 @@ def unroll(
     carry0 = batch_like(carry0, xs, len(batch_shape), params, lengths)
     if probe is not None:
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
+    regularize = check_regularize(regularize, key, cell, params)
+    if regularize is not None and probe is not None:
+        raise ValueError("probe cannot be combined with regularize: pass one of them")
 
-    options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe))
+    options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe), ("regularize", regularize))
     given = [n for n, v in options if v is not None]
     method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)
 
@@ -197,6 +208,8 @@ def unroll(
     nesting, plan = (), None
     if budget is not None:
         sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))
+        if regularize is not None and regularize.zones:  # each step's zoneout masks and un-zoned carry
+            sizes = sizes._replace(residual=sizes.residual + 2 * sizes.carry)
         if schedule == "nested":
             nesting = budget_schedule(T, budget, sizes)
         elif T and (K_c := binomial_schedule(T, budget, sizes)) is not None:
@@ -220,7 +233,20 @@ def unroll(
     run = _run if plan is None and not nesting and segment is None else _dispatch
     try:
         return run(
-            impl, cell, reverse, unroll_steps, plan, nesting, segment, params, xs, carry0, lengths, probe
+            impl,
+            cell,
+            reverse,
+            unroll_steps,
+            plan,
+            nesting,
+            segment,
+            params,
+            xs,
+            carry0,
+            lengths,
+            probe,
+            regularize,
+            key,
         )
     except TypeError as e:
         if plan is not None and "forward-mode" in str(e):
@@ -251,10 +277,13 @@ def _dispatch(
     carry0: PyTree,
     lengths: Array | None,
     probe: Array | None,
+    regularize: Regularizer | None = None,
+    key: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
-    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, runs
-    ``impl`` plainly, with the binomial ``plan``, the ``nesting`` segment lengths or checkpoints every
-    ``segment`` steps, and restores the axes."""
+    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, draws the
+    regularisers' masks from ``key`` (`rnnjax.regularize.draw`), runs ``impl`` plainly, with the binomial
+    ``plan``, the ``nesting`` segment lengths or checkpoints every ``segment`` steps, and restores the
+    axes."""
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     B = math.prod(batch_shape)
     xs = xs.reshape(B, T, I)
@@ -262,17 +291,15 @@ def _dispatch(
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
         xs = _zero_padding(xs, mask)
-    args: tuple[Any, ...] = (
-        cell,
-        reverse,
-        unroll,
-        params,
-        xs,
-        _reshape_batch(carry0, len(batch_shape), (B,)),
-        mask,
-    )
-    if probe is not None:
-        args = (*args, probe.reshape(B, T, -1))
+    carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
+    noise = None
+    if regularize is not None:
+        # input dropout and weight drop act outside the recursion: JAX differentiates their products
+        x_mask, w_mask, noise = draw(regularize, key, cell, params, xs, carry0)
+        xs = xs if x_mask is None else xs * x_mask
+        params = params if w_mask is None else params._replace(w_hh=params.w_hh * w_mask)
+    args: tuple[Any, ...] = (cell, reverse, unroll, params, xs, carry0, mask)
+    args = (*args, noise) if probe is None else (*args, probe.reshape(B, T, -1))
     if plan is not None:
         final, ys = binomial_unroll(impl, plan, *args)
     elif nesting:
@@ -300,7 +327,7 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
 # `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
 # went from 57-73 compilations to 13-15, the rest being the loss's own operations)
-_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
 
 
 def _check_cell(cell: Any, what: str = "cell") -> Cell:

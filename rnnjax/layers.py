@@ -53,6 +53,7 @@ UNROLL_OPTIONS: tuple[str, ...] = (
     "compute_dtype",
     "method",
     "chunk_size",
+    "regularize",
 )
 
 
@@ -68,8 +69,10 @@ class Layer:
       init: ``init(key, input_size, dtype=None) -> params`` (``None``: JAX's default float dtype).
       apply: ``apply(params, xs, *, carry=None, lengths=None, grad="manual", key=None, train=False,
         checkpoint=None, budget=None, schedule=None, unroll_steps=None, compute_dtype=None,
-        method="sequential", chunk_size=None) -> (carry, ys)``; ``key`` and ``train`` drive dropout (layers
-        without dropout ignore them); the last seven are `rj.unroll` 's, passed to every recurrence inside.
+        method="sequential", chunk_size=None, regularize=None) -> (carry, ys)``; ``key`` and ``train`` drive
+        dropout and the regularisers (layers without either ignore them); the last nine are `rj.unroll` 's,
+        passed to every recurrence inside (``regularize`` draws its masks from ``key`` in training,
+        `regularize_key`).
       initial_carry: ``initial_carry(params, batch_shape) -> carry`` (zeros).
       output_size: the feature size of ``ys``.
       name: a short description.
@@ -121,6 +124,16 @@ def _unroll_options(options: dict[str, Any], what: str) -> dict[str, Any]:
             f"key, train and rj.unroll's {UNROLL_OPTIONS}"
         )
     return options
+
+
+def regularize_key(options: dict[str, Any], key: Array | None, train: bool, what: str) -> Array | None:
+    """The ``key`` that a layer's recurrence draws its regularisers' masks from: ``key`` in training with
+    ``regularize`` among the ``options``, else None (inference: their expectation)."""
+    if options.get("regularize") is None or not train:
+        return None
+    if key is None:
+        raise ValueError(f"{what}.apply(..., regularize=..., train=True) needs a PRNG key: pass key=")
+    return key
 
 
 class BidirectionalParams(NamedTuple):
@@ -188,7 +201,10 @@ def rnn(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool | None = 
         **options: Any,
     ) -> tuple[PyTree, Array]:
         options = {"unroll_steps": unroll_steps, **_unroll_options(options, "rnn")}
-        return unroll(cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, **options)
+        key = regularize_key(options, key, train, "rnn")
+        return unroll(
+            cell, params, xs, carry, lengths=lengths, reverse=reverse, grad=grad, key=key, **options
+        )
 
     return Layer(
         init=cell.init,
@@ -272,9 +288,12 @@ def bidirectional(cell_fw: Cell, cell_bw: Cell | None = None, *, merge: str = "c
                 f"got {type(carry).__name__}"
             )
         c_fw, c_bw = (None, None) if carry is None else carry
-        f_fw, ys_fw = unroll(cell_fw, params.fw, xs, c_fw, lengths=lengths, grad=grad, **options)
+        key = regularize_key(options, key, train, "bidirectional")
+        # the two directions draw their masks from keys of their own
+        k_fw, k_bw = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
+        f_fw, ys_fw = unroll(cell_fw, params.fw, xs, c_fw, lengths=lengths, grad=grad, key=k_fw, **options)
         f_bw, ys_bw = unroll(
-            cell_bw, params.bw, xs, c_bw, lengths=lengths, reverse=True, grad=grad, **options
+            cell_bw, params.bw, xs, c_bw, lengths=lengths, reverse=True, grad=grad, key=k_bw, **options
         )
         ys = jnp.concatenate([ys_fw, ys_bw], axis=-1) if merge == "concat" else ys_fw + ys_bw
         return BidirectionalCarry(f_fw, f_bw), ys
@@ -366,6 +385,7 @@ def stack(*layers: Layer | Cell, residual: bool = False, dropout: float = 0.0) -
                 f"carry of a stack of {len(layers)} layers must be a tuple of {len(layers)} carries"
             )
         drop = train and dropout > 0
+        regularize_key(options, key, train, "stack")  # a clear error where training has no key
         if drop and key is None:
             raise ValueError("stack(..., dropout>0).apply(..., train=True) needs a PRNG key: pass key=")
         keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, input_projection
+from rnnjax.regularize import Noise, noise_steps
 
 Array = jax.Array
 PyTree = Any
@@ -179,10 +180,12 @@ def checkpointed_unroll(
     xs: Array,
     carry0: PyTree,
     mask: Array | None,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
     """``impl`` (the hand-derived or the autodiff unroll) over segments of K steps, each rematerialised.
 
-    Same signature and result as ``impl``: ``xs [B, T, I]``, ``mask [T, B]`` or None. The ⌊T/K⌋ full
+    Same signature and result as ``impl``: ``xs [B, T, I]``, ``mask [T, B]`` or None, ``noise`` the
+    regularisers' masks (`rnnjax.regularize.Noise`, zoneout's sliced like ``mask``) or None. The ⌊T/K⌋ full
     segments run in one `jax.lax.scan` that slices its segment out of ``xs`` (no copy of ``xs`` is made);
     the remaining ``T mod K`` steps run as one shorter segment, last in time order.
     """
@@ -190,14 +193,14 @@ def checkpointed_unroll(
     n = T // K
     rest = T - n * K
 
-    def run(carry: PyTree, x: Array, m: Array | None) -> tuple[PyTree, PyTree]:
-        return impl(cell, reverse, unroll, params, x, carry, m)
+    def run(carry: PyTree, x: Array, m: Array | None, nz: Noise | None) -> tuple[PyTree, PyTree]:
+        return impl(cell, reverse, unroll, params, x, carry, m, nz)
 
     @jax.checkpoint
     def segment(carry: PyTree, s: Array) -> tuple[PyTree, PyTree]:
         x = jax.lax.dynamic_slice_in_dim(xs, s * K, K, axis=1)
         m = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, s * K, K, axis=0)
-        return run(carry, x, m)
+        return run(carry, x, m, noise_steps(noise, s * K, K))
 
     def full_segments(carry: PyTree) -> tuple[PyTree, PyTree]:
         carry, ys = jax.lax.scan(segment, carry, jnp.arange(n), reverse=reverse)
@@ -205,7 +208,8 @@ def checkpointed_unroll(
         return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(B, n * K, *y.shape[3:]), ys)
 
     def tail(carry: PyTree) -> tuple[PyTree, PyTree]:
-        return jax.checkpoint(run)(carry, xs[:, n * K :], None if mask is None else mask[n * K :])
+        m = None if mask is None else mask[n * K :]
+        return jax.checkpoint(run)(carry, xs[:, n * K :], m, noise_steps(noise, n * K, rest))
 
     # time order: the full segments cover [0, nK), the tail [nK, T); reverse visits the tail first
     parts = [p for p, size in ((full_segments, n), (tail, rest)) if size]

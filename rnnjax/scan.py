@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, add_bias
+from rnnjax.regularize import Noise
 from rnnjax.sharding import fill_rows, first_element, zeros_rows
 
 Array = jax.Array
@@ -67,23 +68,40 @@ def project(params: PyTree, xs: Array) -> Array:
     return jnp.swapaxes(xs, 0, 1) @ params.w_ih
 
 
-def _gate_step(cell: Cell, params: PyTree, biased: bool = False) -> Any:
-    """One step of a built-in cell from its projected input: ``step(carry, zx_t, m_t) -> (carry, res)``.
+def _gate_step(cell: Cell, params: PyTree, biased: bool = False, noise: Noise | None = None) -> Any:
+    """One step of a built-in cell from its projected input: ``step(carry, zx_t, m_t, z_t) -> (carry, res,
+    tilde)``.
 
     Adds the bias to ``zx_t`` (unless ``biased``: it holds it already), runs the recurrent GEMM
-    ``h_{t-1} w_hh`` and the gates, and keeps the carry where ``m_t`` (``[B]`` bool or None) is False.
+    ``(h_{t-1} ⊙ m_h) w_hh`` (``m_h``: ``noise.state``, the state dropout mask, if any) and the gates, zones
+    out with ``z_t`` (like the carry, or None; `zone`) and keeps the carry where ``m_t`` (``[B]`` bool or
+    None) is False. ``tilde`` is the carry the gates made, before zoneout.
     """
     w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
     gates = cell.gates
     assert gates is not None, "only a cell with a hand-derived backward has gates"
+    state_mask = None if noise is None else noise.state
 
-    def step(carry: PyTree, zx_t: Array, m_t: Array | None) -> tuple[PyTree, Any]:
+    def step(carry: PyTree, zx_t: Array, m_t: Array | None, z_t: PyTree = None) -> tuple[PyTree, Any, PyTree]:
         if hasattr(params, "b") and not biased:
             zx_t = add_bias(zx_t, params.b)
-        new, res = gates(params, zx_t, None if w_hh is None else carry.h @ w_hh, carry)
-        return select(m_t, new, carry), res
+        h_in = carry.h if state_mask is None else carry.h * state_mask
+        tilde, res = gates(params, zx_t, None if w_hh is None else h_in @ w_hh, carry)
+        new = tilde if z_t is None else zone(z_t, carry, tilde)
+        return select(m_t, new, carry), res, tilde
 
     return step
+
+
+def zone(z: PyTree, prev: PyTree, new: PyTree) -> PyTree:
+    """Zoneout: ``z ⊙ prev + (1 − z) ⊙ new`` leaf by leaf (``z``: 1 keeps a unit's previous value, 0 takes
+    the new one; p at inference, the expectation)."""
+    return jax.tree.map(lambda z_, a, b: z_ * a + (1 - z_) * b, z, prev, new)
+
+
+def _zones(noise: Noise | None) -> PyTree:
+    """The zoneout masks ``[T, ...]`` to scan over, or None."""
+    return None if noise is None else noise.zone
 
 
 def scan_gates(
@@ -94,6 +112,7 @@ def scan_gates(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, Array]:
     """The time loop of a built-in cell: one ``[B, H] x [H, G]`` GEMM and the gates per step.
 
@@ -105,20 +124,22 @@ def scan_gates(
       mask: ``[T, B]`` bool or None.
       reverse: run ``t = T-1 .. 0``.
       unroll: `jax.lax.scan`'s unroll factor.
+      noise: the regularisers' masks inside the recursion (`rnnjax.regularize.Noise`), or None.
 
     Returns:
       ``(final_carry, hs)``: ``hs [T, B, H]`` is the hidden state after every step.
     """
-    step = _gate_step(cell, params, biased=True)
+    step = _gate_step(cell, params, biased=True, noise=noise)
     b = getattr(params, "b", None)
     with_b = None if b is None else lambda cols, r: add_bias(r, b[cols])
 
-    def body(carry: PyTree, inp: tuple[Array | None, Array]) -> tuple[PyTree, Array]:
-        m_t, t = inp
-        new, _ = step(carry, read_row(zx, t, len(cell.gate_names), with_b), m_t)
+    def body(carry: PyTree, inp: tuple) -> tuple[PyTree, Array]:
+        m_t, z_t, t = inp
+        new, _, _ = step(carry, read_row(zx, t, len(cell.gate_names), with_b), m_t, z_t)
         return new, new.h
 
-    return jax.lax.scan(body, carry0, (mask, jnp.arange(zx.shape[0])), reverse=reverse, unroll=unroll)
+    xs = (mask, _zones(noise), jnp.arange(zx.shape[0]))
+    return jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
 
 
 def read_row(buf: Array, t: Array, blocks: int, f: Callable[[slice, Array], Array] | None = None) -> Array:
@@ -178,7 +199,8 @@ def scan_gates_saving(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
-) -> tuple[PyTree, PyTree, PyTree, tuple[Array, Array] | None]:
+    noise: Noise | None = None,
+) -> tuple[PyTree, PyTree, PyTree, PyTree, tuple[Array, Array] | None]:
     """`scan_gates` that also keeps what the hand-derived backward needs: every carry, and the residuals.
 
     Rows: with ``o = 1`` when ``reverse`` (else 0), step t reads its projected input from row ``t + o`` of
@@ -205,15 +227,22 @@ def scan_gates_saving(
     which that ``dzx`` is added apart. (Leaving the residual in the row and subtracting it back out cancels
     catastrophically: with a small loss scale, float32 ``d w_ih`` loses its leading digits.)
 
+    With zoneout (``noise.zone``) the carries are the zoned ones, and ``tildes`` keeps, in the same rows as
+    the carries leaving the steps, the carries the gates made before zoneout: their derivatives read them.
+
     Returns:
-      ``(final_carry, carries, res, aside)``: ``aside`` is ``(last, first)``, the residuals of the last
-      and the first step visited for the leaf in ``zx_rows`` (``[B, G]`` each), or None when no leaf is.
+      ``(final_carry, carries, res, tildes, aside)``: ``tildes`` is None without zoneout; ``aside`` is
+      ``(last, first)``, the residuals of the last and the first step visited for the leaf in ``zx_rows``
+      (``[B, G]`` each), or None when no leaf is.
     """
     T = zx_rows.shape[0] - 1
     o = int(reverse)
-    step = _gate_step(cell, params)
+    step = _gate_step(cell, params, noise=noise)
+    zones = _zones(noise)
     rows0 = jax.tree.map(lambda c: zeros_rows(c, (T + 1,)).at[T * o].set(c), carry0)
-    _, res_spec = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0])
+    tildes0 = None if zones is None else jax.tree.map(lambda c: zeros_rows(c, (T + 1,)), carry0)
+    z0 = None if zones is None else jax.tree.map(lambda z: z[0], zones)
+    _, res_spec, _ = jax.eval_shape(step, carry0, zx_rows[0], None if mask is None else mask[0], z0)
     res_leaves, treedef = jax.tree.flatten(res_spec)
     # One step per loop iteration only: unrolled, a step's late write and a later step's read share an
     # iteration, and XLA copies the buffer every iteration. And only for a buffer of at least as many rows
@@ -231,9 +260,9 @@ def scan_gates_saving(
     # the other residual leaves: zeros but in their step's row
     res0 = [None if i == slot else zeros_rows(r, (T + 1,)) for i, r in enumerate(res_leaves)]
 
-    def body(state: tuple, inp: tuple[Array | None, Array]) -> tuple[tuple, None]:
-        carry, rows, zx_buf, res_bufs, pending = state
-        m_t, t = inp
+    def body(state: tuple, inp: tuple) -> tuple[tuple, None]:
+        carry, rows, tildes, zx_buf, res_bufs, pending = state
+        m_t, z_t, t = inp
         if slot is not None:  # the previous step's residual, over the row it read
             zx_buf = jax.lax.dynamic_update_index_in_dim(zx_buf, pending[0], pending[1], 0)
         if slot is not None:  # one read of the row, which all its readers share (see the docstring)
@@ -241,9 +270,11 @@ def scan_gates_saving(
             zx_t = jax.lax.optimization_barrier(zx_t)
         else:
             zx_t = read_row(zx_buf, t + o, len(cell.gate_names))
-        new, res = step(carry, zx_t, m_t)
+        new, res, tilde = step(carry, zx_t, m_t, z_t)
         put = lambda buf, v, at: jax.lax.dynamic_update_index_in_dim(buf, v, at, 0)  # noqa: E731
         rows = jax.tree.map(lambda r, v: put(r, v, t + 1 - o), rows, new)
+        if tildes is not None:
+            tildes = jax.tree.map(lambda r, v: put(r, v, t + 1 - o), tildes, tilde)
         res = jax.tree.leaves(res)
         res_bufs = [
             None if i == slot else put(b, v, t + o)
@@ -253,20 +284,20 @@ def scan_gates_saving(
             first = t == t_first
             kept = jnp.where(first, res[slot], pending[2])
             pending = (jnp.where(first, zero_row, res[slot]), t + o, kept)
-        return (new, rows, zx_buf, res_bufs, pending), None
+        return (new, rows, tildes, zx_buf, res_bufs, pending), None
 
-    (final, carries, zx_buf, res, pending), _ = jax.lax.scan(
+    (final, carries, tildes, zx_buf, res, pending), _ = jax.lax.scan(
         body,
-        (carry0, rows0, zx_rows, res0, pending0),
-        (mask, jnp.arange(T, dtype=jnp.int32)),
+        (carry0, rows0, tildes0, zx_rows, res0, pending0),
+        (mask, zones, jnp.arange(T, dtype=jnp.int32)),
         reverse=reverse,
         unroll=unroll,
     )
     if slot is None:
-        return final, carries, jax.tree.unflatten(treedef, res), None
+        return final, carries, jax.tree.unflatten(treedef, res), tildes, None
     res[slot] = zx_buf
     assert pending is not None  # carried whenever a slot is
-    return final, carries, jax.tree.unflatten(treedef, res), (pending[0], pending[2])
+    return final, carries, jax.tree.unflatten(treedef, res), tildes, (pending[0], pending[2])
 
 
 def outputs_from_hs(hs: Array, mask: Array | None) -> Array:
@@ -284,15 +315,17 @@ def forward(
     mask: Array | None,
     reverse: bool,
     unroll: int | bool,
+    noise: Noise | None = None,
 ) -> tuple[PyTree, PyTree]:
     """The forward of `rnnjax.unroll` on flat inputs: ``(final_carry, ys)``, no residuals kept.
 
     One function for both gradient modes: the hand-derived BPTT's primal and the autodiff twin run it, so
     the two can differ only in their backward. Built-in cells take the hoisted-projection path
-    (`project` + `scan_gates`); other cells step with `scan_steps`.
+    (`project` + `scan_gates`); other cells step with `scan_steps`. ``noise``: the regularisers' masks
+    inside the recursion (`rnnjax.regularize.Noise`; built-in cells only), or None.
     """
     if cell.is_builtin:
-        final, hs = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll)
+        final, hs = scan_gates(cell, params, project(params, xs), carry0, mask, reverse, unroll, noise)
         return final, outputs_from_hs(hs, mask)
     final, _, ys = scan_steps(cell.step, params, xs, carry0, mask, reverse, unroll)
     return final, ys

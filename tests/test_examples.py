@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -187,6 +188,19 @@ def test_char_lm_quick_learns(tmp_path, monkeypatch, capsys):
     assert "validation" in capsys.readouterr().out
     assert (tmp_path / "runs/char_lm/char_lm.png").stat().st_size > 0
     assert (tmp_path / "runs/char_lm/samples.txt").read_text().startswith("--- step 0\ndef ")
+
+
+def test_char_lm_quick_with_regularisers(tmp_path, monkeypatch):
+    """The regularisers inside the recurrence train (masks drawn in training, zoneout's expectation in
+    validation) and are refused out of range by the flag's name."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--quick", "--no-progress", "--steps", "20", "--checkpoint-every", "0"]
+    reg = ["--dropout-state", "0.2", "--zoneout", "0.1", "--weight-drop", "0.2"]
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        results = char_lm.main(flags + reg)
+        assert all(math.isfinite(b) for b in results["val_bits"])
+        with pytest.raises(ValueError, match=r"--zoneout must be in \[0, 1\), got 1\.0"):
+            char_lm.main([*flags, "--zoneout", "1.0"])
 
 
 def test_char_lm_data_parallel_equals_one_device(tmp_path):
