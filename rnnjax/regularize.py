@@ -65,7 +65,7 @@ class Regularizer:
 
     Every probability is in ``[0, 1)``; 0 turns a regulariser off.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
       >>> cell = rj.lstm(8)
       >>> params = cell.init(jax.random.key(0), input_size=3)
