@@ -148,6 +148,7 @@ def test_zero_carry_and_extra_batch_axes():
     assert rel_err((c_a, ys_a), (c_s, ys_s)) <= TOL
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(
     B_=st.integers(1, 3),
@@ -196,6 +197,7 @@ def test_forward_mode_needs_autodiff():
     assert rel_err(t_a, t_s) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mingru", "lru"])
 @pytest.mark.parametrize("chunk", [None, 2])
 @settings(max_examples=2, deadline=None)

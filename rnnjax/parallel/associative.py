@@ -75,9 +75,11 @@ class AssociativeUnroll:
         xs: Array,
         carry: PyTree,
         mask: Array | None,
+        noise: object = None,
     ) -> tuple[PyTree, Array]:
         spec = cell.linear
         assert spec is not None  # `rnnjax.parallel.resolve_method` refused a cell without one
+        assert noise is None  # `rnnjax.parallel.resolve_method` refused ``regularize=``
         leaves, treedef = jax.tree.flatten(carry)
         if len(leaves) != 1:
             raise TypeError(
