@@ -202,7 +202,7 @@ def unroll(
 
     options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe), ("regularize", regularize))
     given = [n for n, v in options if v is not None]
-    method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)
+    method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)  # pyright: ignore[reportAssignmentType]
 
     B = math.prod(batch_shape)
     nesting, plan = (), None

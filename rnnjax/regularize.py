@@ -142,7 +142,7 @@ def _is_key(key: Any) -> bool:
     dtype = getattr(key, "dtype", None)
     if dtype is None:
         return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
         return getattr(key, "shape", None) == ()
     return dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)  # a raw jax.random.PRNGKey
 

@@ -97,7 +97,7 @@ class AssociativeUnroll:
         if reverse:
             a, b = jnp.flip(a, 0), jnp.flip(b, 0)
         solve = linear_recurrence if self.grad == "manual" else _forward
-        hs = solve(a, b, h0, spec.complex, self.chunk_size, 1 if unroll is None else unroll)
+        hs: Array = solve(a, b, h0, spec.complex, self.chunk_size, 1 if unroll is None else unroll)  # pyright: ignore[reportAssignmentType]
         final = hs[-1]
         if reverse:
             hs = jnp.flip(hs, 0)
