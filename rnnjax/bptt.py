@@ -81,7 +81,17 @@ from rnnjax.scan import (
     shift_carries,
     zero_where_not,
 )
-from rnnjax.sharding import batch_split, explicit_spec, reshard_like, reshard_to, sum_to_type, vary_like
+from rnnjax.sharding import (
+    batch_split,
+    explicit_spec,
+    merge_rows,
+    reshard_like,
+    reshard_to,
+    row_groups,
+    split_rows,
+    sum_to_type,
+    vary_like,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -381,6 +391,19 @@ def _stepwise_bwd(
     d_final, d_ys = cotangents
     backward = partial(_stepwise_backward, cell, reverse, unroll)
     split = _rows_split(params, xs)
+    if split is None and (groups := row_groups(xs)) > 1:
+        # A mesh of Auto axes, whose types do not say how the batch is split: the rows cut into one group
+        # per device, each group's recursion run side by side, and the groups' parameter gradients summed
+        # once, after the loop, as on an explicit mesh below.
+        rows = (xs, carry0, d_final, d_ys)
+        by_time = (mask, carries)  # [T, B, ...] leaves
+        d_params, d_xs, d_carry0 = jax.vmap(backward, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+            params,
+            *split_rows(rows[:2], groups),
+            *split_rows(by_time, groups, axis=1),
+            *split_rows(rows[2:], groups),
+        )
+        return jax.tree.map(lambda g: jnp.sum(g, axis=0), d_params), *merge_rows((d_xs, d_carry0)), None
     if split is None:
         return (*backward(params, xs, carry0, mask, carries, d_final, d_ys), None)
     # The batch split over an explicit mesh: each device runs the recursion on its own rows, and the

@@ -8,6 +8,7 @@ batch dimensions into one, builds the length mask, and dispatches to the hand-de
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Literal, get_args
 
 import jax
@@ -23,6 +24,7 @@ from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
     nested_checkpointed_unroll,
+    rows_per_device,
     segment_length,
     step_sizes,
 )
@@ -247,13 +249,13 @@ def _dispatch(
     if probe is not None:
         args = (*args, probe.reshape(B, T, -1))
     if plan is not None:
-        final, ys = binomial_unroll(impl, plan, *args)
+        final, ys = rows_per_device(partial(binomial_unroll, impl, plan), *args)
     elif nesting:
-        final, ys = nested_checkpointed_unroll(impl, nesting, *args)
+        final, ys = rows_per_device(partial(nested_checkpointed_unroll, impl, nesting), *args)
     elif segment is None:
         final, ys = impl(*args)
     else:
-        final, ys = checkpointed_unroll(impl, segment, *args)
+        final, ys = rows_per_device(partial(checkpointed_unroll, impl, segment), *args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
 
 
