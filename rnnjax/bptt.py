@@ -88,6 +88,7 @@ from rnnjax.sharding import (
     reshard_like,
     reshard_to,
     row_groups,
+    sharding_on,
     split_rows,
     sum_to_type,
     vary_like,
@@ -224,7 +225,7 @@ def _backward(
         dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_valid)
         # through the recurrent projection zh_t = h_{t-1} w_hh
         if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
-            dh = reshard_like((dzx if dzh is None else dzh) @ w_hh_t, d_prev.h)
+            dh = reshard_like(_gates_to_units(dzx if dzh is None else dzh, w_hh_t), d_prev.h)
             d_prev = d_prev._replace(h=d_prev.h + dh)
         # a masked step copied the carry: its gradient passes through unchanged
         d_prev = select(m_t, d_prev, d_carry)
@@ -265,8 +266,8 @@ def _backward(
         return out if dzx_last is None else out + jnp.sum(dzx_last, axis=0)
 
     def rows_project(w: Array) -> Array:  # dzx_t w for every row t
-        out = dzx @ w
-        return out if dzx_last is None else out.at[T * o].set(dzx_last @ w)
+        out = _gates_to_units(dzx, w)
+        return out if dzx_last is None else out.at[T * o].set(_gates_to_units(dzx_last, w))
 
     # the weight and input gradients, once over all T + 1 rows and B (plain GEMMs): the spare row of the
     # gate gradients is zero, so it adds nothing. So do the cell's own sums (`Cell.extra_grads`), over
@@ -350,6 +351,17 @@ def _probed_bwd(
 
 
 probed_bptt_unroll.defvjp(_probed_fwd, _probed_bwd)
+
+
+def _gates_to_units(dz: Array, w: Array) -> Array:
+    """``dz [..., G] @ w [G, N]``. Where the gates' axis of ``dz`` is split over an explicit mesh (hidden
+    units split, model parallelism), the contraction sums over the devices, and JAX asks for the result's
+    sharding: ``dz``'s on its other axes, ``w``'s on the last."""
+    spec = explicit_spec(dz)
+    if spec is None or spec[-1] is None:
+        return dz @ w
+    out = (*spec[:-1], (explicit_spec(w) or (None, None))[-1])
+    return jnp.matmul(dz, w, out_sharding=sharding_on(out, dz))
 
 
 # ---------------------------------------------------------------------------------------------------------
