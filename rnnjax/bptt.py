@@ -82,7 +82,18 @@ from rnnjax.scan import (
     shift_carries,
     zero_where_not,
 )
-from rnnjax.sharding import batch_split, explicit_spec, reshard_like, reshard_to, sum_to_type, vary_like
+from rnnjax.sharding import (
+    batch_split,
+    explicit_spec,
+    merge_rows,
+    reshard_like,
+    reshard_to,
+    row_groups,
+    sharding_on,
+    split_rows,
+    sum_to_type,
+    vary_like,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -227,7 +238,7 @@ def _backward(
         dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_gates)
         # through the recurrent projection zh_t = (h_{t-1} ⊙ m_h) w_hh
         if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
-            dh = reshard_like((dzx if dzh is None else dzh) @ w_hh_t, d_prev.h)
+            dh = reshard_like(_gates_to_units(dzx if dzh is None else dzh, w_hh_t), d_prev.h)
             if state_mask is not None:
                 dh = dh * state_mask
             d_prev = d_prev._replace(h=d_prev.h + dh)
@@ -272,8 +283,8 @@ def _backward(
         return out if dzx_last is None else out + jnp.sum(dzx_last, axis=0)
 
     def rows_project(w: Array) -> Array:  # dzx_t w for every row t
-        out = dzx @ w
-        return out if dzx_last is None else out.at[T * o].set(dzx_last @ w)
+        out = _gates_to_units(dzx, w)
+        return out if dzx_last is None else out.at[T * o].set(_gates_to_units(dzx_last, w))
 
     # the weight and input gradients, once over all T + 1 rows and B (plain GEMMs): the spare row of the
     # gate gradients is zero, so it adds nothing. So do the cell's own sums (`Cell.extra_grads`), over
@@ -360,6 +371,17 @@ def _probed_bwd(
 probed_bptt_unroll.defvjp(_probed_fwd, _probed_bwd)
 
 
+def _gates_to_units(dz: Array, w: Array) -> Array:
+    """``dz [..., G] @ w [G, N]``. Where the gates' axis of ``dz`` is split over an explicit mesh (hidden
+    units split, model parallelism), the contraction sums over the devices, and JAX asks for the result's
+    sharding: ``dz``'s on its other axes, ``w``'s on the last."""
+    spec = explicit_spec(dz)
+    if spec is None or spec[-1] is None:
+        return dz @ w
+    out = (*spec[:-1], (explicit_spec(w) or (None, None))[-1])
+    return jnp.matmul(dz, w, out_sharding=sharding_on(out, dz))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # User-written cells: the reverse recursion chained from per-step VJPs.
 # ---------------------------------------------------------------------------------------------------------
@@ -404,6 +426,19 @@ def _stepwise_bwd(
     d_final, d_ys = cotangents
     backward = partial(_stepwise_backward, cell, reverse, unroll)
     split = _rows_split(params, xs)
+    if split is None and (groups := row_groups(xs)) > 1:
+        # A mesh of Auto axes, whose types do not say how the batch is split: the rows cut into one group
+        # per device, each group's recursion run side by side, and the groups' parameter gradients summed
+        # once, after the loop, as on an explicit mesh below.
+        rows = (xs, carry0, d_final, d_ys)
+        by_time = (mask, carries)  # [T, B, ...] leaves
+        d_params, d_xs, d_carry0 = jax.vmap(backward, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+            params,
+            *split_rows(rows[:2], groups),
+            *split_rows(by_time, groups, axis=1),
+            *split_rows(rows[2:], groups),
+        )
+        return jax.tree.map(lambda g: jnp.sum(g, axis=0), d_params), *merge_rows((d_xs, d_carry0)), None, None
     if split is None:
         return (*backward(params, xs, carry0, mask, carries, d_final, d_ys), None, None)
     # The batch split over an explicit mesh: each device runs the recursion on its own rows, and the

@@ -8,6 +8,7 @@ batch dimensions into one, builds the length mask, and dispatches to the hand-de
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Literal, get_args
 
 import jax
@@ -26,11 +27,12 @@ from rnnjax.remat import (
     budget_schedule,
     checkpointed_unroll,
     nested_checkpointed_unroll,
+    rows_per_device,
     segment_length,
     step_sizes,
 )
 from rnnjax.scan import mask_from_lengths
-from rnnjax.sharding import batch_like, explicit_spec
+from rnnjax.sharding import batch_like, explicit_spec, reshard_like
 
 Array = jax.Array
 PyTree = Any
@@ -189,11 +191,13 @@ def unroll(
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
-    _check_explicit_split(params, xs, len(batch_shape))
+    units_split = _check_explicit_split(params, xs, len(batch_shape))
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
     # on an explicit mesh sharded like xs; inside shard_map varying like the values the steps read
     carry0 = batch_like(carry0, xs, len(batch_shape), params, lengths)
+    if units_split:
+        carry0 = _typed_by_step(cell, params, carry0, xs)
     if probe is not None:
         probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
     regularize = check_regularize(regularize, key, cell, params)
@@ -301,13 +305,13 @@ def _dispatch(
     args: tuple[Any, ...] = (cell, reverse, unroll, params, xs, carry0, mask)
     args = (*args, noise) if probe is None else (*args, probe.reshape(B, T, -1))
     if plan is not None:
-        final, ys = binomial_unroll(impl, plan, *args)
+        final, ys = rows_per_device(partial(binomial_unroll, impl, plan), *args)
     elif nesting:
-        final, ys = nested_checkpointed_unroll(impl, nesting, *args)
+        final, ys = rows_per_device(partial(nested_checkpointed_unroll, impl, nesting), *args)
     elif segment is None:
         final, ys = impl(*args)
     else:
-        final, ys = checkpointed_unroll(impl, segment, *args)
+        final, ys = rows_per_device(partial(checkpointed_unroll, impl, segment), *args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
 
 
@@ -384,22 +388,11 @@ def _check_xs(xs: Any) -> Array:
     return xs
 
 
-def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> None:
-    """A clear error for what a mesh of `jax.sharding.AxisType.Explicit` axes cannot split here: a parameter
-    by its last axis (gates or hidden units: a step would return a carry split by unit, which the time
-    loop's carry, rows of the batch, cannot take), or the time axis of ``xs`` (each step reads one time
-    row). The batch, the input features and a weight's contracted (leading) axis may be split; on
-    `~jax.sharding.AxisType.Auto` axes XLA's partitioner splits any of them."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        spec = explicit_spec(leaf) if hasattr(leaf, "shape") else None
-        if spec is not None and spec[-1] is not None:
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} is split by its last axis (gates or hidden units) over "
-                f"an explicit mesh, as {jax.P(*spec)}; on AxisType.Explicit axes rnnjax splits the batch, "
-                "and a weight only by its contracted (leading) axis. To split hidden units (model "
-                "parallelism), place the arrays on a mesh of AxisType.Auto axes, where XLA's partitioner "
-                "splits the work"
-            )
+def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> bool:
+    """Whether a parameter is split by its last axis (gates or hidden units: model parallelism) over a mesh
+    of `jax.sharding.AxisType.Explicit` axes, whose steps then return a carry split by unit
+    (`_typed_by_step`); and a clear error for the time axis of ``xs`` split there (each step reads one time
+    row). On `~jax.sharding.AxisType.Auto` axes XLA's partitioner splits any of them."""
     spec = explicit_spec(xs)
     if spec is not None and spec[n_batch] is not None:
         raise ValueError(
@@ -407,6 +400,18 @@ def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> None:
             f"loop reads one step at a time, so T must stay whole: e.g. "
             f"{jax.P(*spec[:n_batch], None, spec[n_batch + 1])}"
         )
+    specs = [explicit_spec(leaf) if hasattr(leaf, "shape") else None for leaf in jax.tree.leaves(params)]
+    return any(s is not None and s[-1] is not None for s in specs)
+
+
+def _typed_by_step(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> PyTree:
+    """``carry0`` resharded to the type a step gives the carry back, where weights split by unit over an
+    explicit mesh split the carry by unit: the time loop needs its carry to keep its type. Twice, to reach
+    the type that a step keeps (a carry split by unit gives one split the same way)."""
+    for _ in range(2):
+        new, _ = jax.eval_shape(lambda p, c, x: cell.step(p, c, x[..., 0, :]), params, carry0, xs)
+        carry0 = reshard_like(carry0, new)
+    return carry0
 
 
 def _check_lengths(lengths: Any, batch_shape: tuple[int, ...], T: int) -> Array | None:

@@ -31,6 +31,16 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell, input_projection
 from rnnjax.regularize import Noise, noise_steps
+from rnnjax.sharding import (
+    batch_split,
+    explicit_spec,
+    merge_rows,
+    reshard_like,
+    reshard_to,
+    row_groups,
+    split_rows,
+    vary_like,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -239,3 +249,88 @@ def nested_checkpointed_unroll(
     for K in reversed(ks[1:]):
         impl = partial(checkpointed_unroll, impl, K)
     return checkpointed_unroll(impl, ks[0], *args)
+
+
+def rows_per_device(
+    schedule: Callable[..., tuple[PyTree, PyTree]],
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    mask: Array | None,
+    noise: Noise | None = None,
+) -> tuple[PyTree, PyTree]:
+    """``schedule`` (a memory-saving unroll: `checkpointed_unroll` and the like, after their leading
+    arguments) run so that, with the batch split over devices, the parameters' gradient is summed over the
+    devices once, after the loop over the segments, not in every segment's backward.
+
+    Each segment's backward sums its parameter gradient over its rows. Here each device's gradient stays its
+    own across the segments: on an explicit mesh each device runs the schedule on its own rows under
+    `jax.shard_map`; on a mesh of `~jax.sharding.AxisType.Auto` axes the rows are cut into one group per
+    device (`rnnjax.sharding.split_rows`), run side by side under `jax.vmap` with the parameters broadcast
+    to every group. Inside `jax.shard_map` (and under the explicit mesh's) the parameters are cast to vary
+    like the rows (`rnnjax.sharding.vary_like`), and the transpose of the cast, or of the broadcast, is the
+    one sum. Rows are independent in every cell's step, and the regularisers' ``noise`` is drawn per row
+    (its inference form, one value per step, goes to every device whole), so the result is the same.
+    """
+    run = partial(schedule, cell, reverse, unroll)
+
+    def per_rows(
+        params: PyTree, xs: Array, carry0: PyTree, mask: Array | None, noise: Noise | None
+    ) -> tuple[PyTree, PyTree]:
+        return run(vary_like(params, xs, carry0, mask), xs, carry0, mask, noise)
+
+    split = batch_split(xs)
+    if split is not None and not any(explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
+        mesh, rows = split
+        (axes,) = rows
+        time_rows = jax.P(None, axes)
+        noise_specs = None if noise is None else _noise_map(lambda _, spec: spec, noise, rows, time_rows)
+        specs = (jax.P(), rows, rows, None if mask is None else time_rows, noise_specs)
+        per_device = jax.shard_map(
+            per_rows, mesh=mesh, in_specs=specs, out_specs=(rows, rows), axis_names=set(jax.tree.leaves(axes))
+        )
+        args = (params, xs, carry0, mask)
+        # each argument placed as its spec says, as shard_map requires (a replicated initial carry is split)
+        placed = [a if s is None else reshard_to(a, s, mesh) for a, s in zip(args, specs, strict=False)]
+        placed.append(None if noise is None else _noise_map(reshard_to, noise, rows, time_rows, mesh))
+        final, ys = per_device(*placed)
+        return reshard_like(final, carry0), ys
+    groups = row_groups(xs)
+    if groups == 1:  # no mesh of Auto axes, or rows that do not divide over its devices
+        return per_rows(params, xs, carry0, mask, noise)
+    every = jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), params)
+    m_groups = None if mask is None else split_rows(mask, groups, axis=1)
+    final, ys = jax.vmap(run)(
+        every, split_rows(xs, groups), split_rows(carry0, groups), m_groups, _noise_groups(noise, groups)
+    )
+    return merge_rows(final), merge_rows(ys)
+
+
+def _noise_map(f: Callable[..., Any], noise: Noise, rows: Any, time_rows: Any, *extra: Any) -> Noise:
+    """``f(leaf, spec, *extra)`` for each leaf of ``noise`` and its partition spec with the batch split as
+    ``rows``: the state mask ``[B, H]`` by rows, the zoneout masks ``[T, B, H]`` by their second axis
+    (``time_rows``), their inference form ``[T, 1, 1]`` whole."""
+    return Noise(
+        state=None if noise.state is None else f(noise.state, rows, *extra),
+        zone=jax.tree.map(lambda z: f(z, time_rows if z.shape[1] > 1 else jax.P(), *extra), noise.zone),
+    )
+
+
+def _noise_groups(noise: Noise | None, groups: int) -> Noise | None:
+    """``noise`` cut into ``groups`` groups of rows as `rnnjax.sharding.split_rows` cuts the batch (the
+    zoneout masks' inference form ``[T, 1, 1]`` repeated for every group)."""
+    if noise is None:
+        return None
+
+    def zone(z: Array) -> Array:
+        if z.shape[1] > 1:
+            return split_rows(z, groups, axis=1)
+        return jnp.broadcast_to(z, (groups, *z.shape))
+
+    return Noise(
+        state=None if noise.state is None else split_rows(noise.state, groups),
+        zone=jax.tree.map(zone, noise.zone),
+    )

@@ -216,3 +216,41 @@ def sum_to_type(cotangents: PyTree, primals: PyTree) -> PyTree:
         return jax.lax.psum(ct, extra) if extra else ct
 
     return jax.tree.map(reduce, cotangents, primals)
+
+
+def row_groups(xs: Any) -> int:
+    """How many groups to cut the rows of ``xs [B, ...]`` into so that each device's rows can form one, on a
+    mesh of `~jax.sharding.AxisType.Auto` axes (whose types do not say how the batch is split): every device
+    of those axes of the mesh that ``xs``'s type names. 1 where no such mesh is named, on explicit axes
+    (their types name the split: run per device under `jax.shard_map` there), or where B is not a multiple
+    of the count."""
+    named = _named(xs)
+    if named is None or xs.ndim == 0 or explicit_spec(xs) is not None:
+        return 1
+    auto = jax.sharding.AxisType.Auto
+    mesh = named.mesh
+    groups = math.prod(n for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True) if t == auto)
+    return groups if groups > 1 and xs.shape[0] % groups == 0 else 1
+
+
+def split_rows(tree: PyTree, groups: int, axis: int = 0) -> PyTree:
+    """``tree``'s leaves with their batch axis ``axis`` (``B``) cut into ``groups`` groups of consecutive
+    rows, the group axis first: ``[..., B, ...] -> [groups, ..., B / groups, ...]``. A batch split over
+    devices in blocks of consecutive rows stays split by the group axis, one group per device."""
+
+    def split(leaf: Array) -> Array:
+        shape = leaf.shape
+        cut = leaf.reshape(*shape[:axis], groups, shape[axis] // groups, *shape[axis + 1 :])
+        return jnp.moveaxis(cut, axis, 0)
+
+    return jax.tree.map(split, tree)
+
+
+def merge_rows(tree: PyTree, axis: int = 0) -> PyTree:
+    """The inverse of `split_rows`: ``[groups, ..., B / groups, ...] -> [..., B, ...]``."""
+
+    def merge(leaf: Array) -> Array:
+        moved = jnp.moveaxis(leaf, 0, axis)
+        return moved.reshape(*moved.shape[:axis], -1, *moved.shape[axis + 2 :])
+
+    return jax.tree.map(merge, tree)

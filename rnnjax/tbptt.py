@@ -90,6 +90,14 @@ def _truncated(
     # Inside jax.shard_map, the params cast to vary by device like the stream: each chunk's gradient stays
     # per device and is summed over the devices once, at the end (a replicated parameter's gradient through
     # jax.grad is that sum), not once per chunk. The loop's accumulators take the types one chunk gives.
+    # Over a mesh (Auto or Explicit axes) each chunk's gradient is summed over the devices in the loop, once
+    # per chunk: it is jax.grad of the user's loss of the whole batch, and cutting the rows into per-device
+    # groups (as `rnnjax.remat.rows_per_device` does for unroll's own, row-independent steps) would change
+    # what a loss that is not a sum of per-row terms computes (a mean over the rows, batch statistics).
+    # Explicit axes offer an unsummed accumulator: parameters typed ``P(reduced=...)`` get cotangents typed
+    # ``P(unreduced=...)``; but JAX refuses an elementwise operation between a reduced value and one split
+    # over the same axes (a cell's bias added to its batch-split rows), so it would need every use inside
+    # the loss resharded by hand. A per-device loss under jax.shard_map sums once.
     typed, params = params, vary_like(params, stream, carry)
     first = jax.tree.map(lambda a: a[:, : min(chunk_size, T)], stream)
     loss_t, grads_t, carry_t = jax.eval_shape(one_chunk, params, carry, first)

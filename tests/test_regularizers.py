@@ -287,24 +287,30 @@ params = cell.init(jax.random.key(0), 3, jnp.float64)
 xs = jax.random.normal(jax.random.key(1), (4, 7, 3), jnp.float64)
 L = jnp.array([7, 0, 3, 1])
 reg = rj.Regularizer(input_dropout=0.3, state_dropout=0.4, zoneout=0.3, zoneout_c=0.5, weight_drop=0.2)
-def loss(p, x, l, mode):
-    c, ys = rj.unroll(cell, p, x, lengths=l, grad=mode, regularize=reg, key=jax.random.key(3))
+def loss(p, x, l, mode, schedule, key):
+    c, ys = rj.unroll(cell, p, x, lengths=l, grad=mode, regularize=reg, key=key, **dict(schedule))
     return jnp.sum(jnp.sin(ys)) + jnp.sum(c.c ** 2)
-step = jax.jit(jax.value_and_grad(loss), static_argnums=3)
-ref = step(params, xs, L, "manual")
-mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-on = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
-for mode in ("manual", "autodiff"):
-    with jax.set_mesh(mesh):
-        got = step(params, on(xs), on(L), mode)
-    print(max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))))
+step = jax.jit(jax.value_and_grad(loss), static_argnums=(3, 4))
+schedules = ((), (("checkpoint", 3),), (("budget", 12000),), (("budget", 12000), ("schedule", "nested")))
+for kind in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,))
+    on = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+    for key in (jax.random.key(3), None):  # training masks, and the expectation at inference
+        for mode in ("manual", "autodiff"):
+            for schedule in schedules:
+                ref = step(params, xs, L, mode, schedule, key)
+                with jax.set_mesh(mesh):
+                    got = step(params, on(xs), on(L), mode, schedule, key)
+                pairs = zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
+                print(max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs))
 """
 
 
 @pytest.mark.slow
 def test_a_mesh_draws_the_masks_one_device_draws():
-    """On an explicit mesh of two devices, the batch split: the same masks, values and gradients as one
-    device (masks drawn over the whole batch and split like it)."""
+    """On a mesh of two devices (explicit and Auto axes), the batch split: the same masks, values and
+    gradients as one device (masks drawn over the whole batch and split like it), with every memory
+    schedule, in training and at inference."""
     import os
     import pathlib
     import subprocess
@@ -317,7 +323,7 @@ def test_a_mesh_draws_the_masks_one_device_draws():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     errors = [float(line) for line in out.stdout.split()]
-    assert len(errors) == 2 and max(errors) <= 1e-12, errors
+    assert len(errors) == 32 and max(errors) <= 1e-12, errors
 
 
 def test_regularize_refused_with_the_associative_scan():

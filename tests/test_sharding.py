@@ -126,10 +126,7 @@ COLLECTIVES_IN_LOOPS = {
     "lstm-autodiff",
     "gru-autodiff",
     "user-cell-autodiff",
-    # once per segment or chunk: each runs the hand-derived backward of its own steps
-    "lstm-checkpoint",
-    "lstm-budget-binomial",
-    "lstm-budget-nested",
+    # once per chunk: each chunk's gradient is jax.grad of the user's loss of the whole batch
     "truncated-bptt",
     "truncated-bptt-replicated-carry",
     # RTRL's gradient is a sum over the batch at every step, by design
@@ -137,10 +134,10 @@ COLLECTIVES_IN_LOOPS = {
     "rtrl-indrnn-tanh",
     "rtrl-lru",
 }
-# On an auto mesh only: a user-written cell's manual backward takes each step's VJP, parameters included,
-# and XLA's partitioner sums each step's parameter gradient over the devices. (On an explicit mesh the
-# types name the batch split, and the backward runs per device under shard_map, summing once at the end.)
-AUTO_COLLECTIVES_IN_LOOPS = {"user-cell-manual", "user-cell-replicated-carry"}
+# On an auto mesh only: none. The memory-saving schedules and a user-written cell's manual backward run each
+# device's rows as a group of their own there (`rnnjax.sharding.row_groups`), as they run per device under
+# shard_map on an explicit mesh, and sum the parameter gradient over the devices once, after the loop.
+AUTO_COLLECTIVES_IN_LOOPS: set[str] = set()
 
 
 def _run(kind: str, cases: list[str]) -> dict:
@@ -233,12 +230,10 @@ def test_mesh_from_the_arrays_of_any_size():
         assert not failures, (kind, failures)
 
 
-# weights split by their contracted axis (both meshes), hidden units on an Auto mesh, and the explicit
-# mesh's clear errors for what it cannot split
+# weights split by their contracted axis and hidden units split (both meshes), and the explicit mesh's
+# clear error for what it cannot split
 MODEL_SPLIT = [f"{name}-{grad}" for name in [*CELLS, "user-cell"] for grad in ("manual", "autodiff")] + [
-    "lstm-units-auto",
-    "gru-units-auto",
-    "split-gates",
+    *[f"{name}-units-{kind}" for name in ("lstm", "gru", "user") for kind in ("auto", "explicit")],
     "split-time",
 ]
 
@@ -251,6 +246,5 @@ def test_model_split():
             continue
         assert r["error"] <= 1e-12, (case, r)
         assert r.get("grads_typed_as_params", True), (case, r)
-    gates, time = records["split-gates"]["error_message"], records["split-time"]["error_message"]
-    assert gates and "params.w_hh" in gates and "P(None, 'model')" in gates and "AxisType.Auto" in gates
+    time = records["split-time"]["error_message"]
     assert time and "time axis" in time and "P(None, None, None)" in time
