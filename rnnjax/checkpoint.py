@@ -15,13 +15,13 @@ from flax import serialization
 PyTree = Any
 
 
-def _check_path(path: str | os.PathLike) -> str:
+def _check_path(path: str | os.PathLike[str]) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
     return os.fspath(path)
 
 
-def save(path: str | os.PathLike, tree: PyTree) -> None:
+def save(path: str | os.PathLike[str], tree: PyTree) -> None:
     """Writes ``tree`` to ``path`` (atomically: a temporary file, then a rename).
 
     Args:
@@ -46,7 +46,7 @@ def save(path: str | os.PathLike, tree: PyTree) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | os.PathLike, target: PyTree) -> PyTree:
+def load(path: str | os.PathLike[str], target: PyTree) -> PyTree:
     """Reads what `save` wrote into the structure of ``target``.
 
     Args:

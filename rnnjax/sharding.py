@@ -45,7 +45,7 @@ def _named(like: Any) -> NamedSharding | None:
     return sharding if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else None
 
 
-def sharding_on(spec: tuple | PartitionSpec, *likes: Any) -> NamedSharding | PartitionSpec:
+def sharding_on(spec: tuple[Any, ...] | PartitionSpec, *likes: Any) -> NamedSharding | PartitionSpec:
     """``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` that has one: a mesh, or an array, a
     tracer or a shape struct whose type's sharding names one.
 
@@ -61,7 +61,7 @@ def sharding_on(spec: tuple | PartitionSpec, *likes: Any) -> NamedSharding | Par
     return PartitionSpec(*spec)
 
 
-def reshard_to(tree: PyTree, spec: tuple | PartitionSpec, *likes: Any) -> PyTree:
+def reshard_to(tree: PyTree, spec: tuple[Any, ...] | PartitionSpec, *likes: Any) -> PyTree:
     """``tree``'s leaves resharded to ``PartitionSpec(*spec)`` on the mesh of the first of ``likes`` or,
     failing those, of the leaf itself (`sharding_on`)."""
     return jax.tree.map(lambda leaf: jax.sharding.reshard(leaf, sharding_on(spec, *likes, leaf)), tree)
@@ -74,7 +74,7 @@ def _split(mesh: Any) -> int:
     return math.prod(n for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True) if t != manual)
 
 
-def varying(like: Any) -> frozenset:
+def varying(like: Any) -> frozenset[str]:
     """The manual mesh axes (inside `jax.shard_map`) over which ``like``'s value varies from device to
     device."""
     manual = getattr(_type(like), "manual_axis_type", None)
@@ -99,7 +99,7 @@ def vary_like(tree: PyTree, *others: PyTree) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
-def explicit_spec(like: Any) -> tuple | None:
+def explicit_spec(like: Any) -> tuple[Any, ...] | None:
     """The partition spec in the type of ``like``, one entry per axis, or None when no axis is sharded
     explicitly."""
     sharding = _named(like)

@@ -70,7 +70,7 @@ class CorruptCheckpointError(ValueError):
 
 
 def save_training_state(
-    directory: str | os.PathLike, step: int, state: PyTree, *, keep: int | None = 3
+    directory: str | os.PathLike[str], step: int, state: PyTree, *, keep: int | None = 3
 ) -> os.PathLike[str]:
     """Writes ``state`` as the checkpoint of ``step`` under ``directory``, atomically.
 
@@ -125,7 +125,7 @@ def save_training_state(
         return _path(directory) / str(step)
 
 
-def latest_training_step(directory: str | os.PathLike) -> int | None:
+def latest_training_step(directory: str | os.PathLike[str]) -> int | None:
     """The newest complete checkpoint's step in ``directory``, or None if it holds none (or is missing).
 
     Args:
@@ -148,7 +148,7 @@ def latest_training_step(directory: str | os.PathLike) -> int | None:
 
 
 def restore_training_state(
-    directory: str | os.PathLike, like: PyTree, *, step: int | None = None
+    directory: str | os.PathLike[str], like: PyTree, *, step: int | None = None
 ) -> tuple[int, PyTree] | None:
     """Reads a checkpoint written by `save_training_state` into the structure of ``like``.
 
@@ -231,7 +231,7 @@ def restore_training_state(
     return step, state
 
 
-def _steps(directory: str | os.PathLike) -> list[int]:
+def _steps(directory: str | os.PathLike[str]) -> list[int]:
     """The steps of the complete checkpoints in ``directory``, ascending (orbax skips temporary ones)."""
     import orbax.checkpoint as ocp
 
@@ -242,7 +242,7 @@ def _steps(directory: str | os.PathLike) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def _path(directory: str | os.PathLike) -> Any:
+def _path(directory: str | os.PathLike[str]) -> Any:
     """``directory`` as orbax's path type (`etils.epath.Path`): a local path made absolute, or a URL
     (``gs://...``) as it is."""
     from etils import epath

@@ -91,7 +91,7 @@ def _direction_params(module: Any, kind: str, k: int, suffix: str) -> PyTree:
     return (LSTMParams if kind == "lstm" else ElmanParams)(w_ih, w_hh, b)
 
 
-def from_torch(module: Any) -> tuple[Layer, tuple]:
+def from_torch(module: Any) -> tuple[Layer, tuple[Any, ...]]:
     """A PyTorch ``nn.RNN``/``nn.LSTM``/``nn.GRU`` as ``(layer, params)`` computing the same function.
 
     ``layer.apply(params, xs, lengths=...)`` takes the module's own input layout (``[B, T, I]`` when
@@ -232,7 +232,7 @@ def _as_jax(x: Any) -> Any:
     return jnp.asarray(x)
 
 
-def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
+def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple[Any, ...]:
     """PyTorch's ``h_0`` (and LSTM ``c_0``), ``[num_layers * num_directions, B, H]``, as the layer's carry.
 
     ``h`` and ``c`` may be torch tensors or JAX arrays (differentiable: gradients reach them).
@@ -273,7 +273,7 @@ def carry_from_torch(layer: Layer, h: Any, c: Any = None) -> tuple:
     return tuple(carries)
 
 
-def carry_to_torch(carry: tuple) -> tuple[Any, Any]:
+def carry_to_torch(carry: tuple[Any, ...]) -> tuple[Any, Any]:
     """The layer's final carry as PyTorch's ``(h_n, c_n)``, each ``[num_layers * num_directions, B, H]``
     (``c_n`` None but for LSTMs).
 
