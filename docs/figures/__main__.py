@@ -1,7 +1,8 @@
 """Draws the site's figures into docs/figures/: ``python -m docs.figures`` from the repository root.
 
 The figures are committed; CI does not redraw them. The benchmark plots are drawn from the recorded JSON in
-``benchmarks/results/`` by the benchmark scripts' own plot functions; the gradient-norm plot computes
+``benchmarks/results/`` by the benchmark scripts' own plot functions (the character-LM runs' training
+curves by `training_curves`); the gradient-norm plot computes
 ‖∂L/∂h_t‖ with `rnnjax.diagnostics` (a few seconds on a CPU). Needs matplotlib (the ``plot`` extra).
 """
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 
 import rnnjax as rj
-from benchmarks import rnn_step, scaling
+from benchmarks import parallel_time, rnn_step, scaling, scaling_devices
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE.parents[1] / "benchmarks" / "results"
@@ -53,9 +54,29 @@ def grad_norms(path: pathlib.Path, T: int = 50, H: int = 32) -> None:
     plt.close(fig)
 
 
+def training_curves(record: dict, path: pathlib.Path) -> None:
+    """Validation bits per character against wall-clock time, one curve per recorded character-LM run."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, run in record["runs"].items():
+        ax.plot(run["val_time"], run["val_bits"], marker="o", label=name)
+    ax.set_xlabel("wall-clock time (s)")
+    ax.set_ylabel("validation bits/char")
+    ax.set_title(f"examples.char_lm on {record['machine']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
-    rnn_step.plot(json.loads((RESULTS / "rnn_step_cpu.json").read_text()), str(HERE / "rnn_step_cpu.png"))
-    scaling.plot(json.loads((RESULTS / "scaling_cpu.json").read_text()), str(HERE / "scaling_cpu.png"))
+    def record(name: str) -> dict:
+        return json.loads((RESULTS / name).read_text())
+
+    rnn_step.plot(record("rnn_step_cpu.json"), str(HERE / "rnn_step_cpu.png"))
+    scaling.plot(record("scaling_cpu.json"), str(HERE / "scaling_cpu.png"))
+    parallel_time.plot(record("parallel_time_cpu.json"), str(HERE / "parallel_time_cpu.png"))
+    scaling_devices.plot(record("scaling_devices_cpu.json"), str(HERE / "scaling_devices_cpu.png"))
+    training_curves(record("char_lm_regularizers_cpu.json"), HERE / "char_lm_regularizers.png")
     grad_norms(HERE / "grad_norms.png")
     for png in sorted(HERE.glob("*.png")):
         print(f"{png}: {png.stat().st_size / 1024:.0f} KiB")
