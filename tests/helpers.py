@@ -8,12 +8,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from reference_cells import REFERENCES
 
 import rnnjax as rj
 
 # Every built-in cell, by name: a factory of hidden_size (the configurations of `reference_cells`).
 CELLS: dict[str, Any] = {name: ref.make for name, ref in REFERENCES.items()}
+# The cells whose cases run in `make test` where a test over every cell is too slow for it (`tiered`).
+FAST_CELLS = ("elman-tanh", "lstm", "gru")
+
+
+def tiered(values: Any, fast: Any = FAST_CELLS) -> list[Any]:
+    """``values`` as `pytest.mark.parametrize` arguments, those not in ``fast`` marked slow: `make test`
+    runs the ``fast`` cases, `make test-slow` (in CI) the rest, so a test over every case keeps its
+    coverage while the default suite stays within its time."""
+    missing = set(fast) - set(values)
+    assert not missing, f"tiered: {sorted(missing)} are not among the values"
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def rel_err(a: Any, b: Any) -> float:

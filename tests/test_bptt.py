@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
+from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err, tiered
 from reference_cells import REFERENCES
 
 import rnnjax as rj
@@ -190,7 +190,10 @@ def test_manual_is_leaner_than_autodiff(name):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
-    "name", ["lstm", "minlstm", "gru", "lstm-peephole", "lstm-layernorm", "lstm-projected"]
+    "name",
+    tiered(
+        ["lstm", "minlstm", "gru", "lstm-peephole", "lstm-layernorm", "lstm-projected"], fast=("lstm", "gru")
+    ),
 )
 def test_shared_buffer_keeps_float32_gradients_of_a_small_loss(name, reverse):
     """With the projection's buffer shared (`rnnjax.scan.residual_slot`), a float32 loss scaled by 1e-6
@@ -220,7 +223,7 @@ def test_shared_buffer_keeps_float32_gradients_of_a_small_loss(name, reverse):
             )
 
 
-@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("name", tiered(list(CELLS)))
 def test_float32_is_as_accurate_as_the_problem_allows(name):
     """Float32 outputs and gradients against float64 ones from the same (float32) params and inputs: within
     16x of how far a relative 2^-24 perturbation of those moves the float64 answer (0.9-5.3x seen), and the

@@ -140,8 +140,8 @@ def test_unroll_options_are_keyword_only():
 
 
 OPTIONS = [
-    {"checkpoint": 2},
-    {"checkpoint": "sqrt", "grad": "autodiff"},
+    pytest.param({"checkpoint": 2}, marks=pytest.mark.slow),  # the slowest two: budget= runs the same paths
+    pytest.param({"checkpoint": "sqrt", "grad": "autodiff"}, marks=pytest.mark.slow),
     {"budget": 20_000},
     {"budget": 20_000, "schedule": "nested"},
     {"unroll_steps": 3},

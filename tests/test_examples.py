@@ -85,6 +85,7 @@ def on_two_host_devices(script: str, cwd: pathlib.Path) -> subprocess.CompletedP
     return run
 
 
+@pytest.mark.slow
 def test_digits_data_parallel_equals_one_device(tmp_path):
     """``--data-parallel`` on two host devices: every batch split over both, and the training follows the
     one-device run (the losses and accuracies of each epoch, to float32 rounding of the gradient sums)."""
@@ -203,6 +204,7 @@ def test_char_lm_quick_with_regularisers(tmp_path, monkeypatch):
             char_lm.main([*flags, "--zoneout", "1.0"])
 
 
+@pytest.mark.slow
 def test_char_lm_data_parallel_equals_one_device(tmp_path):
     """``--data-parallel`` on two host devices: each window's tracks and the carry split over both, and the
     training follows the one-device run step by step (to float32 rounding of the gradient sums)."""

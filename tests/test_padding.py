@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem
+from helpers import CELLS, FAST_CELLS, random_problem, tiered
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gradcheck import my_cell
@@ -108,7 +108,7 @@ def check_unroll(name: str, grad: str, options: tuple, pad: tuple) -> None:
 
 
 @pytest.mark.parametrize("grad", rj.GRAD_MODES)
-@pytest.mark.parametrize("name", [*CELLS, "user"])
+@pytest.mark.parametrize("name", tiered([*CELLS, "user"], fast=(*FAST_CELLS, "user")))
 @EXAMPLES
 @given(pad=paddings())
 def test_every_cell(name, grad, pad):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_problem, rel_err
+from helpers import random_problem, rel_err, tiered
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_padding import assert_padding_unreachable, paddings
@@ -118,7 +118,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", list(OPTIONS), ids=str)
+@pytest.mark.parametrize("options", tiered(list(OPTIONS), fast=("plain", "chunk3-reverse")), ids=str)
 @pytest.mark.parametrize("name", list(LINEAR_CELLS))
 def test_equals_sequential_with_lengths(name, options):
     # lengths 0, T and in between, so that padding, an empty sequence and a whole one meet in one batch

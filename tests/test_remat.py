@@ -7,7 +7,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err
+from helpers import CELLS, jit_grad, random_problem, readout_loss, rel_err, tiered
 from test_gradcheck import my_cell
 
 import rnnjax as rj
@@ -28,7 +28,7 @@ def _check_equal(name, lengths, reverse, checkpoint, grads, key):
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("lengths", [None, jnp.array([10, 0, 7])], ids=["full", "lengths"])
-@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru"])
+@pytest.mark.parametrize("name", tiered(["elman-tanh", "lstm", "gru"], fast=("lstm",)))
 def test_checkpointed_gradients_equal_plain(name, lengths, reverse, key):
     """K=3 on T=10: three full segments and a one-step tail, in both directions."""
     _check_equal(name, lengths, reverse, 3, ["manual"], key)

@@ -215,6 +215,7 @@ def _finish(run: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_char_lm_killed_and_resumed_equals_uninterrupted(tmp_path):
     """SIGKILL after the checkpoint of step k >= 4 (maybe while saving the next), resume to 2k: the same
     parameters, optimizer state, carry, data position and key, bit for bit, as 2k steps in one go."""
