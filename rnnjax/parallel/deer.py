@@ -92,8 +92,7 @@ class DeerOptions:
       quasi: diagonal Jacobians (quasi-DEER) in the Newton iterations.
       tol: the residual at which Newton stops, converged.
       max_iter: the most Newton updates.
-      damping: 0 for plain Newton, or a blend ``k`` in ``(0, 1)``: each linear solve runs
-        ``s_t = (1−k) (J_t s_{t-1} + c_t) + k ŝ_t``.
+      damping: 0 for plain Newton, or ``k`` in ``(0, 1)``: each linear solve uses ``(1−k) J_t``.
       on_failure: ``"fallback"`` or ``"raise"``.
     """
 
@@ -186,11 +185,11 @@ def deer_unroll(
       tol: stop when the residual (see `DeerInfo`) is at most this; None: `default_tol` of the dtype.
       max_iter: the most Newton updates, an int >= 0; None: ``min(T, 100)`` (in exact arithmetic T always
         suffices).
-      damping: None (plain Newton) or a float in ``[0, 1)``: each update becomes
-        ``s_t = (1−k)(J_t s_{t-1} + c_t) + k ŝ_t``, a fixed-gain form of ELK's Levenberg–Marquardt step
-        (Gonzalez et al. 2024): the Jacobians shrink by ``1−k`` and the update blends with the current guess,
-        which keeps the linear solve from overflowing near chaos at the price of linear convergence. The
-        solution is unchanged.
+      damping: None (plain Newton) or a float ``k`` in ``[0, 1)``: each linear solve uses the Jacobians
+        shrunk to ``(1−k) J_t`` (ELK's remedy for cells near chaos, Gonzalez et al. 2024, in its simplest,
+        fixed form: ``k → 1`` is the Jacobi/Picard iteration). The products of Jacobians in the scan then
+        grow at most as ``((1−k)‖J‖)^T``, which keeps them from overflowing where ``‖J‖ > 1``, at the price
+        of linear convergence. The solution, and the bound of T iterations, are unchanged.
       on_failure: what happens when Newton does not converge: ``"fallback"`` (default) recomputes the
         trajectory with the sequential scan (a `jax.lax.cond`: only when needed, on one device);
         ``"raise"`` makes it a `checkify.debug_check` error (under ``checkify.checkify(..., errors=
@@ -259,9 +258,7 @@ def deer_unroll(
     if lengths is not None:
         mask = mask_from_lengths(lengths.reshape(B), T).T  # [B, T]
         xs = _zero_padding(xs, mask.T)
-    final, ys, info = deer_dispatch(
-        cell, layout, options, bool(reverse), params, xs, flat_carry0, mask, guess
-    )
+    final, ys, info = _deer_run(cell, layout, options, bool(reverse), params, xs, flat_carry0, mask, guess)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape), info
 
 
@@ -362,7 +359,13 @@ def deer_dispatch(
     if mask_tm is not None:
         ys = jax.vmap(zero_where_not)(mask_tm, ys)
     ys = jax.tree.map(lambda y: flip(jnp.swapaxes(y, 0, 1)), ys)
+    if options.on_failure == "raise":  # the first step's output does not depend on the solve: NaN too
+        ys = jax.tree.map(lambda y: jnp.where(info.converged, y, jnp.asarray(jnp.nan, y.dtype)), ys)
     return layout.unflatten(states[-1]), ys, info
+
+
+# one program: called eagerly, the solve compiles once instead of once per operation (inlined under jit)
+_deer_run = jax.jit(deer_dispatch, static_argnums=(0, 1, 2, 3))
 
 
 def _step_map(
@@ -452,10 +455,9 @@ def _solve(
     def update(states: Array, prev: Array, F: Array, J: Array) -> Array:
         # s_1 = F_1 exactly (s_0 is known): A_1 = 0, then c_t = F_t − A_t ŝ_{t-1}
         A = J.at[0].set(0)
-        c = F - _apply(A, prev, quasi)
         if k:
-            A, c = (1 - k) * A, (1 - k) * c + k * states
-        return linear_recurrence(A, c, quasi)
+            A = (1 - k) * A
+        return linear_recurrence(A, F - _apply(A, prev, quasi), quasi)
 
     def cond(state: tuple) -> Array:
         *_, res, it = state
