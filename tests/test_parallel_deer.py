@@ -8,6 +8,7 @@ sequential scan's (or a checkify error); it is never a wrong trajectory marked c
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -118,12 +119,12 @@ def test_padding_unreachable(key: jax.Array) -> None:
     pad = np.arange(T)[None, :, None] >= np.asarray(lengths)[:, None, None]
     junk = jnp.where(pad, jnp.nan, xs).at[2, 5, 0].set(jnp.inf)
 
-    def loss(p: Any, xs: jax.Array) -> Any:
+    def loss(p: Any, xs: jax.Array, lengths: jax.Array) -> Any:
         final, ys, info = deer_unroll(cell, p, xs, carry, lengths=lengths, quasi=True)
         return readout(ys, final), (final, ys, info)
 
-    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    clean, dirty = run(params, jnp.where(pad, 0.5, xs)), run(params, junk)
+    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))  # lengths traced
+    clean, dirty = run(params, jnp.where(pad, 0.5, xs), lengths), run(params, junk, lengths)
     for c, d in zip(jax.tree.leaves(clean), jax.tree.leaves(dirty), strict=True):
         np.testing.assert_array_equal(d, c)
         assert np.all(np.isfinite(d))
@@ -294,3 +295,16 @@ def test_errors(kwargs: dict, error: type, match: str, key: jax.Array) -> None:
 def test_errors_not_a_cell(key: jax.Array) -> None:
     with pytest.raises(TypeError, match="cell must be an rnnjax Cell"):
         deer_unroll("gru", None, jnp.zeros((1, 2, 3)))  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path: Any) -> None:
+    from benchmarks import deer_time
+
+    with jax.enable_x64(False):
+        assert deer_time.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "deer_time_quick.json").read_text())
+    for r in record["results"]:
+        assert set(r["methods"]) == {"sequential", "deer", "quasi_deer"}
+        for m in ("deer", "quasi_deer"):
+            assert r["methods"][m]["iterations"] > 0 and r["methods"][m]["train_ms"] > 0
