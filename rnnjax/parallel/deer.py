@@ -206,14 +206,16 @@ def deer_unroll(
     Raises:
       TypeError, ValueError: at trace time, naming the argument, for inputs that do not fit.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
-      >>> from rnnjax.parallel.deer import deer_unroll
       >>> cell = rj.gru(8)
       >>> params = cell.init(jax.random.key(0), input_size=4)
-      >>> carry, ys, info = deer_unroll(cell, params, jnp.ones((2, 16, 4)))
-      >>> ys.shape, bool(info.converged)
-      ((2, 16, 8), True)
+      >>> carry, ys, info = rj.deer_unroll(cell, params, jnp.ones((2, 16, 4)))
+      >>> ys.shape, bool(info.converged), int(info.iterations) <= 16
+      ((2, 16, 8), True, True)
+      >>> _, _, info = rj.deer_unroll(cell, params, jnp.ones((2, 16, 4)), quasi=True, max_iter=2)
+      >>> bool(info.converged)     # too few iterations: ys are the sequential scan's (on_failure="fallback")
+      False
     """
     # the validation of rj.unroll, imported here: the driver may import this module for method="deer"
     from rnnjax.driver import (
