@@ -21,7 +21,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 `LinearRecurrence`), ``"deer"`` and ``"quasi_deer"`` (any cell, `rj.deer_unroll`) and ``"auto"`` (never
 DEER)."""
 DEER_METHODS: tuple[str, ...] = ("deer", "quasi_deer")
-"""The methods `rj.unroll` runs with `rj.deer_unroll`: ``"quasi_deer"`` is ``deer_unroll(..., quasi=True)``."""
+"""The methods `rj.unroll` runs with `rj.deer_unroll` (``"quasi_deer"``: ``quasi=True``)."""
 
 # The sequence length T from which ``method="auto"`` picks the associative scan for a linear cell, per
 # platform (`jax.default_backend()`). A platform missing here runs the sequential scan at every T. An entry
