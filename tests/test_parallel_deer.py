@@ -2,8 +2,9 @@
 
 Run to convergence in float64, both equal `rj.unroll` to <= 1e-10: outputs, final carry and the gradients to
 the params, ``xs`` and the initial carry, with lengths (0 and T included), reverse and a given carry, for
-built-in and user-written cells. When Newton does not converge, that is reported and the result is the
-sequential scan's (or a checkify error); it is never a wrong trajectory marked converged.
+built-in and user-written cells, called as `rj.deer_unroll` and as ``rj.unroll(method="deer")``. When Newton
+does not converge, that is reported and the result is the sequential scan's (or a checkify error); it is
+never a wrong trajectory marked converged.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def both(cell: rj.Cell, lengths: Any, reverse: bool, **deer: Any) -> tuple[Any, 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("quasi", [False, True])
 @pytest.mark.parametrize("name", ["gru", "lstm", "elman-tanh", "user", "lstm-projected"])
+@pytest.mark.slow
 def test_equals_sequential(name: str, quasi: bool, reverse: bool, key: jax.Array) -> None:
     cell = make_cell(name)
     params, xs, carry = random_problem(cell, key, B, T, I)
@@ -69,6 +71,7 @@ def test_equals_sequential(name: str, quasi: bool, reverse: bool, key: jax.Array
     assert rel_err(g_par, g_seq) <= TOL  # params, xs, carry
 
 
+@pytest.mark.slow
 def test_extra_batch_axes_and_default_carry(key: jax.Array) -> None:
     cell = rj.lstm(H)
     params, xs, _ = random_problem(cell, key, 4, T, I)
@@ -87,6 +90,7 @@ def test_zero_length_sequence(key: jax.Array) -> None:
     np.testing.assert_array_equal(final.h, carry.h)
 
 
+@pytest.mark.slow
 def test_finite_differences(key: jax.Array) -> None:
     """The implicit gradient of quasi-DEER against central differences along a few random directions."""
     cell = rj.gru(H)
@@ -138,6 +142,7 @@ def iterations(cell: rj.Cell, quasi: bool, seed: int) -> int:
     return int(info.iterations)
 
 
+@pytest.mark.slow
 def test_iteration_counts() -> None:
     """A default-initialised GRU in float32 (B=4, T=256, H=32, tol 1e-6): DEER converges quadratically
     (3 iterations measured), quasi-DEER linearly (10-11)."""
@@ -159,7 +164,7 @@ def chaotic(key: jax.Array, T: int = 48) -> tuple[rj.Cell, Any, jax.Array]:
     )
 
 
-@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("quasi", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_non_convergence_falls_back(quasi: bool, key: jax.Array) -> None:
     cell, params, xs = chaotic(key)
     seq_grad, par_grad = both(cell, None, False, quasi=quasi, max_iter=8)
@@ -184,6 +189,7 @@ def test_non_convergence_raises_under_checkify(key: jax.Array) -> None:
     assert err.get() is None
 
 
+@pytest.mark.slow
 def test_chaotic_converges_within_T_with_or_without_damping(key: jax.Array) -> None:
     """Each iteration fixes at least one more step, so T iterations always suffice; damping keeps that."""
     cell, params, xs = chaotic(key, T=24)
@@ -194,7 +200,7 @@ def test_chaotic_converges_within_T_with_or_without_damping(key: jax.Array) -> N
         assert rel_err((final, ys), (final_seq, ys_seq)) <= 1e-9
 
 
-@pytest.mark.parametrize("name", ["gru", "elman-tanh"])
+@pytest.mark.parametrize("name", ["gru", pytest.param("elman-tanh", marks=pytest.mark.slow)])
 def test_converged_means_small_residual(name: str, key: jax.Array) -> None:
     """``converged`` promises the returned trajectory solves the recurrence to ``tol``, checked here step by
     step at a loose tolerance, where quasi-DEER's small update (linear convergence) is not yet a small
@@ -226,6 +232,7 @@ def test_non_finite_iterate_is_not_convergence(key: jax.Array) -> None:
     np.testing.assert_array_equal(ys.h, ys_seq.h)  # inf where the sequential scan overflows too
 
 
+@pytest.mark.slow
 def test_warm_start_and_max_iter_zero(key: jax.Array) -> None:
     cell = rj.gru(H)
     params, xs, carry = random_problem(cell, key, B, T, I)
@@ -240,17 +247,18 @@ def test_warm_start_and_max_iter_zero(key: jax.Array) -> None:
 def test_linear_recurrence_matches_a_loop(key: jax.Array) -> None:
     k1, k2 = jax.random.split(key)
     A, b = jax.random.normal(k1, (9, 2, 3, 3)), jax.random.normal(k2, (9, 2, 3))
-    x, want = jnp.zeros((2, 3)), []
+    A_np, b_np = np.asarray(A), np.asarray(b)  # the reference loop in NumPy: no compilation per step
+    x, want = np.zeros((2, 3)), []
     for t in range(9):
-        x = jnp.einsum("bij,bj->bi", A[t], x) + b[t]
+        x = np.einsum("bij,bj->bi", A_np[t], x) + b_np[t]
         want.append(x)
-    assert rel_err(linear_recurrence(A, b, diagonal=False), jnp.stack(want)) <= 1e-13
+    assert rel_err(linear_recurrence(A, b, diagonal=False), np.stack(want)) <= 1e-13
     d = jnp.diagonal(A, axis1=-2, axis2=-1)
-    x, want = jnp.zeros((2, 3)), []
+    x, want = np.zeros((2, 3)), []
     for t in range(9):
-        x = d[t] * x + b[t]
+        x = np.asarray(d[t]) * x + b_np[t]
         want.append(x)
-    assert rel_err(linear_recurrence(d, b, diagonal=True), jnp.stack(want)) <= 1e-13
+    assert rel_err(linear_recurrence(d, b, diagonal=True), np.stack(want)) <= 1e-13
 
 
 def test_info_is_a_named_tuple(key: jax.Array) -> None:
@@ -308,3 +316,131 @@ def test_benchmark_quick(tmp_path: Any) -> None:
         assert set(r["methods"]) == {"sequential", "deer", "quasi_deer"}
         for m in ("deer", "quasi_deer"):
             assert r["methods"][m]["iterations"] > 0 and r["methods"][m]["train_ms"] > 0
+
+
+# ---- rj.unroll(method="deer" | "quasi_deer") ----
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "reverse"),
+    [
+        ("gru", "deer", False),
+        ("gru", "quasi_deer", True),
+        ("lstm", "deer", True),
+        ("lstm", "quasi_deer", False),
+        pytest.param("gru", "deer", True, marks=pytest.mark.slow),
+        pytest.param("gru", "quasi_deer", False, marks=pytest.mark.slow),
+        pytest.param("lstm", "deer", False, marks=pytest.mark.slow),
+        pytest.param("lstm", "quasi_deer", True, marks=pytest.mark.slow),
+    ],
+)
+def test_unroll_method_equals_sequential(name: str, method: str, reverse: bool, key: jax.Array) -> None:
+    """``rj.unroll(method=...)`` with its defaults (tol, max_iter) against ``method="sequential"``: outputs,
+    final carry and the gradients to params, ``xs`` and the given carry, lengths 0 and T included."""
+    cell = make_cell(name)
+    params, xs, carry = random_problem(cell, key, B, T, I)
+    lengths = jnp.array([T, 0, 4])
+
+    def loss(p: Any, xs: jax.Array, c: Any, method: str) -> Any:
+        final, ys = rj.unroll(cell, p, xs, c, lengths=lengths, reverse=reverse, method=method)
+        return readout(ys, final), (final, ys)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    g_seq, out_seq = grad(params, xs, carry, "sequential")
+    g_par, out_par = grad(params, xs, carry, method)
+    assert rel_err(out_par, out_seq) <= TOL  # final carry and ys
+    assert rel_err(g_par, g_seq) <= TOL  # params, xs, carry
+    assert jnp.all(out_par[1][1] == 0)  # the empty row outputs zeros
+
+
+def test_gradcheck_oracles(key: jax.Array) -> None:
+    """`rj.gradcheck` of a loss through a DEER unroll of a small GRU: its gradient (implicit, ``"manual"``)
+    against JAX's autodiff of the sequential scan and against finite differences of the DEER forward."""
+    cell = rj.gru(2)
+    params, xs, carry = random_problem(cell, key, 2, 5, 2)
+
+    def loss(p: Any, xs: jax.Array, c: Any, grad: str = "manual") -> jax.Array:
+        method = "deer" if grad == "manual" else "sequential"
+        final, ys = rj.unroll(cell, p, xs, c, lengths=jnp.array([5, 3]), grad=grad, method=method)
+        return readout(ys, final)
+
+    report = rj.gradcheck(loss, params, xs, carry, n_directions=1)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("module", ["layers", "linen"])
+def test_layers_and_modules_pass_method(module: str, key: jax.Array) -> None:
+    cell = rj.gru(H)
+    xs = jax.random.normal(key, (2, T, I))
+    lengths = jnp.array([T, 3])
+    if module == "layers":
+        layer = rj.bidirectional(cell, merge="sum")
+        params = layer.init(jax.random.key(1), I)
+        _, ys = layer.apply(params, xs, lengths=lengths, method="quasi_deer")
+        _, ys_seq = layer.apply(params, xs, lengths=lengths)
+    else:
+        from rnnjax import linen as rln
+
+        f64 = {"param_dtype": jnp.float64}
+        model, model_seq = rln.RNN(cell, method="deer", **f64), rln.RNN(cell, **f64)
+        variables = model.init(jax.random.key(1), xs)
+        _, ys = model.apply(variables, xs, lengths=lengths)
+        _, ys_seq = model_seq.apply(variables, xs, lengths=lengths)
+    assert rel_err(ys, ys_seq) <= TOL
+
+
+def test_auto_never_picks_deer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rnnjax import parallel
+
+    monkeypatch.setitem(parallel.AUTO_CROSSOVER, jax.default_backend(), 1)
+    for cell in (rj.gru(H), rj.lstm(H), my_cell(H)):
+        assert parallel.resolve_method("auto", cell, 10**6) == "sequential"
+    assert parallel.resolve_method("auto", rj.mingru(H), 10**6) == "associative"
+
+
+SEQUENTIAL_ONLY = r"applies to method='sequential' only, got method="
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        (
+            "deer",
+            {"regularize": rj.Regularizer(state_dropout=0.1), "key": jax.random.key(0)},
+            rf"regularize= {SEQUENTIAL_ONLY}'deer'",
+        ),
+        ("deer", {"checkpoint": 2}, rf"checkpoint= {SEQUENTIAL_ONLY}'deer'"),
+        ("quasi_deer", {"budget": 10**6}, rf"budget= {SEQUENTIAL_ONLY}'quasi_deer'"),
+        ("deer", {"probe": jnp.zeros((B, T, H))}, rf"probe= {SEQUENTIAL_ONLY}'deer'"),
+        (
+            "deer",
+            {"chunk_size": 4},
+            r"chunk_size=4 applies to method='associative' \(or 'auto'\), got method='deer'",
+        ),
+        (
+            "quasi_deer",
+            {"grad": "autodiff"},
+            r"grad='autodiff' does not apply to method='quasi_deer', whose gradient is always the implicit "
+            r"one.*expected grad='manual'",
+        ),
+        (
+            "deer",
+            {"unroll_steps": 2},
+            r"unroll_steps=2 applies to the sequential time loop, got method='deer'.*expected unroll_steps=None",
+        ),
+    ],
+)
+def test_unroll_refuses_what_deer_cannot_honour(
+    method: str, options: dict, match: str, key: jax.Array
+) -> None:
+    cell = rj.gru(H)
+    params, xs, _ = random_problem(cell, key, B, T, I)
+    with pytest.raises(ValueError, match=match):
+        rj.unroll(cell, params, xs, method=method, **options)
+
+
+def test_unroll_forward_mode_names_the_alternative(key: jax.Array) -> None:
+    cell = rj.gru(H)
+    params, xs, _ = random_problem(cell, key, B, T, I)
+    with pytest.raises(TypeError, match=r"method='deer'\) binds DEER's implicit gradient .* no forward mode"):
+        jax.jvp(lambda x: rj.unroll(cell, params, x, method="deer")[1], (xs,), (xs,))
