@@ -203,8 +203,8 @@ def test_chaotic_converges_within_T_with_or_without_damping(key: jax.Array) -> N
 @pytest.mark.parametrize("name", ["gru", pytest.param("elman-tanh", marks=pytest.mark.slow)])
 def test_converged_means_small_residual(name: str, key: jax.Array) -> None:
     """``converged`` promises the returned trajectory solves the recurrence to ``tol``, checked here step by
-    step at a loose tolerance, where quasi-DEER (linear convergence) stops long before T iterations and the
-    trajectory is exact only to ``tol``."""
+    step at a loose tolerance, where quasi-DEER (linear convergence) stops with a trajectory exact only to
+    about ``tol``."""
     cell = CELLS[name](6)
     params, xs, carry = random_problem(cell, key, B, 24, I, move=0.5)
     tol = 1e-4
