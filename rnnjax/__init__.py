@@ -35,6 +35,7 @@ from rnnjax.layers import (
     time_major,
 )
 from rnnjax.parallel import METHODS
+from rnnjax.parallel.deer import DeerInfo, deer_unroll
 from rnnjax.regularize import Regularizer
 from rnnjax.rtrl import rtrl_value_and_grad
 from rnnjax.tbptt import truncated_bptt
@@ -55,6 +56,7 @@ __all__ = [
     "BidirectionalCarry",
     "BidirectionalParams",
     "CorruptCheckpointError",
+    "DeerInfo",
     "Dense",
     "DenseParams",
     "GradcheckReport",
@@ -66,6 +68,7 @@ __all__ = [
     "carry_from_torch",
     "carry_to_torch",
     "decode",
+    "deer_unroll",
     "dense",
     "diagnostics",
     "embed",

@@ -33,7 +33,8 @@ class UnrollOptions(NamedTuple):
       budget: at most this many bytes of state kept for the backward.
       schedule: with ``budget``: ``"binomial"`` or ``"nested"``.
       unroll_steps: `jax.lax.scan`'s unroll factor for the time loops.
-      method: ``"sequential"``, ``"associative"`` (linear cells) or ``"auto"`` (`rnnjax.parallel.METHODS`).
+      method: ``"sequential"``, ``"associative"`` (linear cells), ``"deer"``, ``"quasi_deer"`` or ``"auto"``
+        (`rnnjax.parallel.METHODS`).
       chunk_size: with ``method="associative"``: steps per sequential chunk (None: one associative scan).
     """
 

@@ -20,8 +20,9 @@ from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, bino
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
 from rnnjax.checks import check_array, debug_check_range
-from rnnjax.parallel import Method, check_method, resolve_method
+from rnnjax.parallel import DEER_METHODS, Method, check_method, resolve_method
 from rnnjax.parallel.associative import AssociativeUnroll, check_chunk_size
+from rnnjax.parallel.deer import deer_unroll
 from rnnjax.regularize import Regularizer, check_regularize, draw
 from rnnjax.remat import (
     budget_schedule,
@@ -126,7 +127,13 @@ def unroll(
         but more work and memory than the sequential scan, so it pays on accelerators, not on CPU. It takes
         neither ``checkpoint``, ``budget`` nor ``probe``. ``"auto"``: ``"associative"`` for a linear cell
         at lengths from `rnnjax.parallel.AUTO_CROSSOVER` on the running platform, else ``"sequential"``;
-        that table holds no measured platform, so ``"auto"`` runs the sequential scan everywhere.
+        that table holds no measured platform, so ``"auto"`` runs the sequential scan everywhere; it never
+        picks DEER. ``"deer"`` / ``"quasi_deer"``: any cell, its trajectory solved by Newton iterations
+        over all T steps at once (`rj.deer_unroll` with its defaults; full or diagonal Jacobians), its
+        gradient by the implicit function theorem; when Newton does not converge the sequential scan's
+        result is returned instead, never a wrong trajectory. For its options and its `rj.DeerInfo`
+        (iterations, residual, converged) call `rj.deer_unroll`. It takes neither ``checkpoint``,
+        ``budget``, ``probe``, ``regularize``, ``chunk_size``, ``unroll_steps`` nor ``grad="autodiff"``.
       chunk_size: with ``method="associative"`` (or ``"auto"`` when it picks it): None (default) scans all
         T steps associatively; an int C runs the steps of each chunk of C sequentially, all chunks at
         once, and only the T/C chunk summaries associatively (O(T) work).
@@ -160,10 +167,12 @@ def unroll(
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     check_method(method)
-    if check_chunk_size(chunk_size) is not None and method == "sequential":
+    if check_chunk_size(chunk_size) is not None and method not in ("associative", "auto"):
         raise ValueError(
-            f"chunk_size={chunk_size!r} applies to method='associative' (or 'auto'), got method='sequential'"
+            f"chunk_size={chunk_size!r} applies to method='associative' (or 'auto'), got method={method!r}"
         )
+    if method in DEER_METHODS:
+        _check_deer_options(method, grad, unroll_steps)
     _check_unroll_steps(unroll_steps)
     if isinstance(checkpoint, str) and checkpoint == "none":
         checkpoint = None
@@ -221,6 +230,21 @@ def unroll(
     if T == 0:  # the final carry is the initial one
         ys = _empty_outputs(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, 0, I))
         return carry0, _reshape_batch(ys, 1, batch_shape)
+    if method in DEER_METHODS:
+        try:
+            final, ys, _ = deer_unroll(
+                cell, params, xs, carry0, lengths=lengths, reverse=reverse, quasi=method == "quasi_deer"
+            )
+        except TypeError as e:
+            if "forward-mode" in str(e):
+                raise TypeError(
+                    f"rj.unroll(..., method={method!r}) binds DEER's implicit gradient with jax.custom_vjp, "
+                    "which has no forward mode: jax.grad, jax.vjp and jax.value_and_grad work, but for "
+                    "jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., method='sequential', "
+                    "grad='autodiff')"
+                ) from e
+            raise
+        return final, ys
     impl = autodiff_unroll
     if grad == "manual":
         impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
@@ -343,6 +367,22 @@ def _check_cell(cell: Any, what: str = "cell") -> Cell:
             f"got {type(cell).__name__}"
         )
     return cell
+
+
+def _check_deer_options(method: str, grad: str, unroll_steps: Any) -> None:
+    """A ValueError for the options of `unroll` that have no meaning with DEER (the rest are refused by
+    `rnnjax.parallel.resolve_method`)."""
+    if grad != "manual":
+        raise ValueError(
+            f"grad={grad!r} does not apply to method={method!r}, whose gradient is always the implicit one "
+            f"(one reverse linear recurrence at the solution); expected grad='manual' (the default), or "
+            f"method='sequential' for JAX's autodiff of the scan"
+        )
+    if unroll_steps is not None:
+        raise ValueError(
+            f"unroll_steps={unroll_steps!r} applies to the sequential time loop, got method={method!r}, "
+            f"which has none: expected unroll_steps=None"
+        )
 
 
 def _check_unroll_steps(unroll_steps: Any) -> None:

@@ -58,7 +58,7 @@ class RNN(nnx.Module):
           budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
           schedule: `rj.unroll`'s ``schedule`` (with ``budget``: ``"binomial"`` or ``"nested"``).
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
-          method: `rj.unroll`'s ``method`` (``"sequential"``, ``"associative"`` for linear cells, ``"auto"``).
+          method: `rj.unroll`'s ``method`` (one of `rnnjax.METHODS`; ``"associative"`` for linear cells only).
           chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
           dtype: the dtype of the params.
 

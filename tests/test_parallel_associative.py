@@ -298,17 +298,21 @@ def small() -> tuple[rj.Cell, Any, jax.Array]:
 def test_unknown_method_names_the_accepted_ones():
     cell, params, xs = small()
     with pytest.raises(
-        ValueError, match=r"method must be one of \('sequential', 'associative', 'auto'\), got 'deer'"
+        ValueError,
+        match=r"method must be one of \('sequential', 'associative', 'deer', 'quasi_deer', 'auto'\), "
+        r"got 'newton'",
     ):
-        rj.unroll(cell, params, xs, method="deer")
-    assert METHODS == ("sequential", "associative", "auto")
+        rj.unroll(cell, params, xs, method="newton")
+    assert METHODS == ("sequential", "associative", "deer", "quasi_deer", "auto")
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "indrnn-relu"])
 def test_nonlinear_cells_name_the_methods_they_support(name):
     cell = {"lstm": rj.lstm(H), "gru": rj.gru(H), "indrnn-relu": rj.indrnn(H)}[name]
     params = cell.init(jax.random.key(0), I)
-    with pytest.raises(ValueError, match=r"is not: it supports method in \('sequential', 'auto'\)"):
+    with pytest.raises(
+        ValueError, match=r"is not: it supports method in \('sequential', 'deer', 'quasi_deer', 'auto'\)"
+    ):
         rj.unroll(cell, params, jnp.ones((2, T, I)), method="associative")
 
 

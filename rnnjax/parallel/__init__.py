@@ -1,7 +1,9 @@
 """Parallel-in-time methods of `rj.unroll`: which ``method=`` values exist, and how ``"auto"`` picks one.
 
 ``method="sequential"`` is the `jax.lax.scan` of `rnnjax.driver`; ``"associative"`` solves a cell declared
-linear in its state (`rj.LinearRecurrence`) with a parallel prefix scan (`rnnjax.parallel.associative`).
+linear in its state (`rj.LinearRecurrence`) with a parallel prefix scan (`rnnjax.parallel.associative`);
+``"deer"`` and ``"quasi_deer"`` solve any cell's recurrence by Newton iterations over the whole trajectory
+(`rnnjax.parallel.deer`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import jax
 from rnnjax.cells.base import Cell
 
 # every value `rj.unroll` accepts for ``method=``, in one place: a new method is one more name here
-Method = Literal["sequential", "associative", "auto"]
+Method = Literal["sequential", "associative", "deer", "quasi_deer", "auto"]
 METHODS: tuple[str, ...] = get_args(Method)
 """The values of `rj.unroll`'s ``method=``: ``"sequential"`` (the default), ``"associative"`` (cells with a
-`LinearRecurrence`) and ``"auto"``."""
+`LinearRecurrence`), ``"deer"`` and ``"quasi_deer"`` (any cell, `rj.deer_unroll`) and ``"auto"`` (never
+DEER)."""
+DEER_METHODS: tuple[str, ...] = ("deer", "quasi_deer")
+"""The methods `rj.unroll` runs with `rj.deer_unroll` (``"quasi_deer"``: ``quasi=True``)."""
 
 # The sequence length T from which ``method="auto"`` picks the associative scan for a linear cell, per
 # platform (`jax.default_backend()`). A platform missing here runs the sequential scan at every T. An entry
@@ -43,7 +48,9 @@ def resolve_method(method: str, cell: Cell, T: int, *, sequential_only: str | No
     """The method `rj.unroll` runs: ``method`` itself, or what ``"auto"`` picks.
 
     ``"auto"`` picks ``"associative"`` for a linear cell when the default backend has an entry in
-    `AUTO_CROSSOVER` and ``T`` reaches it, and ``"sequential"`` otherwise (always on CPU).
+    `AUTO_CROSSOVER` and ``T`` reaches it, and ``"sequential"`` otherwise (always on CPU). It never picks
+    DEER: Newton may need many iterations, or fail to converge and fall back, on cells near chaos, a cost
+    no sequence length predicts.
 
     Args:
       method: one of `METHODS` (checked).
@@ -51,7 +58,15 @@ def resolve_method(method: str, cell: Cell, T: int, *, sequential_only: str | No
         it supports.
       T: the sequence length.
       sequential_only: the name of an option given that only the sequential scan takes (e.g.
-        ``"checkpoint"``): ``"auto"`` then picks it, and ``"associative"`` raises a ValueError naming it.
+        ``"checkpoint"``): ``"auto"`` then picks it, and any other method raises a ValueError naming it.
+
+    Examples:
+      >>> import rnnjax as rj
+      >>> from rnnjax.parallel import resolve_method
+      >>> resolve_method("auto", rj.gru(4), T=4096)
+      'sequential'
+      >>> resolve_method("deer", rj.gru(4), T=4096)
+      'deer'
     """
     method = check_method(method)
     if method == "auto":
@@ -72,4 +87,10 @@ def resolve_method(method: str, cell: Cell, T: int, *, sequential_only: str | No
                 f"{sequential_only}= applies to method='sequential' only; method='associative' keeps the "
                 f"O(T) states its backward reads, with no recomputation schedule: pass one or the other"
             )
+    if method in DEER_METHODS and sequential_only is not None:
+        raise ValueError(
+            f"{sequential_only}= applies to method='sequential' only, got method={method!r}: DEER solves "
+            f"the recurrence by Newton iterations and differentiates the solution implicitly, with no "
+            f"recomputation schedule, probe or regulariser masks: pass one or the other"
+        )
     return method
