@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
     Case,
@@ -33,7 +33,7 @@ def build(case_kind: str, args: dict, key: jax.Array) -> eqx.Module:
     return cls(first, I, key=key, dtype=jnp.float64, **args)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = build(case.kind, case.kw, jax.random.key(0))
     # the params are those the functional layer's init returns for the same key
@@ -43,7 +43,7 @@ def test_matches_functional_api(case: Case):
 
     def run(params, xs, carry, key):
         module = eqx.tree_at(lambda m: m.params, model, params)
-        extra = {"key": key, "inference": not case.train} if case.kind == "stack" else {}
+        extra = {"key": key, "inference": not case.train} if case.kind == "stack" or case.regularized else {}
         return module(xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
 
     check_matches(case, run, model.params, key=jax.random.key(5) if case.train else None)
@@ -106,7 +106,7 @@ def test_errors():
     ):
         req.Stack([rj.lstm(2), rj.lstm(3)], I, key=key, residual=True)
     model = req.Stack([rj.lstm(2), rj.lstm(2)], I, key=key, dropout=0.5, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"Stack\(dropout=0.5\) in training needs a PRNG key: pass key="):
+    with pytest.raises(ValueError, match=r"Stack in training draws its masks from a PRNG key: pass key="):
         model(xs)
     model(xs, inference=True)  # no key needed without dropout
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import optax
 import pytest
 from flax.training import train_state
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
     Case,
@@ -53,16 +52,16 @@ class DropoutKey(nn.Module):
         return self.make_rng("dropout")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = CLASSES[case.kind](**case.kw, param_dtype=jnp.float64)
     xs = jnp.zeros((2, 5, I), jnp.float64)
-    init_kw = {"deterministic": True} if case.kind == "stack" else {}
+    init_kw = {"deterministic": True} if case.kind == "stack" or case.regularized else {}
     params = to_functional(case.kind, model.init(jax.random.key(0), xs, **init_kw)["params"])
 
     def run(params, xs, carry, key):
         extra = {}
-        if case.kind == "stack":
+        if case.kind == "stack" or case.regularized:
             extra = {"deterministic": not case.train, "rngs": None if key is None else {"dropout": key}}
         variables = {"params": from_functional(case.kind, params)}
         return model.apply(variables, xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
@@ -135,7 +134,7 @@ def test_errors():
     ):
         model.init(key, xs)
     variables = model.init(key, xs, deterministic=True)
-    with pytest.raises(flax.errors.InvalidRngError, match=r"needs PRNG for \"dropout\""):
+    with pytest.raises(ValueError, match=r"Stack in training \(deterministic=False\) draws its masks from"):
         model.apply(variables, xs, deterministic=False)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
         rln.RNN(rj.lstm(2), checkpoint=0, param_dtype=jnp.float64).init(key, xs)

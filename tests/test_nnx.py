@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
     USER_CELL,
@@ -45,7 +45,7 @@ def set_params(module: nnx.Module, params: Any) -> None:
             set_params(layer, p)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = build(case.kind, case.kw)
     graphdef, state = nnx.split(model)
@@ -53,7 +53,8 @@ def test_matches_functional_api(case: Case):
     def run(params, xs, carry, key):
         module = nnx.merge(graphdef, state)
         set_params(module, params)
-        extra = {"deterministic": not case.train, "rngs": key} if case.kind == "stack" else {}
+        stochastic = case.kind == "stack" or case.regularized
+        extra = {"deterministic": not case.train, "rngs": key} if stochastic else {}
         return module(xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
 
     check_matches(case, run, model.params(), key=jax.random.key(5) if case.train else None)
