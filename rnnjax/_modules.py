@@ -3,7 +3,9 @@
 Each framework module holds a cell's (or a layer's) params in its own way and calls one `Layer` built here.
 These layers are `rj.rnn`, `rj.bidirectional` and `rj.stack` whose ``apply`` passes the module's fixed
 `rj.unroll` options (``checkpoint``, ``budget``, ``schedule``, ``unroll_steps``, ``method``,
-``chunk_size``) to every recurrence inside.
+``chunk_size``, ``regularize``) to every recurrence inside. Each framework supplies the key and the
+training flag in its own idiom (Linen's ``"dropout"`` rng and ``deterministic``, Equinox's ``key=`` and
+``inference``, NNX's stored ``rngs`` and ``deterministic``); the layer draws every mask from that key.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rnnjax.cells.base import Cell
 from rnnjax.driver import Schedule
 from rnnjax.layers import Layer, bidirectional, rnn, stack
 from rnnjax.parallel import Method
+from rnnjax.regularize import Regularizer
 
 Array = jax.Array
 PyTree = Any
@@ -36,6 +39,8 @@ class UnrollOptions(NamedTuple):
       method: ``"sequential"``, ``"associative"`` (linear cells), ``"deer"``, ``"quasi_deer"`` or ``"auto"``
         (`rnnjax.parallel.METHODS`).
       chunk_size: with ``method="associative"``: steps per sequential chunk (None: one associative scan).
+      regularize: an `rj.Regularizer` acting inside every recurrence (masks drawn in training from the
+        module's key, the expectation at inference), or None.
     """
 
     checkpoint: Checkpoint = None
@@ -44,6 +49,15 @@ class UnrollOptions(NamedTuple):
     unroll_steps: int | bool | None = None
     method: Method = "sequential"
     chunk_size: int | None = None
+    regularize: Regularizer | None = None
+
+
+def draws_masks(regularize: Regularizer | None, dropout: float = 0.0) -> bool:
+    """Whether a module with ``regularize`` (and, for a `Stack`, ``dropout``) needs a PRNG key in training:
+    the modules ask their framework for one only then, so a module without either runs as before."""
+    if regularize is not None and not isinstance(regularize, Regularizer):
+        raise TypeError(f"regularize must be an rj.Regularizer or None, got {type(regularize).__name__}")
+    return regularize is not None or dropout > 0
 
 
 def with_options(layer: Layer, options: UnrollOptions) -> Layer:

@@ -1,6 +1,7 @@
 """Flax Linen modules around rnnjax: the params live in ``"params"``, the recurrence is `rj.unroll`.
 
-    import flax.linen as nn
+    import flax.errors
+import flax.linen as nn
     from rnnjax import linen as rln
     model = rln.RNN(rj.lstm(64))
     variables = model.init(key, xs)                    # xs [B, T, I]: I is read from xs
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from rnnjax._modules import (
     Checkpoint,
     UnrollOptions,
     bidirectional_layer,
+    draws_masks,
     input_size_of,
     rnn_layer,
     stack_layer,
@@ -33,9 +36,28 @@ from rnnjax.cells.base import Cell
 from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 from rnnjax.parallel import Method
+from rnnjax.regularize import Regularizer
 
 Array = jax.Array
 PyTree = Any
+
+
+def _training_key(
+    module: nn.Module, draws: bool, deterministic: bool | None, call_deterministic: bool | None
+) -> tuple[bool, Array | None]:
+    """``(train, key)`` as `flax.linen.Dropout` decides them: where the module draws masks (``draws``),
+    training unless ``deterministic`` (the attribute merged with the call's, given in one place), and then
+    a key from the ``"dropout"`` rng; else ``(False, None)``, and the regularisers act as their
+    expectation."""
+    if not draws or nn.merge_param("deterministic", deterministic, call_deterministic):
+        return False, None
+    try:
+        return True, module.make_rng("dropout")
+    except flax.errors.InvalidRngError as e:
+        raise ValueError(
+            f'{type(module).__name__} in training (deterministic=False) draws its masks from the "dropout" '
+            "rng: pass model.apply(..., rngs={'dropout': key}), or deterministic=True for inference"
+        ) from e
 
 
 class RNN(nn.Module):
@@ -50,6 +72,12 @@ class RNN(nn.Module):
       unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
       method: `rj.unroll`'s ``method`` (one of `rnnjax.METHODS`; ``"associative"`` for linear cells only).
       chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
+      regularize: an `rj.Regularizer` inside the recurrence (dropout, zoneout, weight drop), or None. In
+        training (``deterministic=False``) its masks come from the ``"dropout"`` rng, as
+        `flax.linen.Dropout`'s do (``model.apply(..., rngs={"dropout": key})``); with
+        ``deterministic=True`` it acts as its expectation.
+      deterministic: True for inference, False for training; None leaves it to ``__call__`` (needed, in
+        one of the two places, where ``regularize`` is given).
       param_dtype: the dtype of the params.
 
     Params: ``"cell"``, the output of ``cell.init(key, I, param_dtype)``.
@@ -63,6 +91,16 @@ class RNN(nn.Module):
       >>> carry, ys = model.apply(variables, xs, lengths=jnp.array([5, 2]))
       >>> ys.shape
       (2, 5, 8)
+
+      With the regularisers inside the recurrence, training draws the masks from the ``"dropout"`` rng
+      and ``deterministic=True`` gives their expectation:
+
+      >>> model = rln.RNN(rj.lstm(8), regularize=rj.Regularizer(state_dropout=0.25, zoneout=0.1))
+      >>> variables = model.init(jax.random.key(0), xs, deterministic=True)
+      >>> carry, ys = model.apply(
+      ...     variables, xs, deterministic=False, rngs={"dropout": jax.random.key(1)}
+      ... )
+      >>> carry, ys = model.apply(variables, xs, deterministic=True)
     """
 
     cell: Cell
@@ -73,12 +111,20 @@ class RNN(nn.Module):
     unroll_steps: int | bool | None = None
     method: Method = "sequential"
     chunk_size: int | None = None
+    regularize: Regularizer | None = None
+    deterministic: bool | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["cell"], xs)``."""
         options = UnrollOptions(
-            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+            self.checkpoint,
+            self.budget,
+            self.schedule,
+            self.unroll_steps,
+            self.method,
+            self.chunk_size,
+            self.regularize,
         )
         return rnn_layer(self.cell, reverse=self.reverse, options=options)
 
@@ -90,6 +136,7 @@ class RNN(nn.Module):
         carry: PyTree | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
+        deterministic: bool | None = None,
     ) -> tuple[PyTree, Array]:
         """Runs the cell over ``xs``.
 
@@ -98,14 +145,21 @@ class RNN(nn.Module):
           carry: the initial carry (leaves ``[B, H]``); None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``: the valid steps of each sequence.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: False draws ``regularize``'s masks (from the ``"dropout"`` rng), True gives their
+            expectation. Where ``regularize`` is given, give it here or as the attribute, not both.
 
         Returns:
           ``(carry, ys)``: the final carry (leaves ``[B, H]``) and ``ys [B, T, H]``.
+
+        Raises:
+          ValueError: where ``regularize`` is given and training has no ``"dropout"`` rng, or
+            ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
         I = input_size_of(xs)
         params = self.param("cell", lambda key: layer.init(key, I, self.param_dtype))
-        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad)
+        train, key = _training_key(self, draws_masks(self.regularize), self.deterministic, deterministic)
+        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train)
 
 
 class Bidirectional(nn.Module):
@@ -117,6 +171,9 @@ class Bidirectional(nn.Module):
       merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
       checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
         directions (see `RNN`).
+      regularize: an `rj.Regularizer` inside both recurrences, or None (see `RNN`); each direction draws
+        its own masks from the one ``"dropout"`` key, as `rj.bidirectional` does.
+      deterministic: True for inference, False for training; None leaves it to ``__call__``.
       param_dtype: the dtype of the params.
 
     Params: ``"fw"`` and ``"bw"``, each the output of its cell's ``init``;
@@ -131,6 +188,11 @@ class Bidirectional(nn.Module):
       >>> carry, ys = model.apply(variables, xs)
       >>> ys.shape, carry.bw.h.shape
       ((2, 5, 4), (2, 4))
+      >>> model = rln.Bidirectional(rj.gru(4), regularize=rj.Regularizer(zoneout=0.1), deterministic=False)
+      >>> variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, xs)
+      >>> carry, ys = model.apply(variables, xs, rngs={"dropout": jax.random.key(2)})
+      >>> ys.shape
+      (2, 5, 8)
     """
 
     cell_fw: Cell
@@ -142,12 +204,20 @@ class Bidirectional(nn.Module):
     unroll_steps: int | bool | None = None
     method: Method = "sequential"
     chunk_size: int | None = None
+    regularize: Regularizer | None = None
+    deterministic: bool | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs, on ``rj.BidirectionalParams(**variables["params"])``."""
         options = UnrollOptions(
-            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+            self.checkpoint,
+            self.budget,
+            self.schedule,
+            self.unroll_steps,
+            self.method,
+            self.chunk_size,
+            self.regularize,
         )
         return bidirectional_layer(self.cell_fw, self.cell_bw, merge=self.merge, options=options)
 
@@ -159,6 +229,7 @@ class Bidirectional(nn.Module):
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
+        deterministic: bool | None = None,
     ) -> tuple[BidirectionalCarry, Array]:
         """Runs both directions over ``xs``.
 
@@ -167,9 +238,14 @@ class Bidirectional(nn.Module):
           carry: a `BidirectionalCarry` ``(fw, bw)`` of initial carries; None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``; the reverse pass starts at step ``lengths[b] - 1``.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: as `RNN`'s: False draws ``regularize``'s masks, True gives their expectation.
 
         Returns:
           ``(carry, ys)``: a `BidirectionalCarry` and ``ys [B, T, H_fw + H_bw]`` (``[B, T, H]`` for sum).
+
+        Raises:
+          ValueError: where ``regularize`` is given and training has no ``"dropout"`` rng, or
+            ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
         cell_fw, cell_bw = layer.children
@@ -178,7 +254,8 @@ class Bidirectional(nn.Module):
             self.param("fw", lambda key: cell_fw.init(key, I, self.param_dtype)),
             self.param("bw", lambda key: cell_bw.init(key, I, self.param_dtype)),
         )
-        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad)
+        train, key = _training_key(self, draws_masks(self.regularize), self.deterministic, deterministic)
+        return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train)
 
 
 class Stack(nn.Module):
@@ -190,7 +267,10 @@ class Stack(nn.Module):
       residual: add each layer's input to its output, for every layer after the first.
       dropout: the probability of dropping each feature between layers (not after the last), in training:
         with ``deterministic=False`` and a ``"dropout"`` rng (``model.apply(..., rngs={"dropout": key})``).
-      deterministic: True turns dropout off; None leaves it to ``__call__`` (needed where dropout > 0).
+      regularize: an `rj.Regularizer` inside every recurrence, or None (see `RNN`); in training each
+        layer draws its own masks from the one ``"dropout"`` key, as `rj.stack` does.
+      deterministic: True turns dropout off (and gives ``regularize``'s expectation); None leaves it to
+        ``__call__`` (needed where dropout > 0 or ``regularize`` is given).
       checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
         recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer among
         ``layers`` was made with.
@@ -202,7 +282,7 @@ class Stack(nn.Module):
       TypeError: if ``layers`` is not a sequence of cells, `rj.rnn` and `rj.bidirectional` layers.
       ValueError: as `rj.stack` (no layers, ``dropout`` outside ``[0, 1)``, ``residual=True`` with a
         layer whose input and output sizes differ).
-      flax.errors.InvalidRngError: where dropout runs without a ``"dropout"`` rng.
+        From ``__call__``: dropout or ``regularize`` in training without a ``"dropout"`` rng.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -227,12 +307,19 @@ class Stack(nn.Module):
     unroll_steps: int | bool | None = None
     method: Method = "sequential"
     chunk_size: int | None = None
+    regularize: Regularizer | None = None
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["layers"], xs)``."""
         options = UnrollOptions(
-            self.checkpoint, self.budget, self.schedule, self.unroll_steps, self.method, self.chunk_size
+            self.checkpoint,
+            self.budget,
+            self.schedule,
+            self.unroll_steps,
+            self.method,
+            self.chunk_size,
+            self.regularize,
         )
         return stack_layer(self.layers, residual=self.residual, dropout=self.dropout, options=options)
 
@@ -253,17 +340,20 @@ class Stack(nn.Module):
           carry: a tuple of the layers' initial carries; None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``, for every layer.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
-          deterministic: False applies dropout (with a ``"dropout"`` rng), True turns it off. Where
-            dropout > 0, give it here or as the attribute, not both.
+          deterministic: False applies dropout and ``regularize``'s masks (with a ``"dropout"`` rng), True
+            turns them off. Where dropout > 0 or ``regularize`` is given, give it here or as the attribute,
+            not both.
 
         Returns:
           ``(carries, ys)``: a tuple of the layers' final carries and ``ys [B, T, output_size]``.
+
+        Raises:
+          ValueError: where dropout or ``regularize`` runs in training without a ``"dropout"`` rng, or
+            ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
         I = input_size_of(xs)
         params = self.param("layers", lambda key: layer.init(key, I, self.param_dtype))
-        train, key = False, None
-        if self.dropout > 0:
-            train = not nn.merge_param("deterministic", self.deterministic, deterministic)
-            key = self.make_rng("dropout") if train else None
+        draws = draws_masks(self.regularize, self.dropout)
+        train, key = _training_key(self, draws, self.deterministic, deterministic)
         return layer.apply(params, xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train)

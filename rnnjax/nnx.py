@@ -19,14 +19,56 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rnnjax._modules import Checkpoint, UnrollOptions, bidirectional_layer, rnn_layer, stack_layer
+from rnnjax._modules import (
+    Checkpoint,
+    UnrollOptions,
+    bidirectional_layer,
+    draws_masks,
+    rnn_layer,
+    stack_layer,
+)
 from rnnjax.cells.base import Cell
 from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 from rnnjax.parallel import Method
+from rnnjax.regularize import Regularizer
 
 Array = jax.Array
 PyTree = Any
+RngSource = nnx.Rngs | nnx.RngStream | Array
+
+
+def _dropout_stream(rngs: nnx.Rngs, draws: bool) -> nnx.RngStream | None:
+    """The stream a module that draws masks keeps, as `flax.nnx.Dropout` keeps it: a fork of ``rngs``'s
+    ``dropout`` stream (or ``default``); None where it draws none or ``rngs`` has neither stream (then the
+    call must pass ``rngs=`` in training)."""
+    if not draws or not ("dropout" in rngs or "default" in rngs):
+        return nnx.data(None)
+    return rngs["dropout"].fork()
+
+
+def _training_key(
+    module: nnx.Module,
+    draws: bool,
+    stream: nnx.RngStream | None,
+    deterministic: bool | None,
+    rngs: RngSource | None,
+) -> tuple[bool, Array | None]:
+    """``(train, key)`` as `flax.nnx.Dropout` decides them: where the module draws masks, training unless
+    ``deterministic`` (the call's, else the module's), and then a key from the call's ``rngs`` or the
+    module's stream; else ``(False, None)``, and the regularisers act as their expectation."""
+    if not draws or (module.deterministic if deterministic is None else deterministic):  # type: ignore[attr-defined]
+        return False, None
+    source = stream if rngs is None else rngs
+    if source is None:
+        raise ValueError(
+            f'{type(module).__name__} in training (deterministic=False) draws its masks from a "dropout" '
+            "rng stream: build it with rngs=nnx.Rngs(params=..., dropout=...), pass rngs= to the call, or "
+            "use model.eval() for inference"
+        )
+    if isinstance(source, nnx.Rngs):
+        source = source["dropout"]
+    return True, source() if isinstance(source, nnx.RngStream) else source
 
 
 class RNN(nnx.Module):
@@ -45,6 +87,8 @@ class RNN(nnx.Module):
         unroll_steps: int | bool | None = None,
         method: Method = "sequential",
         chunk_size: int | None = None,
+        regularize: Regularizer | None = None,
+        deterministic: bool = False,
         dtype: Any = jnp.float32,
     ) -> None:
         """Initialises the cell's params with ``cell.init(rngs.params(), input_size, dtype)``.
@@ -52,7 +96,8 @@ class RNN(nnx.Module):
         Args:
           cell: the cell, e.g. ``rj.lstm(64)``, or a user-written `rj.Cell` with params of any pytree.
           input_size: I, the feature size of the inputs.
-          rngs: the module's ``nnx.Rngs`` (its ``params`` stream initialises the cell).
+          rngs: the module's ``nnx.Rngs``: ``params`` initialises the cell, and where ``regularize`` is
+            given the ``dropout`` stream (or ``default``) draws its masks, as ``nnx.Dropout`` does.
           reverse: run from the last valid step to the first; ``ys`` stays aligned with ``xs``.
           checkpoint: `rj.unroll`'s ``checkpoint`` (None, ``"none"``, an int K or ``"sqrt"``).
           budget: `rj.unroll`'s ``budget`` (bytes kept for the backward).
@@ -60,6 +105,10 @@ class RNN(nnx.Module):
           unroll_steps: `jax.lax.scan`'s unroll factor for the time loops (None: `rj.unroll`'s default).
           method: `rj.unroll`'s ``method`` (one of `rnnjax.METHODS`; ``"associative"`` for linear cells only).
           chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
+          regularize: an `rj.Regularizer` inside the recurrence (dropout, zoneout, weight drop), or None.
+            In training (``deterministic=False``, ``model.train()``) its masks come from the ``dropout``
+            stream; in inference (``model.eval()``) it acts as its expectation.
+          deterministic: True for inference, False for training (where ``regularize`` is given).
           dtype: the dtype of the params.
 
         Examples:
@@ -70,11 +119,32 @@ class RNN(nnx.Module):
           >>> carry, ys = model(jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2]))
           >>> ys.shape
           (2, 5, 8)
+
+          With the regularisers inside the recurrence: masks from the ``dropout`` stream in training,
+          their expectation after ``model.eval()``:
+
+          >>> reg = rj.Regularizer(state_dropout=0.25, zoneout=0.1)
+          >>> model = rnx.RNN(rj.lstm(8), 3, rngs=nnx.Rngs(params=0, dropout=1), regularize=reg)
+          >>> carry, ys = model(jnp.ones((2, 5, 3)))
+          >>> model.eval()
+          >>> carry, ys = model(jnp.ones((2, 5, 3)))
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
+        self.options = UnrollOptions(
+            checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
+        )
         layer = rnn_layer(cell, reverse=reverse, options=self.options)
-        self.cell, self.reverse = cell, reverse
+        self.cell, self.reverse, self.deterministic = cell, reverse, deterministic
         self.weights = nnx.data(jax.tree.map(nnx.Param, layer.init(rngs.params(), input_size, dtype)))
+        self.rngs = _dropout_stream(rngs, draws_masks(regularize))
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` gives the inference view.
+
+        Args:
+          deterministic: True for inference, False for training; None leaves it.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def params(self) -> PyTree:
         """The cell's params pytree, read from the module's ``nnx.Param`` s."""
@@ -91,6 +161,8 @@ class RNN(nnx.Module):
         carry: PyTree | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
+        deterministic: bool | None = None,
+        rngs: RngSource | None = None,
     ) -> tuple[PyTree, Array]:
         """Runs the cell over ``xs``.
 
@@ -99,11 +171,20 @@ class RNN(nnx.Module):
           carry: the initial carry (leaves ``[B, H]``); None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``: the valid steps of each sequence.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: overrides the module's ``deterministic``.
+          rngs: overrides the module's ``dropout`` stream: an ``nnx.Rngs``, an ``nnx.RngStream`` or a key.
 
         Returns:
           ``(carry, ys)``: the final carry (leaves ``[B, H]``) and ``ys [B, T, H]``.
+
+        Raises:
+          ValueError: where ``regularize`` runs in training with no ``dropout`` stream and no ``rngs``.
         """
-        return self.layer().apply(self.params(), xs, carry=carry, lengths=lengths, grad=grad)
+        draws = draws_masks(self.options.regularize)
+        train, key = _training_key(self, draws, self.rngs, deterministic, rngs)
+        return self.layer().apply(
+            self.params(), xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train
+        )
 
 
 class Bidirectional(nnx.Module):
@@ -123,6 +204,8 @@ class Bidirectional(nnx.Module):
         unroll_steps: int | bool | None = None,
         method: Method = "sequential",
         chunk_size: int | None = None,
+        regularize: Regularizer | None = None,
+        deterministic: bool = False,
         dtype: Any = jnp.float32,
     ) -> None:
         """Builds the two directions, ``fw`` and ``bw``, each an `RNN` with its own params.
@@ -132,9 +215,13 @@ class Bidirectional(nnx.Module):
           input_size: I, the feature size of the inputs.
           cell_bw: the backward direction's cell; None means another cell like ``cell_fw`` (own params).
           merge: ``"concat"`` (``ys [B, T, H_fw + H_bw]``, forward first) or ``"sum"`` (``ys [B, T, H]``).
-          rngs: the module's ``nnx.Rngs``.
+          rngs: the module's ``nnx.Rngs``: ``params`` initialises the cells, ``dropout`` (or ``default``)
+            draws ``regularize``'s masks.
           checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
             directions (see `RNN`).
+          regularize: an `rj.Regularizer` inside both recurrences, or None (see `RNN`); each direction
+            draws its own masks from one key of the module's stream, as `rj.bidirectional` does.
+          deterministic: True for inference, False for training (where ``regularize`` is given).
           dtype: the dtype of the params.
 
         Examples:
@@ -145,16 +232,33 @@ class Bidirectional(nnx.Module):
           >>> carry, ys = model(jnp.ones((2, 5, 3)))
           >>> ys.shape, carry.bw.h.shape
           ((2, 5, 8), (2, 4))
+          >>> model = rnx.Bidirectional(
+          ...     rj.gru(4), 3, rngs=nnx.Rngs(0), regularize=rj.Regularizer(zoneout=0.1)
+          ... )
+          >>> carry, ys = model(jnp.ones((2, 5, 3)))
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
+        self.options = UnrollOptions(
+            checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
+        )
         cells: tuple[Cell, Cell] = bidirectional_layer(
             cell_fw, cell_bw, merge=merge, options=self.options
         ).children
         cell_fw, cell_bw = cells
-        self.merge = merge
-        kw = {"rngs": rngs, "dtype": dtype, **self.options._asdict()}
+        self.merge, self.deterministic = merge, deterministic
+        self.rngs = _dropout_stream(rngs, draws_masks(regularize))
+        # the directions hold the params; the masks are drawn here, as rj.bidirectional draws them
+        kw = {"rngs": rngs, "dtype": dtype, **self.options._replace(regularize=None)._asdict()}
         self.fw = RNN(cell_fw, input_size, **kw)
         self.bw = RNN(cell_bw, input_size, reverse=True, **kw)
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` gives the inference view.
+
+        Args:
+          deterministic: True for inference, False for training; None leaves it.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def params(self) -> BidirectionalParams:
         """Both directions' params, as ``rj.bidirectional(...).apply`` takes them."""
@@ -171,6 +275,8 @@ class Bidirectional(nnx.Module):
         carry: BidirectionalCarry | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
+        deterministic: bool | None = None,
+        rngs: RngSource | None = None,
     ) -> tuple[BidirectionalCarry, Array]:
         """Runs both directions over ``xs``.
 
@@ -179,11 +285,20 @@ class Bidirectional(nnx.Module):
           carry: a `BidirectionalCarry` ``(fw, bw)`` of initial carries; None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``; the reverse pass starts at step ``lengths[b] - 1``.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
+          deterministic: overrides the module's ``deterministic``.
+          rngs: overrides the module's ``dropout`` stream: an ``nnx.Rngs``, an ``nnx.RngStream`` or a key.
 
         Returns:
           ``(carry, ys)``: a `BidirectionalCarry` and ``ys [B, T, H_fw + H_bw]`` (``[B, T, H]`` for sum).
+
+        Raises:
+          ValueError: where ``regularize`` runs in training with no ``dropout`` stream and no ``rngs``.
         """
-        return self.layer().apply(self.params(), xs, carry=carry, lengths=lengths, grad=grad)
+        draws = draws_masks(self.options.regularize)
+        train, key = _training_key(self, draws, self.rngs, deterministic, rngs)
+        return self.layer().apply(
+            self.params(), xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train
+        )
 
 
 class Stack(nnx.Module):
@@ -204,6 +319,7 @@ class Stack(nnx.Module):
         unroll_steps: int | bool | None = None,
         method: Method = "sequential",
         chunk_size: int | None = None,
+        regularize: Regularizer | None = None,
         dtype: Any = jnp.float32,
     ) -> None:
         """Builds one `RNN` or `Bidirectional` per layer, in ``self.layers``.
@@ -212,21 +328,25 @@ class Stack(nnx.Module):
           layers: cells (each a forward `rj.rnn`), ``rj.rnn(cell, reverse=...)`` and
             ``rj.bidirectional(..., merge=...)`` layers, first layer first.
           input_size: I, the feature size of the first layer's inputs.
-          rngs: the module's ``nnx.Rngs``: ``params`` initialises the layers, and where dropout > 0 the
-            ``dropout`` stream (or ``default``) draws the masks, as ``nnx.Dropout`` does.
+          rngs: the module's ``nnx.Rngs``: ``params`` initialises the layers, and where dropout > 0 or
+            ``regularize`` is given the ``dropout`` stream (or ``default``) draws the masks, as
+            ``nnx.Dropout`` does.
           residual: add each layer's input to its output, for every layer after the first.
           dropout: the probability of dropping each feature between layers (not after the last), in
             training (``deterministic=False``; ``model.eval()`` turns it off).
-          deterministic: True turns dropout off.
+          deterministic: True turns dropout off (and gives ``regularize``'s expectation).
           checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
             recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer was
             made with.
+          regularize: an `rj.Regularizer` inside every recurrence, or None (see `RNN`); in training each
+            layer draws its own masks from one key of the module's stream, as `rj.stack` does.
           dtype: the dtype of the params.
 
         Raises:
           TypeError: if ``layers`` is not a sequence of cells, `rj.rnn` and `rj.bidirectional` layers.
           ValueError: as `rj.stack` (no layers, ``dropout`` outside ``[0, 1)``, ``residual=True`` with a
-            layer whose input and output sizes differ).
+            layer whose input and output sizes differ); from ``__call__``, dropout or ``regularize`` in
+            training with no ``dropout`` stream and no ``rngs``.
 
         Examples:
           >>> import jax.numpy as jnp, rnnjax as rj
@@ -237,12 +357,15 @@ class Stack(nnx.Module):
           >>> ys.shape, len(carries)
           ((2, 5, 4), 2)
         """
-        self.options = UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size)
+        self.options = UnrollOptions(
+            checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
+        )
         built = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)
         self.specs, self.residual, self.dropout = tuple(layers), residual, dropout
         self.deterministic = deterministic
-        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
-        kw = {"rngs": rngs, "dtype": dtype, **self.options._asdict()}
+        self.rngs = _dropout_stream(rngs, draws_masks(regularize, dropout))
+        # the layers hold the params; the masks are drawn here, as rj.stack draws them
+        kw = {"rngs": rngs, "dtype": dtype, **self.options._replace(regularize=None)._asdict()}
         children = []
         for layer in built.children:
             if layer.kind == "rnn":
@@ -279,7 +402,7 @@ class Stack(nnx.Module):
         lengths: Array | None = None,
         grad: GradMode = "manual",
         deterministic: bool | None = None,
-        rngs: nnx.Rngs | nnx.RngStream | Array | None = None,
+        rngs: RngSource | None = None,
     ) -> tuple[tuple, Array]:
         """Runs the layers over ``xs``.
 
@@ -293,14 +416,13 @@ class Stack(nnx.Module):
 
         Returns:
           ``(carries, ys)``: a tuple of the layers' final carries and ``ys [B, T, output_size]``.
+
+        Raises:
+          ValueError: where dropout or ``regularize`` runs in training with no ``dropout`` stream and no
+            ``rngs``.
         """
-        train = not (self.deterministic if deterministic is None else deterministic) and self.dropout > 0
-        key = None
-        if train:
-            source = self.rngs if rngs is None else rngs
-            if isinstance(source, nnx.Rngs):
-                source = source["dropout"]
-            key = source() if isinstance(source, nnx.RngStream) else source
+        draws = draws_masks(self.options.regularize, self.dropout)
+        train, key = _training_key(self, draws, self.rngs, deterministic, rngs)
         return self.layer().apply(
             self.params(), xs, carry=carry, lengths=lengths, grad=grad, key=key, train=train
         )

@@ -4,7 +4,8 @@ A `Case` describes one module (`RNN`, `Bidirectional` or `Stack`), its construct
 framework's test builds the module, reads its params in the functional layout, and passes `check_matches`
 a function ``run(params, xs, carry, key) -> (carry, ys)`` that calls the module with those params; the
 outputs and the gradients with respect to params, xs and carry must equal those of `rj.unroll`,
-`rj.bidirectional` and `rj.stack` with the same params.
+`rj.bidirectional` and `rj.stack` with the same params (and, with ``regularize``, the same key in training
+or none at inference, where the regularisers act as their expectation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import pytest
 from helpers import rel_err
 
 import rnnjax as rj
@@ -45,6 +47,8 @@ USER_CELL = rj.Cell(
     init=_user_init, initial_carry=_user_initial_carry, step=_user_step, hidden_size=4, name="user"
 )
 LSTM, GRU, LSTM3, GRU2 = rj.lstm(4), rj.gru(4), rj.lstm(3), rj.gru(2)
+# every regulariser at once, on cells whose recurrence is the GEMM h w_hh
+REG = rj.Regularizer(input_dropout=0.2, state_dropout=0.3, zoneout=0.15, zoneout_c=0.05, weight_drop=0.25)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,9 @@ class Case:
       lengths: pass ``lengths=LENGTHS``.
       carry: pass a random initial carry.
       grad: the call's ``grad``.
-      train: a stack's dropout is on (with a fixed key).
+      train: training: a stack's dropout and the ``regularize`` masks are drawn (from a fixed key); else
+        inference, where ``regularize`` acts as its expectation.
+      slow: run with the slow tests (``make test-slow``).
     """
 
     id: str
@@ -69,10 +75,15 @@ class Case:
     carry: bool = False
     grad: str = "manual"
     train: bool = False
+    slow: bool = False
 
     @property
     def kw(self) -> dict[str, Any]:
         return dict(self.args)
+
+    @property
+    def regularized(self) -> bool:
+        return self.kw.get("regularize") is not None
 
     def functional(self) -> rj.Layer:
         """The functional layer with the case's layout (options of `rj.unroll` left out)."""
@@ -87,10 +98,22 @@ class Case:
         """``(carry, ys)`` from `rj.unroll` (with the options), `rj.bidirectional` or `rj.stack`."""
         kw, lengths = self.kw, self.call_lengths()
         if self.kind == "rnn":
-            options = {k: kw[k] for k in ("reverse", "checkpoint", "budget", "schedule") if k in kw}
-            return rj.unroll(kw["cell"], params, xs, carry=carry, lengths=lengths, grad=self.grad, **options)
+            options = {
+                k: kw[k] for k in ("reverse", "checkpoint", "budget", "schedule", "regularize") if k in kw
+            }
+            key = key if self.train else None
+            return rj.unroll(
+                kw["cell"], params, xs, carry=carry, lengths=lengths, grad=self.grad, key=key, **options
+            )
         return self.functional().apply(
-            params, xs, carry=carry, lengths=lengths, grad=self.grad, key=key, train=self.train
+            params,
+            xs,
+            carry=carry,
+            lengths=lengths,
+            grad=self.grad,
+            key=key,
+            train=self.train,
+            regularize=kw.get("regularize"),
         )
 
     def call_lengths(self) -> jax.Array | None:
@@ -118,6 +141,22 @@ CASES = [
         train=True,
     ),
     Case("stack-dropout-off", "stack", (("layers", (LSTM, GRU)), ("dropout", 0.25))),
+    Case("rnn-lstm-regularize-train", "rnn", (("cell", LSTM), ("regularize", REG)), carry=True, train=True),
+    Case("rnn-gru-regularize-eval", "rnn", (("cell", GRU), ("reverse", True), ("regularize", REG))),
+    Case(
+        "bi-regularize-train",
+        "bidirectional",
+        (("cell_fw", LSTM3), ("cell_bw", GRU2), ("regularize", REG)),
+        train=True,
+        slow=True,
+    ),
+    Case(
+        "stack-regularize-dropout-train",
+        "stack",
+        (("layers", (LSTM, rj.bidirectional(GRU2))), ("dropout", 0.25), ("regularize", REG)),
+        train=True,
+        slow=True,
+    ),
     Case(
         "stack-bi-checkpoint-carry",
         "stack",
@@ -125,6 +164,7 @@ CASES = [
         carry=True,
     ),
 ]
+CASE_PARAMS = [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.slow else ()) for c in CASES]
 
 
 def inputs(case: Case, params: Any) -> tuple[jax.Array, Any]:
@@ -149,7 +189,9 @@ def check_matches(
     reference_key: jax.Array | None = None,
 ) -> None:
     """The module (``run``) and the functional API agree on outputs and on gradients w.r.t. params, xs
-    and carry, to 1e-12 in float64. ``reference_key`` is the dropout key the module draws from ``key``."""
+    and carry, to 1e-12 in float64. ``reference_key`` is the dropout key the module draws from ``key``.
+    With ``regularize``: the module's gradient also equals autodiff through the same masked forward
+    (``grad="autodiff"``, 1e-10), and in training the masks act (the output is not the expectation's)."""
     xs, carry = inputs(case, params)
     reference_key = key if reference_key is None else reference_key
     out = case.reference(params, xs, carry, reference_key)
@@ -167,6 +209,13 @@ def check_matches(
     assert jax.tree.structure(got_out) == jax.tree.structure(out)
     assert rel_err(got_out, out) <= 1e-12
     assert rel_err(got, want) <= 1e-12
+    if case.regularized:
+        twin = dataclasses.replace(case, grad="autodiff").reference
+        autodiff = jax.jit(jax.grad(lambda *a: loss(twin, *a), argnums))(params, xs, carry, reference_key)
+        assert rel_err(got, autodiff) <= 1e-10
+        if case.train:
+            expectation = dataclasses.replace(case, train=False).reference(params, xs, carry, None)
+            assert rel_err(got_out, expectation) > 1e-2
 
 
 # Options that must reach every rj.unroll call of a module, and one module of each kind with its number of

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import optax
 import pytest
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
+    REG,
+    USER_CELL,
     Case,
     I,
     check_matches,
@@ -33,7 +35,7 @@ def build(case_kind: str, args: dict, key: jax.Array) -> eqx.Module:
     return cls(first, I, key=key, dtype=jnp.float64, **args)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = build(case.kind, case.kw, jax.random.key(0))
     # the params are those the functional layer's init returns for the same key
@@ -43,7 +45,7 @@ def test_matches_functional_api(case: Case):
 
     def run(params, xs, carry, key):
         module = eqx.tree_at(lambda m: m.params, model, params)
-        extra = {"key": key, "inference": not case.train} if case.kind == "stack" else {}
+        extra = {"key": key, "inference": not case.train} if case.kind == "stack" or case.regularized else {}
         return module(xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
 
     check_matches(case, run, model.params, key=jax.random.key(5) if case.train else None)
@@ -57,6 +59,21 @@ def test_every_unroll_option_reaches_unroll(monkeypatch, kind, options):
     calls = record_unroll(monkeypatch)
     model(jnp.ones((2, 5, I), jnp.float64))
     check_options_reached(calls, options, n)
+
+
+def test_regularize_follows_eqx_dropout():
+    """In training the masks come from the call's ``key`` (a stack hands its layers the keys `rj.stack`
+    does); ``inference=True``, per call or by `eqx.nn.inference_mode`, is the expectation."""
+    xs = jax.random.normal(jax.random.key(1), (2, 5, I), jnp.float64)
+    layers = (rj.lstm(4), rj.bidirectional(rj.gru(2)))
+    model = req.Stack(layers, I, key=jax.random.key(0), regularize=REG, dtype=jnp.float64)
+    reference, key = rj.stack(*layers), jax.random.key(5)
+    _, ys = eqx.filter_jit(lambda m, xs, k: m(xs, key=k))(model, xs, key)
+    assert jnp.array_equal(ys, reference.apply(model.params, xs, key=key, train=True, regularize=REG)[1])
+    assert not jnp.array_equal(model(xs, key=jax.random.key(6))[1], ys)
+    expectation = reference.apply(model.params, xs, regularize=REG)[1]
+    assert jnp.array_equal(eqx.nn.inference_mode(model)(xs)[1], expectation)
+    assert jnp.array_equal(model(xs, inference=True, key=key)[1], expectation)
 
 
 def test_trains_with_filter_value_and_grad_and_optax():
@@ -106,9 +123,18 @@ def test_errors():
     ):
         req.Stack([rj.lstm(2), rj.lstm(3)], I, key=key, residual=True)
     model = req.Stack([rj.lstm(2), rj.lstm(2)], I, key=key, dropout=0.5, dtype=jnp.float64)
-    with pytest.raises(ValueError, match=r"Stack\(dropout=0.5\) in training needs a PRNG key: pass key="):
+    with pytest.raises(ValueError, match=r"Stack in training draws its masks from a PRNG key: pass key="):
         model(xs)
     model(xs, inference=True)  # no key needed without dropout
+    with pytest.raises(ValueError, match=r"RNN in training draws its masks from a PRNG key: pass key="):
+        req.RNN(rj.lstm(2), I, key=key, regularize=REG, dtype=jnp.float64)(xs)
+    with pytest.raises(ValueError, match=r"Bidirectional in training draws its masks from a PRNG key"):
+        req.Bidirectional(rj.lstm(2), I, key=key, regularize=REG, dtype=jnp.float64)(xs)
+    req.RNN(rj.lstm(2), I, key=key, regularize=REG, inference=True, dtype=jnp.float64)(xs)  # no key needed
+    with pytest.raises(TypeError, match=r"regularize must be an rj.Regularizer or None, got str"):
+        req.RNN(rj.lstm(2), I, key=key, regularize="zoneout", dtype=jnp.float64)(xs)
+    with pytest.raises(ValueError, match=r"weight_drop needs a cell whose recurrence is the GEMM h w_hh"):
+        req.RNN(USER_CELL, I, key=key, regularize=rj.Regularizer(weight_drop=0.5))(xs, key=key)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
         req.RNN(rj.lstm(2), I, key=key, checkpoint=0, dtype=jnp.float64)(xs)
     with pytest.raises(ValueError, match=r"schedule='nested' needs a budget"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,11 @@ import optax
 import pytest
 from flax.training import train_state
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
+    REG,
+    USER_CELL,
     Case,
     I,
     check_matches,
@@ -53,16 +54,16 @@ class DropoutKey(nn.Module):
         return self.make_rng("dropout")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = CLASSES[case.kind](**case.kw, param_dtype=jnp.float64)
     xs = jnp.zeros((2, 5, I), jnp.float64)
-    init_kw = {"deterministic": True} if case.kind == "stack" else {}
+    init_kw = {"deterministic": True} if case.kind == "stack" or case.regularized else {}
     params = to_functional(case.kind, model.init(jax.random.key(0), xs, **init_kw)["params"])
 
     def run(params, xs, carry, key):
         extra = {}
-        if case.kind == "stack":
+        if case.kind == "stack" or case.regularized:
             extra = {"deterministic": not case.train, "rngs": None if key is None else {"dropout": key}}
         variables = {"params": from_functional(case.kind, params)}
         return model.apply(variables, xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
@@ -82,6 +83,28 @@ def test_every_unroll_option_reaches_unroll(monkeypatch, kind, options):
     calls = record_unroll(monkeypatch)
     model.apply(variables, xs)
     check_options_reached(calls, options, n)
+
+
+def test_regularize_follows_flax_dropout():
+    """``deterministic`` as an attribute or per call; in training the masks come from the ``"dropout"`` rng
+    (a stack hands its layers the keys `rj.stack` does, and new keys draw new masks); ``deterministic=True``
+    is the expectation."""
+    xs = jax.random.normal(jax.random.key(1), (2, 5, I), jnp.float64)
+    layers = (rj.lstm(4), rj.bidirectional(rj.gru(2)))
+    model = rln.Stack(layers, regularize=REG, param_dtype=jnp.float64)
+    variables = model.init(jax.random.key(0), xs, deterministic=True)
+    params, reference = variables["params"]["layers"], rj.stack(*layers)
+    key = jax.random.key(5)
+    apply = jax.jit(model.apply, static_argnames="deterministic")  # eagerly, every primitive compiles alone
+    _, ys = apply(variables, xs, deterministic=False, rngs={"dropout": key})
+    drawn = DropoutKey().apply({}, rngs={"dropout": key})
+    assert jnp.array_equal(ys, reference.apply(params, xs, key=drawn, train=True, regularize=REG)[1])
+    training = rln.Stack(layers, regularize=REG, deterministic=False, param_dtype=jnp.float64)
+    assert jnp.array_equal(jax.jit(training.apply)(variables, xs, rngs={"dropout": key})[1], ys)
+    other = apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.key(6)})[1]
+    assert not jnp.array_equal(other, ys)
+    _, expectation = apply(variables, xs, deterministic=True)
+    assert jnp.array_equal(expectation, reference.apply(params, xs, regularize=REG)[1])
 
 
 def test_trains_with_train_state_and_optax():
@@ -135,8 +158,20 @@ def test_errors():
     ):
         model.init(key, xs)
     variables = model.init(key, xs, deterministic=True)
-    with pytest.raises(flax.errors.InvalidRngError, match=r"needs PRNG for \"dropout\""):
+    with pytest.raises(ValueError, match=r"Stack in training \(deterministic=False\) draws its masks from"):
         model.apply(variables, xs, deterministic=False)
+    regularized = rln.RNN(rj.lstm(2), regularize=REG, param_dtype=jnp.float64)
+    with pytest.raises(
+        ValueError, match=r'Parameter "deterministic" must be passed to the constructor or at call time'
+    ):
+        regularized.init(key, xs)
+    variables = regularized.init(key, xs, deterministic=True)
+    with pytest.raises(ValueError, match=r"RNN in training \(deterministic=False\) draws its masks from the"):
+        regularized.apply(variables, xs, deterministic=False)
+    with pytest.raises(TypeError, match=r"regularize must be an rj.Regularizer or None, got float"):
+        rln.Bidirectional(rj.lstm(2), regularize=0.5, param_dtype=jnp.float64).init(key, xs)
+    with pytest.raises(ValueError, match=r"state_dropout needs a cell whose recurrence is the GEMM h w_hh"):
+        rln.RNN(USER_CELL, regularize=REG, param_dtype=jnp.float64).init(key, xs, deterministic=True)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
         rln.RNN(rj.lstm(2), checkpoint=0, param_dtype=jnp.float64).init(key, xs)
     with pytest.raises(ValueError, match=r"pass checkpoint or budget, not both"):

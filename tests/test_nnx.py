@@ -10,9 +10,10 @@ import optax
 import pytest
 from flax import nnx
 from framework_cases import (
-    CASES,
+    CASE_PARAMS,
     MODULES,
     OPTION_SETS,
+    REG,
     USER_CELL,
     Case,
     I,
@@ -45,7 +46,7 @@ def set_params(module: nnx.Module, params: Any) -> None:
             set_params(layer, p)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_matches_functional_api(case: Case):
     model = build(case.kind, case.kw)
     graphdef, state = nnx.split(model)
@@ -53,7 +54,8 @@ def test_matches_functional_api(case: Case):
     def run(params, xs, carry, key):
         module = nnx.merge(graphdef, state)
         set_params(module, params)
-        extra = {"deterministic": not case.train, "rngs": key} if case.kind == "stack" else {}
+        stochastic = case.kind == "stack" or case.regularized
+        extra = {"deterministic": not case.train, "rngs": key} if stochastic else {}
         return module(xs, carry=carry, lengths=case.call_lengths(), grad=case.grad, **extra)
 
     check_matches(case, run, model.params(), key=jax.random.key(5) if case.train else None)
@@ -89,6 +91,26 @@ def test_stack_dropout_draws_from_its_rng_stream_and_eval_turns_it_off():
     assert not jnp.array_equal(model(xs)[1], ys)  # the stream moved on
     model.eval()
     assert jnp.array_equal(model(xs)[1], reference.apply(model.params(), xs)[1])
+
+
+def test_regularize_draws_from_the_dropout_stream_and_eval_gives_the_expectation():
+    """The masks come from the ``dropout`` stream forked as `nnx.Dropout` forks it (or the call's
+    ``rngs``), each direction its own as `rj.bidirectional` draws them; ``model.eval()`` and
+    ``nnx.view(model, deterministic=True)`` give the expectation, ``model.train()`` the masks again."""
+    xs = jax.random.normal(jax.random.key(1), (2, 5, I), jnp.float64)
+    model = rnx.Bidirectional(rj.lstm(4), I, rngs=nnx.Rngs(0, dropout=3), regularize=REG, dtype=jnp.float64)
+    reference = rj.bidirectional(rj.lstm(4))
+    key = nnx.Rngs(dropout=3).dropout.fork()()  # the first key of the stream forked as nnx.Dropout does
+    _, ys = model(xs)
+    assert jnp.array_equal(ys, reference.apply(model.params(), xs, key=key, train=True, regularize=REG)[1])
+    assert not jnp.array_equal(model(xs)[1], ys)  # the stream moved on
+    assert jnp.array_equal(model(xs, rngs=key)[1], ys)
+    expectation = reference.apply(model.params(), xs, regularize=REG)[1]
+    assert jnp.array_equal(nnx.view(model, deterministic=True)(xs)[1], expectation)
+    model.eval()
+    assert jnp.array_equal(model(xs)[1], expectation)
+    model.train()
+    assert not jnp.array_equal(model(xs)[1], expectation)
 
 
 def test_trains_with_nnx_optimizer():
@@ -131,6 +153,18 @@ def test_errors():
         rnx.Stack(["lstm"], I, rngs=rngs)
     with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got -0.1"):
         rnx.Stack([rj.lstm(2)], I, rngs=rngs, dropout=-0.1)
+    no_stream = rnx.RNN(rj.lstm(2), I, rngs=nnx.Rngs(params=0), regularize=REG, dtype=jnp.float64)
+    with pytest.raises(
+        ValueError,
+        match=r"RNN in training \(deterministic=False\) draws its masks from a \"dropout\" rng stream",
+    ):
+        no_stream(xs)
+    no_stream(xs, rngs=jax.random.key(1))
+    no_stream(xs, deterministic=True)
+    with pytest.raises(TypeError, match=r"regularize must be an rj.Regularizer or None, got dict"):
+        rnx.Stack([rj.lstm(2)], I, rngs=rngs, regularize={"zoneout": 0.1})
+    with pytest.raises(ValueError, match=r"state_dropout needs a cell whose recurrence is the GEMM h w_hh"):
+        rnx.RNN(USER_CELL, I, rngs=rngs, regularize=REG, dtype=jnp.float64)(xs)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
         rnx.Stack([rj.lstm(2)], I, rngs=rngs, checkpoint=0, dtype=jnp.float64)(xs)
     with pytest.raises(ValueError, match=r"schedule='binomial' needs a budget"):
