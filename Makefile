@@ -62,8 +62,13 @@ test-dist: $(STAMP_DEV)
 	RNNJAX_TEST_DIST=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_dist.py
 
 # pyright (basic mode, [tool.pyright] in pyproject.toml) on rnnjax/: CI runs it after `make lint`.
+# pyright on the sources, then the public API's type completeness as a user's pyright sees it: rnnjax
+# installed (not editable) into build/typed and read by `pyright --verifytypes` (.ci/verifytypes.py).
 typecheck: $(STAMP_DEV)
 	$(VENV)/bin/pyright --pythonpath $(PY)
+	rm -rf build/typed && $(PY) -m pip install -q --no-deps --no-build-isolation --target build/typed .
+	cd build && PYTHONPATH=typed ../$(VENV)/bin/pyright --verifytypes rnnjax --ignoreexternal \
+		--pythonpath ../$(PY) --outputjson | ../$(PY) ../.ci/verifytypes.py
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any broken link or reference.
 # The benchmark tables are generated from benchmarks/results/*.json as it builds (docs/hooks/benchmarks.py).

@@ -19,10 +19,10 @@ from typing import Any
 
 try:
     import equinox as eqx
-except ImportError as e:  # pragma: no cover - exercised only without equinox installed
+except ImportError as _missing:  # pragma: no cover - exercised only without equinox installed
     raise ImportError(
         "rnnjax.equinox needs Equinox, which rnnjax does not install by default: pip install rnnjax[equinox]"
-    ) from e
+    ) from _missing
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +39,8 @@ from rnnjax.driver import GradMode, Schedule
 from rnnjax.layers import BidirectionalCarry, BidirectionalParams, Layer
 from rnnjax.parallel import Method
 from rnnjax.regularize import Regularizer
+
+__all__ = ["RNN", "Bidirectional", "Stack"]
 
 Array = jax.Array
 PyTree = Any
@@ -292,8 +294,8 @@ class Stack(eqx.Module):
         ``chunk_size`` and ``regularize`` (static).
     """
 
-    params: tuple
-    layers: tuple = eqx.field(static=True)
+    params: tuple[Any, ...]
+    layers: tuple[Any, ...] = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     inference: bool
@@ -364,12 +366,12 @@ class Stack(eqx.Module):
         self,
         xs: Array,
         *,
-        carry: tuple | None = None,
+        carry: tuple[Any, ...] | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
         key: Array | None = None,
         inference: bool | None = None,
-    ) -> tuple[tuple, Array]:
+    ) -> tuple[tuple[Any, ...], Array]:
         """Runs the layers over ``xs``.
 
         Args:

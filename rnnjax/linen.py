@@ -41,6 +41,8 @@ from rnnjax.regularize import Regularizer
 Array = jax.Array
 PyTree = Any
 
+__all__ = ["RNN", "Bidirectional", "Stack"]
+
 
 def _training_key(
     module: nn.Module, draws: bool, deterministic: bool | None, call_deterministic: bool | None
@@ -328,11 +330,11 @@ class Stack(nn.Module):
         self,
         xs: Array,
         *,
-        carry: tuple | None = None,
+        carry: tuple[Any, ...] | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
         deterministic: bool | None = None,
-    ) -> tuple[tuple, Array]:
+    ) -> tuple[tuple[Any, ...], Array]:
         """Runs the layers over ``xs``.
 
         Args:

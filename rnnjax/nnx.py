@@ -13,7 +13,7 @@ plain pytree that ``rj.unroll(cell, params, xs)`` takes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,9 @@ from rnnjax.regularize import Regularizer
 
 Array = jax.Array
 PyTree = Any
-RngSource = nnx.Rngs | nnx.RngStream | Array
+RngSource: TypeAlias = "nnx.Rngs | nnx.RngStream | Array"
+
+__all__ = ["RNN", "Bidirectional", "Stack"]
 
 
 def _dropout_stream(rngs: nnx.Rngs, draws: bool) -> nnx.RngStream | None:
@@ -73,6 +75,13 @@ def _training_key(
 
 class RNN(nnx.Module):
     """One cell over a sequence, as an NNX module: ``(xs [B, T, I]) -> (carry, ys [B, T, H])``."""
+
+    options: UnrollOptions
+    cell: Cell
+    reverse: bool
+    deterministic: bool
+    weights: PyTree
+    rngs: nnx.RngStream | None
 
     def __init__(
         self,
@@ -190,6 +199,13 @@ class RNN(nnx.Module):
 class Bidirectional(nnx.Module):
     """A forward and a reverse `RNN` merged per step (``"concat"`` or ``"sum"``), as `rj.bidirectional`."""
 
+    options: UnrollOptions
+    merge: str
+    deterministic: bool
+    rngs: nnx.RngStream | None
+    fw: RNN
+    bw: RNN
+
     def __init__(
         self,
         cell_fw: Cell,
@@ -304,6 +320,14 @@ class Bidirectional(nnx.Module):
 class Stack(nnx.Module):
     """A deep RNN, layers applied one after the other, as `rj.stack`: ``xs [B, T, I] -> (carries, ys)``."""
 
+    options: UnrollOptions
+    specs: tuple[Any, ...]
+    residual: bool
+    dropout: float
+    deterministic: bool
+    rngs: nnx.RngStream | None
+    layers: nnx.List[RNN | Bidirectional]
+
     def __init__(
         self,
         layers: Sequence[Cell | Layer],
@@ -386,7 +410,7 @@ class Stack(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
-    def params(self) -> tuple:
+    def params(self) -> tuple[Any, ...]:
         """The layers' params, as ``rj.stack(...).apply`` takes them."""
         return tuple(layer.params() for layer in self.layers)
 
@@ -398,12 +422,12 @@ class Stack(nnx.Module):
         self,
         xs: Array,
         *,
-        carry: tuple | None = None,
+        carry: tuple[Any, ...] | None = None,
         lengths: Array | None = None,
         grad: GradMode = "manual",
         deterministic: bool | None = None,
         rngs: RngSource | None = None,
-    ) -> tuple[tuple, Array]:
+    ) -> tuple[tuple[Any, ...], Array]:
         """Runs the layers over ``xs``.
 
         Args:

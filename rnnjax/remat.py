@@ -294,7 +294,9 @@ def rows_per_device(
         )
         args = (params, xs, carry0, mask)
         # each argument placed as its spec says, as shard_map requires (a replicated initial carry is split)
-        placed = [a if s is None else reshard_to(a, s, mesh) for a, s in zip(args, specs, strict=False)]
+        placed: list[Any] = [
+            a if s is None else reshard_to(a, s, mesh) for a, s in zip(args, specs, strict=False)
+        ]
         placed.append(None if noise is None else _noise_map(reshard_to, noise, rows, time_rows, mesh))
         final, ys = per_device(*placed)
         return reshard_like(final, carry0), ys
