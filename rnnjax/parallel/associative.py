@@ -96,14 +96,21 @@ class AssociativeUnroll:
             b = jnp.where(keep, b, jnp.zeros_like(b))
         if reverse:
             a, b = jnp.flip(a, 0), jnp.flip(b, 0)
-        solve = linear_recurrence if self.grad == "manual" else _forward
-        hs: Array = solve(a, b, h0, spec.complex, self.chunk_size, 1 if unroll is None else unroll)  # pyright: ignore[reportAssignmentType]
-        final = hs[-1]
+        hs, final = self.solve(a, b, h0, spec.complex, 1 if unroll is None else unroll, reverse)
         if reverse:
             hs = jnp.flip(hs, 0)
         if mask is not None:
             hs = jnp.where(mask[..., None], hs, jnp.zeros_like(hs))
         return jax.tree.unflatten(treedef, [final]), jnp.swapaxes(hs, 0, 1)
+
+    def solve(
+        self, a: Array, b: Array, h0: Array, complex_: bool, unroll: int | bool, reverse: bool
+    ) -> tuple[Array, Array]:
+        """Every state ``[T, B, H]`` of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = h0 [B, H]``, in the
+        order of ``a`` and ``b`` (already flipped for ``reverse``), and the last one."""
+        solve = linear_recurrence if self.grad == "manual" else _forward
+        hs: Array = solve(a, b, h0, complex_, self.chunk_size, unroll)  # pyright: ignore[reportAssignmentType]
+        return hs, hs[-1]
 
 
 def _check_coefficients(
@@ -134,32 +141,49 @@ def _combine(first: tuple[Parts, Parts], second: tuple[Parts, Parts]) -> tuple[P
     return mul(a2, a1), add(mul(a2, b1), b2)
 
 
-def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> Parts:
-    """Every state of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = 0``: ``a``, ``b`` numbers of
-    time-major ``[T, B, N]`` arrays; the result likewise."""
+def _identity(like: Parts) -> Parts:
+    """The identity decay (1, or 1 + 0i) shaped like the number ``like``."""
+    return tuple(jnp.ones_like(x) if i == 0 else jnp.zeros_like(x) for i, x in enumerate(like))
+
+
+def _to_chunks(a: Parts, b: Parts, C: int) -> tuple[Parts, Parts, int]:
+    """``a``, ``b`` ``[T, ...]`` cut into ``K = ⌈T/C⌉`` chunks of ``C`` steps, laid out ``[C, K, ...]`` (step
+    c of every chunk k, so that a scan over C runs the K chunks at once), the last chunk completed by
+    identity steps (``a = 1, b = 0``: the states before them are unchanged); and K."""
     T = a[0].shape[0]
-    if chunk_size is None or chunk_size >= T:
-        return jax.lax.associative_scan(_combine, (a, b), axis=0)[1]
-    C = chunk_size
     K = -(-T // C)
     pad = K * C - T
-    if pad:  # identity steps at the end: the states before them are unchanged
+    if pad:
 
         def extend(x: Array, value: float) -> Array:
             return jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), value, x.dtype)])
 
         a = tuple(extend(x, 1.0 if i == 0 else 0.0) for i, x in enumerate(a))
         b = tuple(extend(x, 0.0) for x in b)
-    # [K·C, ...] -> [C, K, ...]: step c of every chunk k, so that a scan over C runs the K chunks at once
     to_chunks = lambda x: jnp.swapaxes(x.reshape(K, C, *x.shape[1:]), 0, 1)  # noqa: E731
-    a, b = tuple(map(to_chunks, a)), tuple(map(to_chunks, b))
+    return tuple(map(to_chunks, a)), tuple(map(to_chunks, b)), K
+
+
+def _chunk_summaries(a: Parts, b: Parts, unroll: int | bool) -> tuple[Parts, Parts]:
+    """Each chunk's ``(Π a, h from zero)`` ``[K, ...]``, from chunks laid out ``[C, K, ...]``: a sequential
+    scan over the C steps of all chunks at once."""
 
     def summarise(acc: tuple[Parts, Parts], step: tuple[Parts, Parts]) -> tuple[tuple[Parts, Parts], None]:
         return _combine(acc, step), None
 
     zeros = tuple(jnp.zeros_like(x[0]) for x in b)
-    ones = tuple(jnp.ones_like(x[0]) if i == 0 else jnp.zeros_like(x[0]) for i, x in enumerate(a))
-    (A, Bk), _ = jax.lax.scan(summarise, (ones, zeros), (a, b), unroll=unroll)
+    (A, Bk), _ = jax.lax.scan(summarise, (_identity(tuple(x[0] for x in a)), zeros), (a, b), unroll=unroll)
+    return A, Bk
+
+
+def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> Parts:
+    """Every state of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = 0``: ``a``, ``b`` numbers of
+    time-major ``[T, B, N]`` arrays; the result likewise."""
+    T = a[0].shape[0]
+    if chunk_size is None or chunk_size >= T:
+        return jax.lax.associative_scan(_combine, (a, b), axis=0)[1]
+    a, b, K = _to_chunks(a, b, chunk_size)
+    A, Bk = _chunk_summaries(a, b, unroll)
     # the state at the end of every chunk, then the one entering it (zero for the first)
     ends = jax.lax.associative_scan(_combine, (A, Bk), axis=0)[1]
     entering = tuple(jnp.concatenate([jnp.zeros_like(e[:1]), e[:-1]]) for e in ends)
@@ -170,8 +194,31 @@ def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) 
         return h, h
 
     _, hs = jax.lax.scan(run, entering, (a, b), unroll=unroll)
-    from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(K * C, *x.shape[2:])[:T]  # noqa: E731
+    from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(K * chunk_size, *x.shape[2:])[:T]  # noqa: E731
     return tuple(map(from_chunks, hs))
+
+
+def reduce_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> tuple[Parts, Parts]:
+    """The summary of ``h_t = a_t ⊙ h_{t-1} + b_t`` over all T steps, ``(Π_t a_t, h_{T-1} from h_{-1} = 0)``
+    ``[B, N]``: the one step that the whole sequence composes to. ``a``, ``b`` as in `scan_linear`.
+
+    A pairwise tree of `_combine` (O(T) work, O(log T) depth, no state kept per step); with ``chunk_size``
+    the chunks' summaries come from the sequential scan over their steps, and the tree combines those.
+    """
+    if chunk_size is not None and chunk_size < a[0].shape[0]:
+        a, b, _ = _to_chunks(a, b, chunk_size)
+        a, b = _chunk_summaries(a, b, unroll)
+    while a[0].shape[0] > 1:
+        if a[0].shape[0] % 2:  # an identity step at the end pairs the last one
+            a = tuple(jnp.concatenate([x, y[:1]]) for x, y in zip(a, _identity(a), strict=True))
+            b = tuple(jnp.concatenate([x, jnp.zeros_like(x[:1])]) for x in b)
+        pairs = lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:])  # noqa: E731
+        a, b = tuple(map(pairs, a)), tuple(map(pairs, b))
+        a, b = _combine(
+            (tuple(x[:, 0] for x in a), tuple(x[:, 0] for x in b)),
+            (tuple(x[:, 1] for x in a), tuple(x[:, 1] for x in b)),
+        )
+    return tuple(x[0] for x in a), tuple(x[0] for x in b)
 
 
 def _forward(
