@@ -30,8 +30,10 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-B, T, I, H = 4, 8, 3, 4
-LENGTHS = [0, T, 5, 3]  # an empty sequence, a whole one, and ends inside the parts of 2 and of 4 devices
+B, T, I, H = 4, 12, 3, 4
+# an empty sequence, a whole one, an end inside the second of 2 parts (at the start of the fourth of 4), and
+# one inside the second of 4 parts
+LENGTHS = [0, T, 9, 4]
 
 CELLS = {
     "mingru": lambda: rj.mingru(H),
@@ -68,19 +70,20 @@ def loss_fn(cell: rj.Cell, options: dict[str, Any]) -> Any:
 
 
 # case -> (cell, mesh kind, unroll options, with lengths, batch size, a given carry, under jax.set_mesh); each
-# case combines several options, to keep the compilations few
-R, C3 = {"reverse": True}, {"chunk_size": 3}
+# case combines several options, to keep the compilations few. Each device holds 6 steps of 2 parts or 3 of 4:
+# chunks of 4 leave a padded chunk, of 2 or 1 an odd number of chunks (3), of 16 one chunk (associative)
+R = {"reverse": True}
 CASES: dict[str, tuple[str, str, dict[str, Any], bool, int, bool, bool]] = {
     "mingru-lengths": ("mingru", "time2", {}, True, B, True, False),
-    "mingru-reverse-chunk3-lengths": ("mingru", "time2", {**R, **C3}, True, B, True, False),
+    "mingru-reverse-chunk4-lengths": ("mingru", "time2", {**R, "chunk_size": 4}, True, B, True, False),
     "minlstm-reverse-lengths": ("minlstm", "time2", R, True, B, True, False),
-    "minlstm-chunk3-lengths-zero-carry": ("minlstm", "time2", C3, True, B, False, False),
+    "minlstm-chunk2-lengths-zero-carry": ("minlstm", "time2", {"chunk_size": 2}, True, B, False, False),
     "lru-lengths": ("lru", "time2", {}, True, B, True, False),
-    "lru-reverse-chunk3-lengths": ("lru", "time2", {**R, **C3}, True, B, True, False),
+    "lru-reverse-chunk4-lengths": ("lru", "time2", {**R, "chunk_size": 4}, True, B, True, False),
     "indrnn-reverse-lengths": ("indrnn", "time2", R, True, B, True, False),
-    "indrnn-B1": ("indrnn", "time2", {}, False, 1, True, False),
+    "indrnn-B1-chunk16": ("indrnn", "time2", {"chunk_size": 16}, False, 1, True, False),
     "mingru-time4-reverse-chunk1-lengths": ("mingru", "time4", {**R, "chunk_size": 1}, True, B, True, False),
-    "lru-time4-lengths": ("lru", "time4", {}, True, B, True, False),
+    "lru-time4-chunk1-lengths": ("lru", "time4", {"chunk_size": 1}, True, B, True, False),
     "mingru-data-time-reverse-lengths": ("mingru", "data-time", R, True, B, True, False),
     "lru-B1-reverse": ("lru", "time2", R, False, 1, True, False),
     "mingru-autodiff-reverse-lengths": ("mingru", "time2", {"grad": "autodiff", **R}, True, B, True, False),

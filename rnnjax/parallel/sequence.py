@@ -45,7 +45,13 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
 from rnnjax.cells.linear import Parts, add, conj, join, mul, split
-from rnnjax.parallel.associative import AssociativeUnroll, _forward, _linear_recurrence_bwd, reduce_linear
+from rnnjax.parallel.associative import (
+    AssociativeUnroll,
+    adjoint_products,
+    begin_linear,
+    finish_linear,
+    identity,
+)
 from rnnjax.sharding import _named, explicit_spec, reshard_to, vary_like
 
 Array = jax.Array
@@ -174,9 +180,9 @@ def _split_solve(
     """This device's states ``[T/D, B, H]`` of ``h_t = a_t ⊙ h_{t-1} + b_t`` with the sequence's first
     state from ``h0 [B, H]``, the sequence's final state ``[B, H]``, and the state entering this device's
     part ``[B, H]``."""
-    summary = reduce_linear(split(a, complex_), split(b, complex_), chunk_size, unroll)
+    work, summary = begin_linear(split(a, complex_), split(b, complex_), chunk_size, unroll)
     h_in, final = _entering(summary, h0, complex_, axes, backwards)
-    return _forward(a, b, h_in, complex_, chunk_size, unroll), final, h_in
+    return join(finish_linear(work, split(h_in, complex_), a.shape[0], unroll)), final, h_in
 
 
 def _split_forward(
@@ -233,12 +239,17 @@ def _split_recurrence_bwd(
 ) -> tuple[Array, Array, Array]:
     a, h_in, hs = res
     g, g_final = cts
-    # ρ_t = conj(a_t) ρ_{t+1} + conj(a_t) g_t, right to left over this part, summarised from zero
-    a_conj = conj(split(a, complex_))
+    # λ_t = g_t + conj(a_{t+1}) λ_{t+1} right to left over this part, from λ_last = g_last + ν (what the
+    # later parts send, not known yet): decays conj(a_{t+1}), and 1 for the one ν enters by
+    ap = split(a, complex_)
+    a_next = conj(tuple(jnp.concatenate([x[1:], one[:1]]) for x, one in zip(ap, identity(ap), strict=True)))
     flip = lambda x: tuple(jnp.flip(v, 0) for v in x)  # noqa: E731
-    summary = reduce_linear(flip(a_conj), flip(mul(a_conj, split(g, complex_))), chunk_size, unroll)
-    nu, dh0 = _entering(summary, g_final, complex_, axes, not backwards)
-    da, db, _ = _linear_recurrence_bwd(complex_, chunk_size, unroll, (a, h_in, hs), g.at[-1].add(nu))
+    work, (A, E) = begin_linear(flip(a_next), flip(split(g, complex_)), chunk_size, unroll)
+    # what this part sends to the one before it is conj(a_0) λ_0 = conj(a_0) (E + A ν)
+    a0 = conj(tuple(x[0] for x in ap))
+    nu, dh0 = _entering((mul(a0, A), mul(a0, E)), g_final, complex_, axes, not backwards)
+    lam = flip(finish_linear(work, split(nu, complex_), a.shape[0], unroll))
+    da, db, _ = adjoint_products(lam, a, h_in, hs, complex_)
     return da, db, dh0
 
 
