@@ -192,7 +192,7 @@ Work = tuple[Parts, ...]
 
 def begin_linear(
     a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool
-) -> tuple[tuple[Work, ...], tuple[Parts, Parts]]:
+) -> tuple[Work, tuple[Parts, Parts]]:
     """The first half of `scan_linear` where the state entering the sequence is known only later (it comes
     from other devices: `rnnjax.parallel.sequence`): the work `finish_linear` continues from, and the
     summary of the whole sequence, ``(Π_t a_t, h_{T-1} from h_{-1} = 0)`` ``[B, N]``, the one step it
@@ -224,7 +224,7 @@ def begin_linear(
     return (a, b, A, E), (tuple(x[0] for x in summary_a), tuple(x[0] for x in summary_e))
 
 
-def finish_linear(work: tuple[Work, ...], h_in: Parts | None, T: int, unroll: int | bool) -> Parts:
+def finish_linear(work: Work, h_in: Parts | None, T: int, unroll: int | bool) -> Parts:
     """Every state ``[T, B, N]`` of the recurrence `begin_linear` began, from the entering state ``h_in
     [B, N]`` (None: zero). Without chunks ``h_t = h⁰_t + (Π_{s<=t} a_s) ⊙ h_in``, elementwise; with them,
     one associative scan over the chunks' summaries gives each chunk its entering state, and a sequential
