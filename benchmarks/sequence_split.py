@@ -53,6 +53,16 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
     mesh = jax.make_mesh((len(jax.devices()),), ("time",))
     split_xs = jax.device_put(xs, NamedSharding(mesh, P(None, "time")))
     runs, result = {}, {}
+    # how far the D devices run side by side on this machine now: each D-th of the sequence as a row of its
+    # own, one part on one device, and one part on each device (no exchange), by the sequential training step
+    D = len(jax.devices())
+    parts = xs.reshape(D * B, T // D, I)
+    by_rows = jax.device_put(parts, NamedSharding(mesh, P("time")))  # the mesh's one axis splits the rows
+    train = programs(cell, {})[1]
+    for label, x in (("part_on_one_device", parts[:B]), ("parts_on_all_devices", by_rows)):
+        compiled = train.lower(params, x).compile()
+        jax.block_until_ready(compiled(params, x))
+        runs[("capacity", label)] = lambda c=compiled, x=x: jax.block_until_ready(c(params, x))
     for method, (split, options) in METHODS.items():
         r = result[method] = {"devices": len(jax.devices()) if split else 1}
         x = split_xs if split else xs
@@ -69,6 +79,11 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
             t0 = time.perf_counter()
             f()
             times[k].append(1e3 * (time.perf_counter() - t0))
+    capacity = {
+        label: statistics.median(times.pop(("capacity", label)))
+        for _, label in list(times)
+        if _ == "capacity"
+    }
     for (method, kind), ts in times.items():
         result[method][f"{kind}_ms"] = statistics.median(ts)
         result[method][f"{kind}_all_ms"] = ts
@@ -78,7 +93,9 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
         for method in METHODS:
             result[method][f"{kind}_ratio"] = result[method][f"{kind}_ms"] / one[best]
         result[f"{kind}_fastest_one_device"] = best
-    return {"cell": name, "B": B, "T": T, "I": I, "H": H, "results": result}
+    # 1: the devices ran side by side as fast as one alone; D: one after the other (no core to spare)
+    capacity["slowdown"] = capacity["parts_on_all_devices"] / capacity["part_on_one_device"]
+    return {"cell": name, "B": B, "T": T, "I": I, "H": H, "results": result, "side_by_side": capacity}
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -104,6 +121,24 @@ def markdown(record: dict[str, Any]) -> str:
                 f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
             )
         lines.append("")
+    lines += [
+        "## the devices side by side",
+        "",
+        f"Each of the {record['devices']} parts of the sequence as a row of its own (sequential training "
+        "step): one part on one device, and one part on each device with nothing exchanged. Their ratio says "
+        f"how far the devices could run at once during the measurement (1: fully, {record['devices']}: one "
+        "after the other).",
+        "",
+        "| config | one part, one device ms | a part on each device ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    for c in record["configs"]:
+        cap = c["side_by_side"]
+        lines.append(
+            f"| {c['cell']} B={c['B']} T={c['T']} | {cap['part_on_one_device']:.2f} | "
+            f"{cap['parts_on_all_devices']:.2f} | {cap['slowdown']:.2f} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
