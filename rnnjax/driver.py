@@ -127,7 +127,10 @@ def unroll(
         but more work and memory than the sequential scan, so it pays on accelerators, not on CPU. It takes
         neither ``checkpoint``, ``budget`` nor ``probe``. ``"auto"``: ``"associative"`` for a linear cell
         at lengths from `rnnjax.parallel.AUTO_CROSSOVER` on the running platform, else ``"sequential"``;
-        that table holds no measured platform, so ``"auto"`` runs the sequential scan everywhere.
+        that table holds no measured platform, so ``"auto"`` runs the sequential scan everywhere. With
+        ``xs`` split by its time axis over an explicit mesh, ``"associative"`` and ``"auto"`` solve each
+        device's part and exchange the parts' summaries, one all-gather each way
+        (`rnnjax.parallel.sequence`); other cells and ``"sequential"`` refuse that split.
       chunk_size: with ``method="associative"`` (or ``"auto"`` when it picks it): None (default) scans all
         T steps associatively; an int C runs the steps of each chunk of C sequentially, all chunks at
         once, and only the T/C chunk summaries associatively (O(T) work).

@@ -5,22 +5,29 @@ When ``xs [B, T, I]`` is split by its time axis over an explicit mesh axis of D 
 ``d·T/D … (d+1)·T/D − 1`` and, under `jax.shard_map`, computes its own ``(a_t, b_t)``. A cell linear in its
 state (`rj.LinearRecurrence`) then needs one small exchange to solve the whole sequence::
 
-    1. each device reduces its part to its summary, the one step it composes to:
-       (A_d, E_d) = (Π_t a_t, h at its last step from h = 0)                (`reduce_linear`, O(T/D) work)
+    1. each device begins its part's solve from an entering state not known yet (`begin_linear`): the
+       associative scan of its pairs from zero, or its chunks' summaries, and from these its part's summary,
+       the one step the part composes to: (A_d, E_d) = (Π_t a_t, h at its last step from h = 0)
     2. one all-gather of the D summaries [D, 2, B, H]; every device folds them in order from the given
        carry: h_in(0) = h0, h_in(d+1) = A_d ⊙ h_in(d) + E_d; the last fold is the final carry
-    3. each device solves its part from its own h_in(d)                     (the associative solve)
+    3. each device finishes its part from its own h_in(d) (`finish_linear`): h_t = h⁰_t + (Π_{s<=t} a_s) ⊙
+       h_in, or its chunks' entering states and one pass over their steps
+
+so a part is swept as often as the whole sequence is on one device (twice with chunks), in 1/D of the time.
 
 Backward, given the cotangents ``g_t`` of every state and ``g_final`` of the final carry, the adjoint
-``λ_t = g_t + conj(a_{t+1}) ⊙ λ_{t+1}`` runs the same way from the last device to the first. What device d
-passes to the device before it is ``ρ = conj(a_first) ⊙ λ_first``, affine in what it receives, ``ν_d``::
+``λ_t = g_t + conj(a_{t+1}) ⊙ λ_{t+1}`` runs the same way from the last device to the first. Within a part it
+is a linear recurrence run right to left whose entering state, ``ν_d`` (what the later parts contribute to
+``λ`` at the part's last step), is not known yet; what the part passes to the one before it is
+``conj(a_first) ⊙ λ_first``, affine in ``ν_d``::
 
-    1. each device reduces ρ_t = conj(a_t) ⊙ ρ_{t+1} + conj(a_t) ⊙ g_t over its part, right to left, from
-       zero: (conj(A_d), β_d)
+    1. each device begins the adjoint recurrence of its part (decays conj(a_{t+1}), and 1 for ν_d) and
+       summarises it, (Ā, Λ); what it passes on is conj(a_first) ⊙ (Ā ⊙ ν_d + Λ)
     2. one all-gather of those summaries; every device folds them from the last device, ν_(D−1) = g_final,
-       ν_(d−1) = conj(A_d) ⊙ ν_d + β_d; the last fold, ν_(−1) = conj(a_0) ⊙ λ_0, is the carry's gradient
-    3. each device adds ν_d to its last step's cotangent and runs the associative backward on its part
-       (`rnnjax.parallel.associative`): d a_t = λ_t ⊙ conj(h_{t-1}), d b_t = λ_t
+       ν_(d−1) = conj(a_first(d)) ⊙ (Ā_d ⊙ ν_d + Λ_d); the last fold, ν_(−1) = conj(a_0) ⊙ λ_0, is the
+       carry's gradient
+    3. each device finishes its adjoint from ν_d, then d a_t = λ_t ⊙ conj(h_{t-1}), d b_t = λ_t
+       (`rnnjax.parallel.associative.adjoint_products`)
 
 The gradients of ``params`` and ``xs`` come from the per-step map ``(params, x_t) -> (a_t, b_t)`` by JAX;
 the parameters enter every device cast to vary (`rnnjax.sharding.vary_like`), so that their gradient is
