@@ -23,6 +23,7 @@ from rnnjax.checks import check_array, debug_check_range
 from rnnjax.parallel import DEER_METHODS, Method, check_method, resolve_method
 from rnnjax.parallel.associative import AssociativeUnroll, check_chunk_size
 from rnnjax.parallel.deer import deer_unroll
+from rnnjax.parallel.sequence import SplitUnroll, check_time_split, over_time
 from rnnjax.regularize import Regularizer, check_regularize, draw
 from rnnjax.remat import (
     budget_schedule,
@@ -133,7 +134,10 @@ def unroll(
         gradient by the implicit function theorem; when Newton does not converge the sequential scan's
         result is returned instead, never a wrong trajectory. For its options and its `rj.DeerInfo`
         (iterations, residual, converged) call `rj.deer_unroll`. It takes neither ``checkpoint``,
-        ``budget``, ``probe``, ``regularize``, ``chunk_size``, ``unroll_steps`` nor ``grad="autodiff"``.
+        ``budget``, ``probe``, ``regularize``, ``chunk_size``, ``unroll_steps`` nor ``grad="autodiff"``. With
+        ``xs`` split by its time axis over an explicit mesh, ``"associative"`` and ``"auto"`` solve each
+        device's part and exchange the parts' summaries, one all-gather each way
+        (`rnnjax.parallel.sequence`); other cells and methods refuse that split.
       chunk_size: with ``method="associative"`` (or ``"auto"`` when it picks it): None (default) scans all
         T steps associatively; an int C runs the steps of each chunk of C sequentially, all chunks at
         once, and only the T/C chunk summaries associatively (O(T) work).
@@ -200,6 +204,7 @@ def unroll(
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
+    time_split = check_time_split(cell, method, params, xs, len(batch_shape))
     units_split = _check_explicit_split(params, xs, len(batch_shape))
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
@@ -215,6 +220,8 @@ def unroll(
 
     options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe), ("regularize", regularize))
     given = [n for n, v in options if v is not None]
+    # a time split over devices runs the associative solve, the one method that splits it
+    method = "associative" if time_split is not None else method
     method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)  # pyright: ignore[reportAssignmentType]
 
     B = math.prod(batch_shape)
@@ -252,6 +259,8 @@ def unroll(
         impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
     if method == "associative":
         impl = AssociativeUnroll(grad, chunk_size)
+    if time_split is not None:
+        impl = SplitUnroll(grad, chunk_size, time_split[1])
     plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
     if unroll_steps is None and not plain_bptt:
         unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
@@ -259,6 +268,7 @@ def unroll(
     # the memory-saving schedules run uncompiled: jit's transpose makes the cotangent of an unused ys a
     # zero array [B, T, H], whose O(T) memory they exist to avoid
     run = _run if plan is None and not nesting and segment is None else _dispatch
+    run = _run_split if time_split is not None else run
     try:
         return run(
             impl,
@@ -339,6 +349,32 @@ def _dispatch(
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
 
 
+def _dispatch_split(
+    impl: SplitUnroll,
+    cell: Cell,
+    reverse: bool,
+    unroll: int | bool | None,
+    plan: None,
+    nesting: tuple[()],
+    segment: None,
+    params: PyTree,
+    xs: Array,
+    carry0: PyTree,
+    lengths: Array | None,
+    probe: None,
+    regularize: None = None,
+    key: None = None,
+) -> tuple[PyTree, PyTree]:
+    """`_dispatch` on each device's part of a time axis split over devices (`rnnjax.parallel.sequence`),
+    where ``impl`` exchanges the parts' summaries; the arguments as `_dispatch`'s, with no memory schedule,
+    probe or regulariser."""
+    mesh, axes = check_time_split(cell, "associative", params, xs, xs.ndim - 2) or (None, ())
+    assert mesh is not None
+    per_part = partial(_dispatch, impl, cell, reverse, unroll, None, (), None)
+    run = lambda p, x, c, L: per_part(p, x, c, L, None)  # noqa: E731
+    return over_time(run, mesh, axes, params, xs, carry0, lengths)
+
+
 def _zero_padding(xs: Array, mask: Array) -> Array:
     """``xs [B, T, ...]`` with zeros at the padded steps (``mask [T, B]`` False), before any arithmetic.
 
@@ -356,6 +392,7 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
 # `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
 # went from 57-73 compilations to 13-15, the rest being the loss's own operations)
 _run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
+_run_split = jax.jit(_dispatch_split, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
 
 
 def _check_cell(cell: Any, what: str = "cell") -> Cell:
@@ -431,15 +468,8 @@ def _check_xs(xs: Any) -> Array:
 def _check_explicit_split(params: PyTree, xs: Array, n_batch: int) -> bool:
     """Whether a parameter is split by its last axis (gates or hidden units: model parallelism) over a mesh
     of `jax.sharding.AxisType.Explicit` axes, whose steps then return a carry split by unit
-    (`_typed_by_step`); and a clear error for the time axis of ``xs`` split there (each step reads one time
-    row). On `~jax.sharding.AxisType.Auto` axes XLA's partitioner splits any of them."""
-    spec = explicit_spec(xs)
-    if spec is not None and spec[n_batch] is not None:
-        raise ValueError(
-            f"xs [B, T, I] is split by its time axis over an explicit mesh, as {jax.P(*spec)}; the time "
-            f"loop reads one step at a time, so T must stay whole: e.g. "
-            f"{jax.P(*spec[:n_batch], None, spec[n_batch + 1])}"
-        )
+    (`_typed_by_step`). (The time axis of ``xs`` split there is `rnnjax.parallel.sequence`'s.) On
+    `~jax.sharding.AxisType.Auto` axes XLA's partitioner splits any of them."""
     specs = [explicit_spec(leaf) if hasattr(leaf, "shape") else None for leaf in jax.tree.leaves(params)]
     return any(s is not None and s[-1] is not None for s in specs)
 

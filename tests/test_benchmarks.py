@@ -186,3 +186,33 @@ def test_parallel_time_quick(tmp_path):
             assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["train_temp_mib"] >= 0
         assert config["results"]["sequential"]["train_ratio"] == 1.0
     assert "| mingru B=4 T=16 I=8 H=8 |" in (tmp_path / "parallel_time_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_sequence_split_quick(tmp_path):
+    """The time-split benchmark in a fresh process of two host devices: every method's forward and training
+    step ran, the split ones on both devices, and the side-by-side reference was measured."""
+    from benchmarks import sequence_split
+
+    out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sequence_split", "--quick", *out],
+        cwd=pathlib.Path(__file__).parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "sequence_split_quick.json").read_text())
+    (config,) = record["configs"]
+    assert (config["B"], config["T"]) == (1, 256) and record["devices"] == 2
+    for method, (split, _) in sequence_split.METHODS.items():
+        r = config["results"][method]
+        assert r["devices"] == (2 if split else 1)
+        assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["train_temp_mib"] >= 0
+    assert (
+        min(config["results"][m]["train_ratio"] for m in ("sequential", "associative", "chunked 64")) == 1.0
+    )
+    assert config["side_by_side"]["slowdown"] > 0
+    assert "| mingru B=1 T=256 I=8 H=8 |" in (tmp_path / "sequence_split_quick.md").read_text()

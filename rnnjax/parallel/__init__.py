@@ -1,8 +1,9 @@
 """Parallel-in-time methods of `rj.unroll`: which ``method=`` values exist, and how ``"auto"`` picks one.
 
 ``method="sequential"`` is the `jax.lax.scan` of `rnnjax.driver`; ``"associative"`` solves a cell declared
-linear in its state (`rj.LinearRecurrence`) with a parallel prefix scan (`rnnjax.parallel.associative`);
-``"deer"`` and ``"quasi_deer"`` solve any cell's recurrence by Newton iterations over the whole trajectory
+linear in its state (`rj.LinearRecurrence`) with a parallel prefix scan (`rnnjax.parallel.associative`),
+also with the time axis of ``xs`` split over devices (`rnnjax.parallel.sequence`); ``"deer"`` and
+``"quasi_deer"`` solve any cell's recurrence by Newton iterations over the whole trajectory
 (`rnnjax.parallel.deer`).
 """
 

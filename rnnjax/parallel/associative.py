@@ -96,14 +96,21 @@ class AssociativeUnroll:
             b = jnp.where(keep, b, jnp.zeros_like(b))
         if reverse:
             a, b = jnp.flip(a, 0), jnp.flip(b, 0)
-        solve = linear_recurrence if self.grad == "manual" else _forward
-        hs: Array = solve(a, b, h0, spec.complex, self.chunk_size, 1 if unroll is None else unroll)  # pyright: ignore[reportAssignmentType]
-        final = hs[-1]
+        hs, final = self.solve(a, b, h0, spec.complex, 1 if unroll is None else unroll, reverse)
         if reverse:
             hs = jnp.flip(hs, 0)
         if mask is not None:
             hs = jnp.where(mask[..., None], hs, jnp.zeros_like(hs))
         return jax.tree.unflatten(treedef, [final]), jnp.swapaxes(hs, 0, 1)
+
+    def solve(
+        self, a: Array, b: Array, h0: Array, complex_: bool, unroll: int | bool, reverse: bool
+    ) -> tuple[Array, Array]:
+        """Every state ``[T, B, H]`` of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = h0 [B, H]``, in the
+        order of ``a`` and ``b`` (already flipped for ``reverse``), and the last one."""
+        solve = linear_recurrence if self.grad == "manual" else _forward
+        hs: Array = solve(a, b, h0, complex_, self.chunk_size, unroll)  # pyright: ignore[reportAssignmentType]
+        return hs, hs[-1]
 
 
 def _check_coefficients(
@@ -134,35 +141,106 @@ def _combine(first: tuple[Parts, Parts], second: tuple[Parts, Parts]) -> tuple[P
     return mul(a2, a1), add(mul(a2, b1), b2)
 
 
-def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> Parts:
-    """Every state of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = 0``: ``a``, ``b`` numbers of
-    time-major ``[T, B, N]`` arrays; the result likewise."""
+def identity(like: Parts) -> Parts:
+    """The identity decay (1, or 1 + 0i) shaped like the number ``like``."""
+    return tuple(jnp.ones_like(x) if i == 0 else jnp.zeros_like(x) for i, x in enumerate(like))
+
+
+def _to_chunks(a: Parts, b: Parts, C: int) -> tuple[Parts, Parts, int]:
+    """``a``, ``b`` ``[T, ...]`` cut into ``K = ⌈T/C⌉`` chunks of ``C`` steps, laid out ``[C, K, ...]`` (step
+    c of every chunk k, so that a scan over C runs the K chunks at once), the last chunk completed by
+    identity steps (``a = 1, b = 0``: the states before them are unchanged); and K."""
     T = a[0].shape[0]
-    if chunk_size is None or chunk_size >= T:
-        return jax.lax.associative_scan(_combine, (a, b), axis=0)[1]
-    C = chunk_size
     K = -(-T // C)
     pad = K * C - T
-    if pad:  # identity steps at the end: the states before them are unchanged
+    if pad:
 
         def extend(x: Array, value: float) -> Array:
             return jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), value, x.dtype)])
 
         a = tuple(extend(x, 1.0 if i == 0 else 0.0) for i, x in enumerate(a))
         b = tuple(extend(x, 0.0) for x in b)
-    # [K·C, ...] -> [C, K, ...]: step c of every chunk k, so that a scan over C runs the K chunks at once
     to_chunks = lambda x: jnp.swapaxes(x.reshape(K, C, *x.shape[1:]), 0, 1)  # noqa: E731
-    a, b = tuple(map(to_chunks, a)), tuple(map(to_chunks, b))
+    return tuple(map(to_chunks, a)), tuple(map(to_chunks, b)), K
+
+
+def _chunk_summaries(a: Parts, b: Parts, unroll: int | bool) -> tuple[Parts, Parts]:
+    """Each chunk's ``(Π a, h from zero)`` ``[K, ...]``, from chunks laid out ``[C, K, ...]``: a sequential
+    scan over the C steps of all chunks at once."""
 
     def summarise(acc: tuple[Parts, Parts], step: tuple[Parts, Parts]) -> tuple[tuple[Parts, Parts], None]:
         return _combine(acc, step), None
 
     zeros = tuple(jnp.zeros_like(x[0]) for x in b)
-    ones = tuple(jnp.ones_like(x[0]) if i == 0 else jnp.zeros_like(x[0]) for i, x in enumerate(a))
-    (A, Bk), _ = jax.lax.scan(summarise, (ones, zeros), (a, b), unroll=unroll)
-    # the state at the end of every chunk, then the one entering it (zero for the first)
-    ends = jax.lax.associative_scan(_combine, (A, Bk), axis=0)[1]
-    entering = tuple(jnp.concatenate([jnp.zeros_like(e[:1]), e[:-1]]) for e in ends)
+    (A, Bk), _ = jax.lax.scan(summarise, (identity(tuple(x[0] for x in a)), zeros), (a, b), unroll=unroll)
+    return A, Bk
+
+
+def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) -> Parts:
+    """Every state of ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``h_{-1} = 0``: ``a``, ``b`` numbers of
+    time-major ``[T, B, N]`` arrays; the result likewise."""
+    T = a[0].shape[0]
+    if chunk_size is None or chunk_size >= T:
+        return jax.lax.associative_scan(_combine, (a, b), axis=0)[1]
+    return finish_linear(begin_linear(a, b, chunk_size, unroll)[0], None, T, unroll)
+
+
+# what `begin_linear` leaves for `finish_linear`: the prefix products and the states from zero (one
+# associative scan), or the chunked coefficients [C, K, ...] and the chunks' summaries [K, ...]
+Work = tuple[Parts, ...]
+
+
+def begin_linear(
+    a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool
+) -> tuple[Work, tuple[Parts, Parts]]:
+    """The first half of `scan_linear` where the state entering the sequence is known only later (it comes
+    from other devices: `rnnjax.parallel.sequence`): the work `finish_linear` continues from, and the
+    summary of the whole sequence, ``(Π_t a_t, h_{T-1} from h_{-1} = 0)`` ``[B, N]``, the one step it
+    composes to.
+
+    Without chunks, one associative scan of the pairs gives every prefix product and every state from
+    zero (the summary is the last of each). With ``chunk_size``, a sequential scan over the C steps of all
+    chunks at once gives each chunk's summary, and a pairwise tree of them (O(K) work, O(log K) depth) the
+    sequence's.
+    """
+    T = a[0].shape[0]
+    if chunk_size is None or chunk_size >= T:
+        P, hs = jax.lax.associative_scan(_combine, (a, b), axis=0)
+        return (P, hs), (tuple(x[-1] for x in P), tuple(x[-1] for x in hs))
+    a, b, _ = _to_chunks(a, b, chunk_size)
+    A, E = _chunk_summaries(a, b, unroll)
+    summary_a, summary_e = A, E
+    while summary_a[0].shape[0] > 1:
+        if summary_a[0].shape[0] % 2:  # an identity step at the end pairs the last one
+            one = identity(tuple(x[:1] for x in summary_a))
+            summary_a = tuple(jnp.concatenate([x, y]) for x, y in zip(summary_a, one, strict=True))
+            summary_e = tuple(jnp.concatenate([x, jnp.zeros_like(x[:1])]) for x in summary_e)
+        pairs = lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:])  # noqa: E731
+        sa, se = tuple(map(pairs, summary_a)), tuple(map(pairs, summary_e))
+        summary_a, summary_e = _combine(
+            (tuple(x[:, 0] for x in sa), tuple(x[:, 0] for x in se)),
+            (tuple(x[:, 1] for x in sa), tuple(x[:, 1] for x in se)),
+        )
+    return (a, b, A, E), (tuple(x[0] for x in summary_a), tuple(x[0] for x in summary_e))
+
+
+def finish_linear(work: Work, h_in: Parts | None, T: int, unroll: int | bool) -> Parts:
+    """Every state ``[T, B, N]`` of the recurrence `begin_linear` began, from the entering state ``h_in
+    [B, N]`` (None: zero). Without chunks ``h_t = h⁰_t + (Π_{s<=t} a_s) ⊙ h_in``, elementwise; with them,
+    one associative scan over the chunks' summaries gives each chunk its entering state, and a sequential
+    pass over the C steps of all chunks writes every state."""
+    if len(work) == 2:
+        P, hs = work
+        return hs if h_in is None else add(hs, mul(P, tuple(h[None] for h in h_in)))
+    a, b, A, E = work
+    if h_in is not None:
+        E = tuple(
+            e.at[0].set(f) for e, f in zip(E, add(tuple(e[0] for e in E), mul(_first(A), h_in)), strict=True)
+        )
+    # the state at the end of every chunk, then the one entering it
+    ends = jax.lax.associative_scan(_combine, (A, E), axis=0)[1]
+    start = tuple(jnp.zeros_like(e[:1]) for e in ends) if h_in is None else tuple(h[None] for h in h_in)
+    entering = tuple(jnp.concatenate([s, e[:-1]]) for s, e in zip(start, ends, strict=True))
 
     def run(h: Parts, step: tuple[Parts, Parts]) -> tuple[Parts, Parts]:
         a_t, b_t = step
@@ -170,8 +248,13 @@ def scan_linear(a: Parts, b: Parts, chunk_size: int | None, unroll: int | bool) 
         return h, h
 
     _, hs = jax.lax.scan(run, entering, (a, b), unroll=unroll)
+    C, K = a[0].shape[0], a[0].shape[1]
     from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(K * C, *x.shape[2:])[:T]  # noqa: E731
     return tuple(map(from_chunks, hs))
+
+
+def _first(x: Parts) -> Parts:
+    return tuple(v[0] for v in x)
 
 
 def _forward(
@@ -213,9 +296,17 @@ def _linear_recurrence_bwd(
     a_next = conj(split(jnp.concatenate([a[1:], jnp.zeros_like(a[:1])]), complex_))
     flip = lambda x: tuple(jnp.flip(v, 0) for v in x)  # noqa: E731
     lam = flip(scan_linear(flip(a_next), flip(split(g, complex_)), chunk_size, unroll))
+    return adjoint_products(lam, a, h0, hs, complex_)
+
+
+def adjoint_products(
+    lam: Parts, a: Array, h0: Array, hs: Array, complex_: bool
+) -> tuple[Array, Array, Array]:
+    """The gradients ``(d a [T, B, H], d b [T, B, H], d h0 [B, H])`` from the adjoint ``λ`` of every step:
+    ``d a_t = λ_t ⊙ conj(h_{t-1})`` (``h_{-1} = h0``), ``d b_t = λ_t``, ``d h0 = conj(a_0) ⊙ λ_0``."""
     h_prev = split(jnp.concatenate([h0[None], hs[:-1]]), complex_)
     da = join(mul(lam, conj(h_prev)))
-    dh0 = join(mul(conj(tuple(x[0] for x in split(a, complex_))), tuple(x[0] for x in lam)))
+    dh0 = join(mul(conj(_first(split(a, complex_))), _first(lam)))
     return da, join(lam), dh0
 
 

@@ -227,6 +227,7 @@ def deer_unroll(
         _reshape_batch,
         _zero_padding,
     )
+    from rnnjax.parallel.sequence import check_time_split
 
     _check_cell(cell)
     if not isinstance(reverse, (bool, np.bool_)):
@@ -237,6 +238,7 @@ def deer_unroll(
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     if cell.check_params is not None:
         cell.check_params(params, I, xs.dtype)
+    check_time_split(cell, "quasi_deer" if quasi else "deer", params, xs, len(batch_shape))  # refuses one
     lengths = _check_lengths(lengths, batch_shape, T)
     carry0 = _check_carry(cell, params, carry, batch_shape, xs.dtype)
     n_batch = len(batch_shape)
