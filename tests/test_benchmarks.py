@@ -14,6 +14,19 @@ import pytest
 from benchmarks import rnn_step
 
 
+def _run_module(module: str, *args: str) -> None:
+    """``python -m module args`` in a fresh process on the CPU, from the repository's root; it must succeed."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=pathlib.Path(__file__).parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_rnn_step_quick(tmp_path):
     # as the benchmark runs from the command line: float32, and the peers' own (standard) dtype promotion
@@ -66,16 +79,7 @@ def test_rnn_step_split_over_host_devices(tmp_path):
     two host devices, and the table says how much faster each got than on one."""
     libraries = ["rnnjax manual", "flax nnx", "pytorch"]
     out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
-    command = ["-m", "benchmarks.rnn_step", "--quick", "--host-devices", "2", "--libraries", *libraries, *out]
-    run = subprocess.run(
-        [sys.executable, *command],
-        cwd=pathlib.Path(__file__).parents[1],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_module("benchmarks.rnn_step", "--quick", "--host-devices", "2", "--libraries", *libraries, *out)
     record = json.loads((tmp_path / "rnn_step_quick.json").read_text())
     for config in record["configs"]:
         assert config["devices"] == 2
@@ -145,15 +149,7 @@ def test_scaling_devices_quick(tmp_path):
     """The device-scaling benchmark in a fresh process (it starts processes of its own): every topology
     ran with the devices and processes it names, strong and weak, and the table and plot are written."""
     out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scaling_devices", "--quick", *out],
-        cwd=pathlib.Path(__file__).parents[1],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_module("benchmarks.scaling_devices", "--quick", *out)
     record = json.loads((tmp_path / "scaling_devices_quick.json").read_text())
     shapes = [(t["name"], t["processes"], t["devices"]) for t in record["topologies"]]
     assert shapes == [
