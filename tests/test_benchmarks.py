@@ -182,3 +182,30 @@ def test_parallel_time_quick(tmp_path):
             assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["train_temp_mib"] >= 0
         assert config["results"]["sequential"]["train_ratio"] == 1.0
     assert "| mingru B=4 T=16 I=8 H=8 |" in (tmp_path / "parallel_time_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_padding_quick(tmp_path):
+    """The padding-select benchmark: every variant of every config timed and its memory read, the programs
+    without the selects computing the same values on clean padding, and the tables written."""
+    import rnnjax.driver
+    import rnnjax.losses
+    from benchmarks import padding
+
+    selects = rnnjax.driver._zero_padding, rnnjax.losses._padding_to
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert padding.main(["--quick", "--out", str(tmp_path), "--plot-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "padding_quick.json").read_text())
+    assert [c["kind"] for c in record["configs"]] == ["lstm", "gru", "cross_entropy", "ctc"]
+    for config in record["configs"]:
+        results = config["results"]
+        assert set(results) == set(padding.VARIANTS)
+        for r in results.values():
+            assert r["median_ms"] > 0 and r["temp_mib"] >= 0 and len(r["times_ms"]) == 3
+        for name in padding.PAIRS:
+            assert results[name]["select_ratio"][1] > 0
+            assert results[name]["max_abs_diff_to_no_select"] == 0.0
+    assert (rnnjax.driver._zero_padding, rnnjax.losses._padding_to) == selects  # restored afterwards
+    table = (tmp_path / "padding_quick.md").read_text()
+    assert "| lstm step B=4 T=16 I=8 H=8 |" in table and "| ctc B=4 T=16 K=6 |" in table
+    assert (tmp_path / "padding_quick.png").stat().st_size > 0

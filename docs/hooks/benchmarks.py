@@ -2,8 +2,8 @@
 
 A page asks for a table with a comment on a line of its own, ``<!-- benchmark: rnn_step_cpu.json -->`` (the
 path relative to ``benchmarks/results/``). The hook replaces it with the machine and date recorded in the
-JSON and the tables that ``benchmarks.rnn_step``, ``benchmarks.scaling`` or ``benchmarks.profile_step``
-write for it, so the page and the recorded numbers cannot disagree.
+JSON and the tables that ``benchmarks.rnn_step``, ``benchmarks.scaling``, ``benchmarks.profile_step`` or
+``benchmarks.padding`` write for it, so the page and the recorded numbers cannot disagree.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def tables(name: str) -> str:
     """The markdown for one results file: a line naming its machine and date, then its tables."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from benchmarks import profile_step, rnn_step, scaling
+    from benchmarks import padding, profile_step, rnn_step, scaling
 
     path = RESULTS / name
     if not path.is_file():
@@ -50,8 +50,10 @@ def tables(name: str) -> str:
         body = scaling.markdown(record)
     elif stem.startswith("profile"):
         body = profile_step.markdown(record, top=5)
+    elif stem.startswith("padding"):
+        body = padding.markdown(record)
     else:
-        raise ValueError(f"no table writer for {name}: expected rnn_step*, scaling* or profile*")
+        raise ValueError(f"no table writer for {name}: expected rnn_step*, scaling*, profile* or padding*")
     head = f"*Measured on {machine(record)}, {date(record)}; from `benchmarks/results/{name}`.*"
     return head + "\n\n" + body
 
