@@ -93,6 +93,7 @@ def mixed_lengths(B: int, T: int) -> np.ndarray:
 
 
 def lengths_of(which: str | None, B: int, T: int) -> jax.Array | None:
+    """The ``[B]`` lengths a variant names: None, ``"full"`` (every step valid) or ``"mixed"``."""
     if which is None:
         return None
     return jnp.asarray(np.full(B, T, np.int32) if which == "full" else mixed_lengths(B, T))
