@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import rnnjax as rj
-from benchmarks.rnn_step import device_info, save_results
+from benchmarks.rnn_step import device_info, interleaved_times, save_results
 
 # name -> the keywords given to rj.unroll; a new method is one more entry
 METHODS: dict[str, dict[str, Any]] = {
@@ -62,13 +62,7 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
             r[f"{kind}_first_call_s"] = time.perf_counter() - t0
             r[f"{kind}_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
             runs[(method, kind)] = lambda c=compiled: jax.block_until_ready(c(params, xs))
-    times: dict[Any, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    for (method, kind), ts in times.items():
+    for (method, kind), ts in interleaved_times(runs, rounds).items():
         result[method][f"{kind}_ms"] = statistics.median(ts)
     for method in METHODS:
         for kind in ("forward", "train"):

@@ -154,19 +154,26 @@ def run_config(config: tuple, rounds: int, libraries: list[str]) -> dict[str, An
     return {"cell": cell, "B": B, "T": T, "I": I, "H": H, "devices": devices, "results": result}
 
 
-def interleaved(runs: dict[Any, Any], rounds: int) -> dict[Any, float]:
-    """Median wall time in ms of each of ``runs`` (callables that block until done), after two warm-up
-    calls each, timed in turn A B C ... for ``rounds`` rounds."""
+def interleaved_times(runs: dict[Any, Any], rounds: int, warm_ups: int = 0) -> dict[Any, list[float]]:
+    """Wall times in ms of each of ``runs`` (callables that block until done), after ``warm_ups`` calls
+    each, timed in turn A B C ... A B C ... for ``rounds`` rounds: round ``r`` of every run is entry ``r``
+    of its list, so runs can be compared round by round."""
     for f in runs.values():
-        f()
-        f()
+        for _ in range(warm_ups):
+            f()
     times: dict[Any, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for k, f in runs.items():
             t0 = time.perf_counter()
             f()
             times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(runs: dict[Any, Any], rounds: int) -> dict[Any, float]:
+    """Median wall time in ms of each of ``runs`` (callables that block until done), after two warm-up
+    calls each, timed in turn A B C ... for ``rounds`` rounds (`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(runs, rounds, warm_ups=2).items()}
 
 
 def own_gemms(B: int, T: int, I: int, H: int, G: int) -> tuple[Any, Any, tuple]:
@@ -503,6 +510,31 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grouped_bars(
+    ax: Any, series: dict[str, list[float]], ticks: list[str], fontsize: int | None = None
+) -> None:
+    """One group of bars per tick on the matplotlib axes ``ax``, one bar in each group per entry of
+    ``series`` (its label and one height per tick), side by side in the order given."""
+    width = 0.8 / len(series)
+    for j, (label, ys) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(ticks))], ys, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ticks))])
+    ax.set_xticklabels(ticks, fontsize=fontsize)
+
+
+def save_bar_plot(fig: Any, ax: Any, ylabel: str, title: str, path: str) -> None:
+    """Labels the one axes ``ax`` of the matplotlib figure ``fig`` (its legend to the right, outside the
+    bars), writes the figure to ``path`` as a PNG and closes it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(record: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -512,18 +544,14 @@ def plot(record: dict[str, Any], path: str) -> None:
     configs = record["configs"]
     libs = [n for n in LIBRARIES if any("median_ms" in c["results"].get(n, {}) for c in configs)]
     fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(libs)
-    for j, name in enumerate(libs):
-        ys = [c["results"].get(name, {}).get("median_ms", 0.0) for c in configs]
-        ax.bar([i + j * width for i in range(len(configs))], ys, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-    ax.set_xticklabels([f"{c['cell']}\nB={c['B']} T={c['T']}\nI={c['I']} H={c['H']}" for c in configs])
-    ax.set_ylabel("training step (ms, median)")
-    ax.set_title(f"RNN training step on {device_label(record['device'])}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars(
+        ax,
+        {name: [c["results"].get(name, {}).get("median_ms", 0.0) for c in configs] for name in libs},
+        [f"{c['cell']}\nB={c['B']} T={c['T']}\nI={c['I']} H={c['H']}" for c in configs],
+    )
+    save_bar_plot(
+        fig, ax, "training step (ms, median)", f"RNN training step on {device_label(record['device'])}", path
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,18 +197,14 @@ def plot(record: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.rnn_step import device_label
+    from benchmarks.rnn_step import device_label, grouped_bars
 
     topologies = record["topologies"]
     configs = list(topologies[0]["configs"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(topologies)
     for ax, scaling in zip(axes, ("strong", "weak"), strict=True):
-        for j, t in enumerate(topologies):
-            ys = [t["configs"][c][scaling]["median_ms"] for c in configs]
-            ax.bar([i + j * width for i in range(len(configs))], ys, width, label=t["name"])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-        ax.set_xticklabels([c.replace(" B=", "\nB=") for c in configs], fontsize=8)
+        series = {t["name"]: [t["configs"][c][scaling]["median_ms"] for c in configs] for t in topologies}
+        grouped_bars(ax, series, [c.replace(" B=", "\nB=") for c in configs], fontsize=8)
         ax.set(ylabel="training step (ms, median)", title=f"{scaling} scaling")
     axes[0].legend(fontsize=8)
     fig.suptitle(device_label(record["device"]), fontsize=9)

@@ -14,6 +14,19 @@ import pytest
 from benchmarks import rnn_step
 
 
+def _run_module(module: str, *args: str) -> None:
+    """``python -m module args`` in a fresh process on the CPU, from the repository's root; it must succeed."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=pathlib.Path(__file__).parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_rnn_step_quick(tmp_path):
     # as the benchmark runs from the command line: float32, and the peers' own (standard) dtype promotion
@@ -66,16 +79,7 @@ def test_rnn_step_split_over_host_devices(tmp_path):
     two host devices, and the table says how much faster each got than on one."""
     libraries = ["rnnjax manual", "flax nnx", "pytorch"]
     out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
-    command = ["-m", "benchmarks.rnn_step", "--quick", "--host-devices", "2", "--libraries", *libraries, *out]
-    run = subprocess.run(
-        [sys.executable, *command],
-        cwd=pathlib.Path(__file__).parents[1],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_module("benchmarks.rnn_step", "--quick", "--host-devices", "2", "--libraries", *libraries, *out)
     record = json.loads((tmp_path / "rnn_step_quick.json").read_text())
     for config in record["configs"]:
         assert config["devices"] == 2
@@ -145,15 +149,7 @@ def test_scaling_devices_quick(tmp_path):
     """The device-scaling benchmark in a fresh process (it starts processes of its own): every topology
     ran with the devices and processes it names, strong and weak, and the table and plot are written."""
     out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scaling_devices", "--quick", *out],
-        cwd=pathlib.Path(__file__).parents[1],
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_module("benchmarks.scaling_devices", "--quick", *out)
     record = json.loads((tmp_path / "scaling_devices_quick.json").read_text())
     shapes = [(t["name"], t["processes"], t["devices"]) for t in record["topologies"]]
     assert shapes == [
@@ -216,3 +212,30 @@ def test_sequence_split_quick(tmp_path):
     )
     assert config["side_by_side"]["slowdown"] > 0
     assert "| mingru B=1 T=256 I=8 H=8 |" in (tmp_path / "sequence_split_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_padding_quick(tmp_path):
+    """The padding-select benchmark: every variant of every config timed and its memory read, the programs
+    without the selects computing the same values on clean padding, and the tables written."""
+    import rnnjax.driver
+    import rnnjax.losses
+    from benchmarks import padding
+
+    selects = rnnjax.driver._zero_padding, rnnjax.losses._padding_to
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert padding.main(["--quick", "--out", str(tmp_path), "--plot-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "padding_quick.json").read_text())
+    assert [c["kind"] for c in record["configs"]] == ["lstm", "gru", "cross_entropy", "ctc"]
+    for config in record["configs"]:
+        results = config["results"]
+        assert set(results) == set(padding.VARIANTS)
+        for r in results.values():
+            assert r["median_ms"] > 0 and r["temp_mib"] >= 0 and len(r["times_ms"]) == 3
+        for name in padding.PAIRS:
+            assert results[name]["select_ratio"][1] > 0
+            assert results[name]["max_abs_diff_to_no_select"] == 0.0
+    assert (rnnjax.driver._zero_padding, rnnjax.losses._padding_to) == selects  # restored afterwards
+    table = (tmp_path / "padding_quick.md").read_text()
+    assert "| lstm step B=4 T=16 I=8 H=8 |" in table and "| ctc B=4 T=16 K=6 |" in table
+    assert (tmp_path / "padding_quick.png").stat().st_size > 0

@@ -29,25 +29,40 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
 
 
-def _run(command: list[str], timeout: float, cwd: pathlib.Path = ROOT) -> tuple[int, str, str, float]:
-    """``command`` in a new process group; returns its exit code, stdout, stderr and wall time. On the
-    timeout the group (the launcher and the processes it started) is killed and the test fails."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
+def _start(
+    command: list[str], cwd: pathlib.Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``command`` started in a new process group (so that a timeout can kill it and all it started), its
+    stdout and stderr captured as text; ``env`` defaults to `_env`."""
+    return subprocess.Popen(
         command,
         cwd=cwd,
-        env=_env(),
+        env=_env() if env is None else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The stdout and stderr of ``proc``, a process group leader, once it exits; past ``timeout`` seconds its
+    group is killed and the test fails, naming its command, with the ends of both streams."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"{command} ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(f"{proc.args} ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+
+
+def _run(command: list[str], timeout: float, cwd: pathlib.Path = ROOT) -> tuple[int, str, str, float]:
+    """``command`` in a new process group; returns its exit code, stdout, stderr and wall time. On the
+    timeout the group (the launcher and the processes it started) is killed and the test fails."""
+    start = time.monotonic()
+    proc = _start(command, cwd)
+    try:
+        out, err = _communicate(proc, timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -166,15 +181,7 @@ def test_launcher_reaps_every_process_on_sigterm(tmp_path):
         time.sleep(600)
         """)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", sys.executable, str(script)],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start([sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", sys.executable, str(script)])
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"pid{i}").exists() for i in range(2)):
@@ -440,23 +447,10 @@ def test_char_lm_two_processes_killed_and_resumed_equals_uninterrupted(tmp_path)
     )
 
     def start(name: str, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            command(name, *args),
-            cwd=tmp_path / name,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        return _start(command(name, *args), tmp_path / name, env)
 
     def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"ran past {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        out, err = _communicate(proc, timeout)
         return proc.returncode, out, err
 
     runs: list[subprocess.Popen] = []

@@ -51,7 +51,15 @@ def _writers() -> dict[str, Any]:
     """The table writer of each kind of record, by the prefix of its file name (the longest prefix wins)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from benchmarks import parallel_time, profile_step, rnn_step, scaling, scaling_devices
+    from benchmarks import (
+        padding,
+        parallel_time,
+        profile_step,
+        rnn_step,
+        scaling,
+        scaling_devices,
+        sequence_split,
+    )
 
     return {
         "rnn_step": rnn_step.markdown,
@@ -60,6 +68,8 @@ def _writers() -> dict[str, Any]:
         "profile": lambda record: profile_step.markdown(record, top=5),
         "parallel_time": parallel_time.markdown,
         "char_lm_": char_lm_runs,
+        "padding": padding.markdown,
+        "sequence_split": sequence_split.markdown,
     }
 
 
