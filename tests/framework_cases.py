@@ -124,7 +124,12 @@ CASES = [
     Case("rnn-gru-reverse", "rnn", (("cell", GRU), ("reverse", True))),
     Case("rnn-lstm-autodiff-carry", "rnn", (("cell", LSTM),), carry=True, grad="autodiff"),
     Case("rnn-lstm-checkpoint", "rnn", (("cell", LSTM), ("checkpoint", 2)), carry=True),
-    Case("rnn-lstm-budget-nested", "rnn", (("cell", LSTM), ("budget", 7000), ("schedule", "nested"))),
+    Case(
+        "rnn-lstm-budget-nested",
+        "rnn",
+        (("cell", LSTM), ("budget", 7000), ("schedule", "nested")),
+        slow=True,
+    ),
     Case("rnn-user-cell", "rnn", (("cell", USER_CELL), ("reverse", True)), carry=True),
     Case("bi-concat", "bidirectional", (("cell_fw", LSTM3), ("cell_bw", GRU2)), carry=True),
     Case(
@@ -132,6 +137,7 @@ CASES = [
         "bidirectional",
         (("cell_fw", GRU), ("merge", "sum"), ("checkpoint", "sqrt")),
         grad="autodiff",
+        slow=True,
     ),
     Case("bi-user-cell", "bidirectional", (("cell_fw", USER_CELL), ("unroll_steps", 3)), lengths=False),
     Case(
@@ -140,7 +146,7 @@ CASES = [
         (("layers", (LSTM, rj.rnn(GRU, reverse=True), LSTM)), ("residual", True), ("dropout", 0.25)),
         train=True,
     ),
-    Case("stack-dropout-off", "stack", (("layers", (LSTM, GRU)), ("dropout", 0.25))),
+    Case("stack-dropout-off", "stack", (("layers", (LSTM, GRU)), ("dropout", 0.25)), slow=True),
     Case("rnn-lstm-regularize-train", "rnn", (("cell", LSTM), ("regularize", REG)), carry=True, train=True),
     Case("rnn-gru-regularize-eval", "rnn", (("cell", GRU), ("reverse", True), ("regularize", REG))),
     Case(
@@ -162,6 +168,7 @@ CASES = [
         "stack",
         (("layers", (rj.bidirectional(GRU2, merge="sum"), LSTM3)), ("checkpoint", 2)),
         carry=True,
+        slow=True,
     ),
 ]
 CASE_PARAMS = [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.slow else ()) for c in CASES]

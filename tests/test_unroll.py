@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, compilations, jit_grad, random_problem, rel_err
+from helpers import CELLS, compilations, jit_grad, random_problem, rel_err, tiered
 from reference_cells import REFERENCES
 
 import rnnjax as rj
@@ -68,7 +68,7 @@ def test_matches_numpy_reference(name, lengths, reverse, key):
         assert rel_err(final.c, c) <= 1e-13
 
 
-@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("name", tiered(list(CELLS)))
 def test_step_loop_twin(name, key):
     """The hoisted scan equals a plain Python loop over cell.step, in values and (via jax.grad) gradients."""
     cell = CELLS[name](H)
@@ -218,7 +218,7 @@ def test_eager_calls_compile_one_program_not_one_per_operation(grad, caplog):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru"])
+@pytest.mark.parametrize("name", tiered(["elman-tanh", "lstm", "gru"], fast=("lstm",)))
 def test_low_precision_runs_and_stays_finite(name, dtype, key):
     cell = CELLS[name](16)
     params, xs, _ = random_problem(cell, key, 8, 20, 6, dtype)
@@ -297,8 +297,18 @@ def test_lru_with_a_dense_read_out_is_the_papers_layer(key):
 
 @pytest.mark.parametrize(
     ("name", "unroll"),
-    [("lstm", 1), ("lstm", 2), ("lstm", 3), ("lstm", True), ("minlstm", 1), ("minlstm", 2)]
-    + [(name, 1) for name in ("gru", "mingru", "lstm-peephole", "lstm-layernorm", "lstm-projected")],
+    [("lstm", 1), ("lstm", 2), ("lstm", 3), ("lstm", True), ("gru", 1)]
+    + [
+        pytest.param(name, unroll, marks=pytest.mark.slow)
+        for name, unroll in (
+            ("minlstm", 1),
+            ("minlstm", 2),
+            ("mingru", 1),
+            ("lstm-peephole", 1),
+            ("lstm-layernorm", 1),
+            ("lstm-projected", 1),
+        )
+    ],
 )
 def test_shared_buffer_is_never_copied_in_a_loop(name, unroll, key):
     """The buffer that holds zx, then the residuals, then dzx (`rnnjax.scan.residual_slot`) is updated in
@@ -372,7 +382,7 @@ def _sliced_reads(hlo: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("name", tiered(sorted(CELLS)))
 def test_no_kernel_slices_a_row_it_reads_several_ways(name, key):
     """No kernel of the forward or of the training step reads a row of a stacked buffer and slices it by
     several column blocks: XLA:CPU runs such a kernel unvectorized, 4-8x slower (the LSTM's backward loop
