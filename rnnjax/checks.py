@@ -17,6 +17,9 @@ from jax.experimental import checkify
 
 Array = jax.Array
 
+# the message of the check that the recurrences' inputs are finite where they are read
+NONFINITE_XS = "xs must be finite at valid steps (t < lengths[b])"
+
 
 def check_array(value: Any, name: str, expected: str, kind: Any = None) -> Array:
     """``value`` as an array (a Python list or a numpy array converted as `jnp.asarray` would), or a
@@ -64,6 +67,26 @@ def debug_check_range(values: Array, lo: int, hi: int, what: str, valid: Array |
         smallest,
         largest,
     )
+
+
+def debug_check_finite(values: Array, what: str, valid: Array | None = None) -> None:
+    """Under `checkify.checkify`, an error unless every entry of ``values`` is finite wherever ``valid``;
+    else nothing.
+
+    Args:
+      values: a floating-point array, e.g. ``xs [B, T, I]``.
+      what: the start of the message, e.g. ``"xs must be finite at valid steps"``; the check adds
+        ``", got {n} entries that are NaN or inf"``. No braces.
+      valid: a bool array of the leading axes of ``values`` (``[B, T]``: the steps checked; the padding may
+        hold anything); None checks all.
+    """
+    if values.size == 0:
+        return
+    bad = ~jnp.isfinite(values)
+    if valid is not None:
+        bad = bad & valid.reshape(valid.shape + (1,) * (values.ndim - valid.ndim))
+    count = jnp.sum(bad, dtype=jnp.int32)
+    checkify.debug_check(count == 0, what + ", got {} entries that are NaN or inf", count)
 
 
 def debug_check_not(values: Array, value: int, what: str, valid: Array | None = None) -> None:

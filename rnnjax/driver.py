@@ -19,7 +19,7 @@ from rnnjax.autodiff import autodiff_unroll, probed_autodiff_unroll
 from rnnjax.binomial import BinomialPlan, binomial_plan, binomial_schedule, binomial_unroll
 from rnnjax.bptt import bptt_unroll, probed_bptt_unroll, stepwise_bptt_unroll
 from rnnjax.cells.base import Cell, check_float_dtype
-from rnnjax.checks import check_array, debug_check_range
+from rnnjax.checks import NONFINITE_XS, check_array, debug_check_finite, debug_check_range
 from rnnjax.parallel import DEER_METHODS, Method, check_method, resolve_method
 from rnnjax.parallel.associative import AssociativeUnroll, check_chunk_size
 from rnnjax.parallel.deer import deer_unroll
@@ -84,7 +84,8 @@ def unroll(
       cell: a `Cell` (``rj.elman``, ``rj.lstm``, ``rj.gru`` or a user-written one).
       params: the cell's params, e.g. from ``cell.init(key, input_size=I)``.
       xs: ``[B, T, I]`` floating-point inputs, batch-major. More leading batch dimensions are allowed:
-        ``[B1, B2, ..., T, I]``.
+        ``[B1, B2, ..., T, I]``. The padding (steps ``t >= lengths[b]``) may hold anything; NaN or inf at a
+        valid step is an error under ``checkify.checkify`` (`rnnjax.checks`).
       carry: the initial carry (leaves ``[B, H]``, e.g. ``LSTMCarry(h, c)``); None means zeros. The
         arguments after it are keyword-only.
       lengths: ``[B]`` integers in ``[0, T]``. Steps ``t >= lengths[b]`` leave row ``b``'s carry unchanged
@@ -328,6 +329,8 @@ def _dispatch(
     mask = None
     if lengths is not None:  # [T, B], its batch axis split as the rows of xs are (whatever split lengths)
         mask = jnp.swapaxes(batch_like(mask_from_lengths(lengths.reshape(B), T).T, xs, 1), 0, 1)
+    debug_check_finite(xs, NONFINITE_XS, None if mask is None else jnp.swapaxes(mask, 0, 1))
+    if mask is not None:
         xs = _zero_padding(xs, mask)
     carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
     noise = None

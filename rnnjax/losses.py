@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnnjax.checks import check_array, debug_check_not, debug_check_range
+from rnnjax.checks import check_array, debug_check_finite, debug_check_not, debug_check_range
 from rnnjax.scan import mask_from_lengths
 from rnnjax.sharding import batch_like, batch_split
 
@@ -69,6 +69,13 @@ def _padding_to(values: Array, mask: Array, safe: int | float = 0) -> Array:
     ``values``: applied before the arithmetic, the padding reaches neither the loss nor its gradient."""
     mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
     return jnp.where(mask, values, jnp.full_like(values, safe))
+
+
+def _finite(loss: Array, name: str) -> Array:
+    """``loss``, with a `checkify.debug_check` that it is finite (under ``checkify.checkify``: an overflow
+    in the loss itself, when its inputs were finite)."""
+    debug_check_finite(loss, f"{name}'s value must be finite")
+    return loss
 
 
 def _masked_mean(values: Array, mask: Array) -> Array:
@@ -121,10 +128,11 @@ def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Arra
     targets = batch_like(targets, logits, 1)  # each sequence's targets beside its logits
     mask = valid_mask(lengths, B, T, logits)
     debug_check_range(targets, 0, V - 1, f"targets must lie in [0, V) = [0, {V}) at valid steps", mask)
+    debug_check_finite(logits, "logits must be finite at valid steps", mask)
     if lengths is not None:
         logits, targets = _padding_to(logits, mask), _padding_to(targets, mask)
     per_step = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return _masked_mean(per_step, mask)
+    return _finite(_masked_mean(per_step, mask), "sequence_cross_entropy")
 
 
 def squared_error(predictions: Array, targets: Array, lengths: Array | None = None) -> Array:
@@ -170,13 +178,15 @@ def squared_error(predictions: Array, targets: Array, lengths: Array | None = No
 def _squared_error(predictions: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, F = predictions.shape
     mask = valid_mask(lengths, B, T, predictions)
+    debug_check_finite(predictions, "predictions must be finite at valid steps", mask)
+    debug_check_finite(batch_like(targets, predictions, 1), "targets must be finite at valid steps", mask)
     if lengths is not None:
         predictions, targets = (
             _padding_to(predictions, mask),
             _padding_to(batch_like(targets, predictions, 1), mask),
         )
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
-    return _masked_mean(per_step, mask)
+    return _finite(_masked_mean(per_step, mask), "squared_error")
 
 
 def ctc(
@@ -240,6 +250,7 @@ def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Arr
     debug_check_not(
         labels, blank_id, f"labels must not hold blank_id={blank_id} within label_lengths", valid_labels
     )
+    debug_check_finite(logits, "logits must be finite at valid steps", frames)
     # optax's recursion blends the padded frames away by multiplication (0 · nan is NaN): select first
     logits, labels = _padding_to(logits, frames), _padding_to(labels, valid_labels, blank_id)
     logit_paddings = 1.0 - frames.astype(logits.dtype)
@@ -265,4 +276,4 @@ def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Arr
             axis_names=set(jax.tree.leaves(spec[0])),
             check_vma=False,
         )
-    return per_sequence(logits, logit_paddings, labels, label_paddings)
+    return _finite(per_sequence(logits, logit_paddings, labels, label_paddings), "ctc")

@@ -197,6 +197,62 @@ def test_traced_targets_and_labels_out_of_range_fail_under_checkify():
     assert message.startswith("labels must not hold blank_id=0 within label_lengths"), message
 
 
+@pytest.mark.parametrize("method", ["sequential", "associative", "deer"])
+def test_non_finite_inputs_at_valid_steps_fail_under_checkify(method):
+    """NaN or inf in ``xs`` at a valid step is an error under checkify, counted and named, in every method
+    and through the gradient; at padded steps it is not (the padding may hold anything); under plain jit
+    nothing changes."""
+    cell = rj.mingru(H) if method == "associative" else rj.lstm(H)
+    params = cell.init(jax.random.key(0), I, jnp.float64)
+    xs = jnp.ones((B, T, I), jnp.float64)
+    lengths = jnp.array([5, 2])
+    f = jax.jit(lambda x: rj.unroll(cell, params, x, lengths=lengths, method=method)[1])
+    g = jax.jit(jax.grad(lambda x: jnp.sum(rj.unroll(cell, params, x, lengths=lengths, method=method)[1])))
+    padded = xs.at[1, 2:].set(jnp.nan).at[1, 4, 0].set(jnp.inf)
+    for fn in (f, g):
+        assert _checked(fn, padded)[0] is None
+    bad = padded.at[1, 1, 0].set(jnp.inf).at[0, 4].set(jnp.nan)  # 1 + I entries at valid steps
+    for fn in (f, g):
+        message, _ = _checked(fn, bad)
+        assert message.startswith(
+            f"xs must be finite at valid steps (t < lengths[b]), got {1 + I} entries that are NaN or inf"
+        ), message
+    no_lengths = jax.jit(lambda x: rj.unroll(cell, params, x, method=method)[1])
+    message, _ = _checked(no_lengths, padded)
+    assert f"got {(T - 2) * I} entries that are NaN or inf" in message, message  # all of row 1's padding
+    np.testing.assert_array_equal(f(padded), f(xs.at[1, 2:].set(0.0)))  # unchecked: unchanged
+
+
+def test_non_finite_loss_inputs_fail_under_checkify():
+    """The losses check their inputs at valid steps the same way, and their value."""
+    Bq, Tq, V = 2, 4, 5
+    logits = jax.random.normal(jax.random.key(0), (Bq, Tq, V), jnp.float64)
+    lengths = jnp.array([4, 2])
+    padded = logits.at[1, 3].set(jnp.nan)
+    targets = jnp.zeros((Bq, Tq), jnp.int32)
+    xent = jax.jit(rj.losses.sequence_cross_entropy)
+    assert _checked(xent, padded, targets, lengths)[0] is None
+    message, _ = _checked(xent, padded.at[0, 0, 1].set(-jnp.inf), targets, lengths)
+    assert message.startswith("logits must be finite at valid steps, got 1 entries that are NaN or inf"), (
+        message
+    )
+    message, _ = _checked(jax.jit(rj.losses.squared_error), padded, logits.at[0, 1, 2].set(jnp.nan), lengths)
+    assert message.startswith("targets must be finite at valid steps, got 1 entries that are NaN or inf"), (
+        message
+    )
+    message, _ = _checked(jax.jit(rj.losses.squared_error), logits * 1e200, -logits * 1e200, None)
+    assert message.startswith("squared_error's value must be finite, got 1 entries that are NaN or inf"), (
+        message
+    )
+    ctc = jax.jit(rj.losses.ctc)
+    labels, label_lengths = jnp.array([[1, 2], [3, 0]]), jnp.array([2, 1])
+    assert _checked(ctc, padded, lengths, labels, label_lengths)[0] is None
+    message, _ = _checked(ctc, padded.at[1, 0].set(jnp.nan), lengths, labels, label_lengths)
+    assert message.startswith(f"logits must be finite at valid steps, got {V} entries that are NaN or inf"), (
+        message
+    )
+
+
 def test_bad_carry(lstm_setup):
     cell, params, xs = lstm_setup
     zeros = jnp.zeros((B, H), jnp.float64)

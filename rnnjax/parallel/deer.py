@@ -56,6 +56,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from rnnjax.cells.base import Cell
+from rnnjax.checks import NONFINITE_XS, debug_check_finite
 from rnnjax.scan import mask_from_lengths, scan_steps, zero_where_not
 
 Array = jax.Array
@@ -345,6 +346,7 @@ def deer_dispatch(
     Returns:
       ``(final_carry, ys, info)`` as `deer_unroll`.
     """
+    debug_check_finite(xs, NONFINITE_XS, mask)  # the padding is zero already
     flip = (lambda a: jnp.flip(a, axis=1)) if reverse else (lambda a: a)
     xs_tm = jnp.swapaxes(flip(xs), 0, 1)  # [T, B, I], in the order the steps run
     mask_tm = None if mask is None else jnp.swapaxes(flip(mask), 0, 1)  # [T, B]
