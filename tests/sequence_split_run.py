@@ -53,6 +53,8 @@ def mesh_of(kind: str) -> tuple[jax.sharding.Mesh, P]:
         return jax.make_mesh((2,), ("time",), devices=devices[:2]), P(None, "time")
     if kind == "time4":
         return jax.make_mesh((4,), ("time",)), P(None, "time")
+    if kind == "data2":  # the batch split alone (the associative scan with data parallelism)
+        return jax.make_mesh((2,), ("data",), devices=devices[:2]), P("data")
     assert kind == "data-time"  # the batch split over "data" and the time over "time"
     return jax.make_mesh((2, 2), ("data", "time")), P("data", "time")
 
@@ -88,6 +90,8 @@ CASES: dict[str, tuple[str, str, dict[str, Any], bool, int, bool, bool]] = {
     "lru-B1-reverse": ("lru", "time2", R, False, 1, True, False),
     "mingru-autodiff-reverse-lengths": ("mingru", "time2", {"grad": "autodiff", **R}, True, B, True, False),
     "mingru-auto-context-mesh": ("mingru", "time2", {"method": "auto"}, True, B, True, True),
+    "mingru-data-lengths": ("mingru", "data2", {}, True, B, True, False),
+    "lru-data-reverse-chunk4-lengths": ("lru", "data2", {**R, "chunk_size": 4}, True, B, True, False),
 }
 
 

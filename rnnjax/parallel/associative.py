@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
 from rnnjax.cells.linear import LinearRecurrence, Parts, add, conj, join, mul, split
+from rnnjax.sharding import explicit_spec, reshard_to
 
 Array = jax.Array
 PyTree = Any
@@ -88,6 +89,10 @@ class AssociativeUnroll:
             )
         h0 = leaves[0]
         B, T = xs.shape[0], xs.shape[1]
+        if explicit_spec(xs) is not None:
+            # params not split over the mesh, replicated on the mesh of xs: JAX's transpose of the per-step
+            # map then knows the parameter gradient, a contraction over the split batch, is replicated
+            params = jax.tree.map(lambda p: p if explicit_spec(p) else reshard_to(p, (), xs), params)
         a, b = spec.coefficients(params, jnp.swapaxes(xs, 0, 1))  # time-major [T, B, H]
         _check_coefficients(cell, a, b, (T, B, h0.shape[-1]), h0.dtype, spec)
         if mask is not None:  # padded steps: the identity step, selected before any arithmetic reads them
