@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CELLS, random_problem, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental import checkify
 from test_gradcheck import my_cell
 
@@ -69,6 +71,34 @@ def test_equals_sequential(name: str, quasi: bool, reverse: bool, key: jax.Array
     assert rel_err(ys_par, ys_seq) <= TOL
     assert rel_err(final_par, final_seq) <= TOL
     assert rel_err(g_par, g_seq) <= TOL  # params, xs, carry
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None)
+@given(
+    B_=st.integers(1, 3),
+    T_=st.integers(1, 10),
+    H_=st.integers(1, 4),
+    quasi=st.booleans(),
+    reverse=st.booleans(),
+    name=st.sampled_from(["gru", "lstm", "user"]),
+    data=st.data(),
+)
+def test_random_shapes(B_: int, T_: int, H_: int, quasi: bool, reverse: bool, name: str, data: Any) -> None:
+    """Over random batch sizes, lengths (0 and T among the draws), hidden sizes and directions,
+    ``rj.unroll(method="deer"|"quasi_deer")`` equals the sequential scan, gradients included."""
+    cell = my_cell(H_) if name == "user" else CELLS[name](H_)
+    lengths = jnp.array(data.draw(st.lists(st.integers(0, T_), min_size=B_, max_size=B_)))
+    params, xs, carry = random_problem(cell, jax.random.key(data.draw(st.integers(0, 99))), B_, T_, I)
+
+    def loss(p: Any, x: jax.Array, c: Any, method: str) -> Any:
+        final, ys = rj.unroll(cell, p, x, c, lengths=lengths, reverse=reverse, method=method)
+        return readout(ys, final), (final, ys)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    want = grad(params, xs, carry, "sequential")
+    got = grad(params, xs, carry, "quasi_deer" if quasi else "deer")
+    assert rel_err(got, want) <= TOL
 
 
 @pytest.mark.slow
