@@ -7,6 +7,7 @@ every process. Process 0 writes each run's final parameters and losses to ``OUT_
 
 The launch above writes 1.npz (process 0's first device alone), 2.npz (2 processes x 1 device: each
 process's first device) and 4.npz (2 processes x 2 devices).
+
 Under the launcher, each process makes the same global batch from a shared seed and gives JAX its own rows
 (`jax.make_array_from_process_local_data`); the parameters and the optimizer state are replicated
 (`jax.device_put` to ``P()``), so the gradients are summed over the processes by gloo's all-reduce. The
