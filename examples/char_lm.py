@@ -368,6 +368,7 @@ def train(
     prompt = jnp.asarray(encode(cfg.prompt))
     history: dict[str, list] = {"step": [], "train_bits": [], "val_step": [], "val_bits": [], "val_time": []}
     samples: list[tuple[int, str]] = []
+    step_seconds: list[float] = []  # each training step's wall time (the first compiles it), no evaluation
     reached_2: float | None = None
     first_step = step
     start = time.perf_counter()
@@ -396,12 +397,15 @@ def train(
             fresh = jax.tree.map(rows, cell.initial_carry(state.params["cell"], (cfg.batch_size,)))
             state = state._replace(carry=fresh)
         window = train_tracks[:, w * cfg.window : (w + 1) * cfg.window + 1]
+        started = time.perf_counter()
         state, loss = train_step(state, rows(window), step)
+        bits = float(loss) / math.log(2)  # waits for the step
+        step_seconds.append(time.perf_counter() - started)
         if step % cfg.eval_every == 0:
             evaluate(step)
         step += 1
         history["step"].append(step)
-        history["train_bits"].append(float(loss) / math.log(2))
+        history["train_bits"].append(bits)
         bar.update()
         bar.set_postfix(bits=f"{history['train_bits'][-1]:.2f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -438,6 +442,7 @@ def train(
         "samples": samples,
         "minutes_to_2_bits": None if reached_2 is None else reached_2 / 60,
         "steps_per_minute": (step - first_step) / minutes,
+        "step_seconds": step_seconds,
         # the tracks of a window that each device holds: batch_size / devices when they are split
         "rows_per_device": rows(train_tracks[:, :2]).addressable_shards[0].data.shape[0],
     }

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument(
         "--data-parallel",
         action="store_true",
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
     mesh = None
     if args.data_parallel:
         initialize()  # joins the other processes under python -m rnnjax.launch; alone, nothing

@@ -1,9 +1,12 @@
 """Run by `tests/test_multiprocess.py`, alone or as every process of `python -m rnnjax.launch`: a few optax
-steps of a small speech-recognition model, its batch split over every device of every process. Writes the
-final parameters and the losses to the ``.npz`` file named by its argument (process 0 only).
+steps of a small speech-recognition model, on one device and then with its batch split over the devices of
+every process. Process 0 writes each run's final parameters and losses to ``OUT_DIR/<devices>.npz``.
 
-    python tests/multiprocess_run.py OUT.npz                                   # one process, one device
-    python -m rnnjax.launch -n 2 --devices-per-process 2 -- python tests/multiprocess_run.py OUT.npz
+    python tests/multiprocess_run.py OUT_DIR                        # one device: 1.npz
+    python -m rnnjax.launch -n 2 --devices-per-process 2 -- python tests/multiprocess_run.py OUT_DIR
+
+The launch above writes 1.npz (process 0's first device alone), 2.npz (2 processes x 1 device: each
+process's first device) and 4.npz (2 processes x 2 devices).
 
 Under the launcher, each process makes the same global batch from a shared seed and gives JAX its own rows
 (`jax.make_array_from_process_local_data`); the parameters and the optimizer state are replicated
@@ -19,6 +22,7 @@ Per-sequence losses are gathered from every process and printed by process 0.
 from __future__ import annotations
 
 import contextlib
+import pathlib
 import sys
 from typing import Any, NamedTuple
 
@@ -107,11 +111,18 @@ def per_sequence_loss(params: Any, batch: tuple, key: jax.Array) -> jax.Array:
     return ctc + jnp.sum(jnp.sin(ys_user), axis=(1, 2)) + jnp.sum(jnp.cos(ys_lstm), axis=(1, 2))
 
 
-def main(out_path: str) -> None:
-    jax.config.update("jax_enable_x64", True)
-    initialize()
-    split = jax.device_count() > 1
-    mesh = jax.make_mesh((jax.device_count(),), ("data",)) if split else None
+def _one_per_process(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """A mesh of each process's first device out of ``mesh``'s: a process of several devices runs as one of
+    one device."""
+    first: dict[int, Any] = {}
+    for device in mesh.devices.flat:
+        first.setdefault(device.process_index, device)
+    return jax.sharding.Mesh(np.array(list(first.values())), mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def train(mesh: jax.sharding.Mesh | None) -> tuple[Any, list[float]]:
+    """The final parameters and every step's loss, the batch split over ``mesh`` (None: one device)."""
+    split = mesh is not None
     rows = NamedSharding(mesh, P("data")) if split else None
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05))
 
@@ -133,6 +144,7 @@ def main(out_path: str) -> None:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, key, loss, per_sequence
 
+    where = f"{jax.process_count()} processes, {mesh.size if split else 1} devices"
     # a context mesh (explicit axes): every array's type carries its split
     with jax.set_mesh(mesh) if split else contextlib.nullcontext():
         params, key = init_params(), jax.random.key(1)
@@ -141,19 +153,39 @@ def main(out_path: str) -> None:
         opt_state = optimizer.init(params)
         losses = []
         for step, batch in enumerate(batches()):
-            assert place_rows(batch[0]).addressable_shards[0].data.shape[0] == B // jax.device_count()
-            params, opt_state, key, loss, per_sequence = train_step(
-                params, opt_state, tuple(place_rows(a) for a in batch), key
-            )
-            # every process's rows, gathered (a collective: every process takes part); printed by one
-            per_sequence = multihost_utils.process_allgather(per_sequence, tiled=True)
+            placed = tuple(place_rows(a) for a in batch)
+            assert placed[0].addressable_shards[0].data.shape[0] == B // (mesh.size if split else 1)
+            params, opt_state, key, loss, per_sequence = train_step(params, opt_state, placed, key)
+            if split:  # every process's rows, gathered (a collective: every process takes part)
+                per_sequence = multihost_utils.process_allgather(per_sequence, tiled=True)
             losses.append(float(loss))
             if jax.process_index() == 0:
-                print(f"step {step}: loss {losses[-1]:.6f}, per sequence {np.round(per_sequence, 4)}")
-    if jax.process_index() == 0:
-        leaves = {f"param_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(params))}
-        np.savez(out_path, losses=np.asarray(losses), **leaves)
-        print(f"{jax.process_count()} processes, {jax.device_count()} devices: wrote {out_path}")
+                print(
+                    f"{where}, step {step}: loss {losses[-1]:.6f}, per sequence {np.round(per_sequence, 4)}"
+                )
+    return params, losses
+
+
+def main(out_dir: str) -> None:
+    """Trains on one device and, where there are several, on a mesh of one device per process and on one
+    of every device; process 0 writes each run's ``<devices>.npz`` into ``out_dir``. One launch runs every
+    topology its processes hold, so their start-up and JAX's is paid once."""
+    jax.config.update("jax_enable_x64", True)
+    initialize()
+    meshes: list[jax.sharding.Mesh | None] = [None]  # one device: each process's first, alone
+    if jax.device_count() > 1:
+        every = jax.make_mesh((jax.device_count(),), ("data",))
+        if jax.process_count() > 1 and jax.local_device_count() > 1:
+            meshes.append(_one_per_process(every))
+        meshes.append(every)
+    for mesh in meshes:
+        params, losses = train(mesh)
+        devices = 1 if mesh is None else mesh.size
+        if jax.process_index() == 0:
+            path = pathlib.Path(out_dir, f"{devices}.npz")
+            leaves = {f"param_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(params))}
+            np.savez(path, losses=np.asarray(losses), **leaves)
+            print(f"{jax.process_count()} processes, {devices} devices: wrote {path}")
 
 
 if __name__ == "__main__":

@@ -144,10 +144,20 @@ def test_profile_step_quick(tmp_path):
     assert "| loop 2 |" in (tmp_path / "profile_lstm_manual.md").read_text()
 
 
+@pytest.mark.parametrize("steps", ["1", "-1"])
+def test_scaling_devices_rejects_char_lm_steps(steps, capsys):
+    from benchmarks import scaling_devices
+
+    with pytest.raises(SystemExit):
+        scaling_devices.main(["--char-lm-steps", steps])
+    assert f"--char-lm-steps must be 0 or >= 2 (the first compiles), got {steps}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_scaling_devices_quick(tmp_path):
     """The device-scaling benchmark in a fresh process (it starts processes of its own): every topology
-    ran with the devices and processes it names, strong and weak, and the table and plot are written."""
+    ran with the devices and processes it names, strong and weak, char_lm trained over them, and the table
+    and plot are written."""
     out = ["--out", str(tmp_path), "--plot-dir", str(tmp_path)]
     _run_module("benchmarks.scaling_devices", "--quick", *out)
     record = json.loads((tmp_path / "scaling_devices_quick.json").read_text())
@@ -161,8 +171,13 @@ def test_scaling_devices_quick(tmp_path):
         (config,) = t["configs"].values()
         assert config["strong"]["global_B"] == 4 and config["weak"]["global_B"] == 4 * t["devices"]
         assert config["strong"]["median_ms"] > 0 and config["weak"]["median_ms"] > 0
+        # char_lm's 16 tracks split over every device of every process, 3 steps (the first compiles)
+        char_lm = t["char_lm"]
+        assert char_lm["steps"] == 3 and char_lm["rows_per_device"] == 16 // t["devices"]
+        assert char_lm["steps_per_s"] > 0 and char_lm["median_step_ms"] > 0
     assert record["device"]["cores"] == os.cpu_count()
     table = (tmp_path / "scaling_devices_quick.md").read_text()
+    assert "| char_lm --quick B=16 T=32 H=64 | strong | " in table
     assert "| lstm B=4 T=16 I=8 H=8 | weak | " in table and "What a 2-core machine can show" in table
     assert (tmp_path / "scaling_devices_quick.png").stat().st_size > 0
 

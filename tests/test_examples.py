@@ -243,6 +243,11 @@ def test_speech_ctc_quick_learns(tmp_path, monkeypatch):
     assert (tmp_path / "runs/speech_ctc/speech_ctc.png").stat().st_size > 0
 
 
+def test_speech_ctc_rejects_no_steps():
+    with pytest.raises(ValueError, match=r"--steps must be >= 1, got 0"):
+        speech_ctc.main(["--quick", "--steps", "0"])
+
+
 def test_speech_ctc_decoding_and_scoring():
     assert speech_ctc.edit_distance([1, 2, 3], [1, 3]) == 1
     assert speech_ctc.edit_distance([], [4, 4]) == 2
