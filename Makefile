@@ -33,10 +33,11 @@ demo: $(STAMP_RUN)
 	$(PY) -m examples.char_lm --minutes $(DEMO_MINUTES)
 
 # The docstring examples run first, in their own process with JAX's default settings (the test suite's
-# conftest turns on float64 and strict promotion for the whole process), with LLVM's kernel optimisation off
-# as the suite's conftest sets it (it changes no result, only compile time); then the test suite.
+# conftest turns on float64 and strict promotion for the whole process), with LLVM's kernel optimisation and
+# the fusion emitters off as the suite's conftest sets them (they change compile time, no test's outcome); then
+# the test suite.
 test: $(STAMP_DEV)
-	XLA_FLAGS="$$XLA_FLAGS --xla_backend_optimization_level=0" $(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
+	XLA_FLAGS="$$XLA_FLAGS --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false" $(PY) -m pytest -q -p no:cacheprovider --doctest-modules rnnjax
 	$(PY) -m pytest -n 2 --dist worksteal -q -m "not slow"
 
 # The tests marked slow (device meshes in subprocesses, several processes, the benchmarks' smoke runs):

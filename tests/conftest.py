@@ -2,13 +2,17 @@
 
 import os
 
-# The suite compiles several hundred small programs, and LLVM's optimisation of XLA:CPU's kernels is a
-# large part of the suite's time while buying nothing at test shapes. XLA's
-# HLO passes, fusion and buffer assignment, which the memory tests measure, are unchanged by this flag; the
-# GEMMs run in precompiled libraries either way. An XLA_FLAGS that sets the level itself wins.
+# The suite compiles several hundred small programs, and LLVM's optimisation of XLA:CPU's kernels, and the
+# fusion emitters' code generation, are most of the suite's time while buying nothing at test shapes. XLA's
+# HLO passes, fusion and buffer assignment, which the memory tests measure, are unchanged by these flags; the
+# GEMMs run in precompiled libraries either way. An XLA_FLAGS that sets a flag itself wins.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
     ).strip()
 
 import shutil

@@ -167,7 +167,7 @@ def test_higher_batch_dims(key):
     np.testing.assert_allclose(g.reshape(6, T, I), g_flat, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", tiered(list(REFERENCES)))
+@pytest.mark.parametrize("name", list(REFERENCES))
 def test_manual_is_leaner_than_autodiff(name):
     """The hand-derived BPTT of every built-in cell keeps less compiled temporary memory than autodiff.
 

@@ -26,7 +26,7 @@ def problems(draw):
     return name, B, T, I, H, lengths, reverse, with_carry, seed
 
 
-@settings(max_examples=5)  # two gradients compiled per example
+@settings(max_examples=10)  # two gradients compiled per example
 @given(problems())
 def test_manual_equals_autodiff_everywhere(problem):
     name, B, T, I, H, lengths, reverse, with_carry, seed = problem
@@ -41,7 +41,7 @@ def test_manual_equals_autodiff_everywhere(problem):
     assert rel_err(gm, ga) <= 1e-10
 
 
-@settings(max_examples=4)  # B + 1 unrolls compiled per example
+@settings(max_examples=8)  # B + 1 unrolls compiled per example
 @given(problems())
 def test_each_row_is_its_own_sequence(problem):
     """Row b of a padded batch equals that sequence cut to its length and run alone (values and carry)."""
@@ -60,7 +60,7 @@ def test_each_row_is_its_own_sequence(problem):
             np.testing.assert_allclose(a[b], e[0], rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=3)  # a whole gradcheck per example
+@settings(max_examples=6)  # a whole gradcheck per example
 @given(problems())
 def test_finite_differences_everywhere(problem):
     name, B, T, I, H, lengths, reverse, with_carry, seed = problem
