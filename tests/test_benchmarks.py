@@ -249,7 +249,8 @@ def test_padding_quick(tmp_path):
             assert r["median_ms"] > 0 and r["temp_mib"] >= 0 and len(r["times_ms"]) == 3
         for name in padding.PAIRS:
             assert results[name]["select_ratio"][1] > 0
-            assert results[name]["max_abs_diff_to_no_select"] == 0.0
+            # float32 programs compiled with and without the selects: equal up to round-off
+            assert results[name]["max_abs_diff_to_no_select"] <= 1e-5
     assert (rnnjax.driver._zero_padding, rnnjax.losses._padding_to) == selects  # restored afterwards
     table = (tmp_path / "padding_quick.md").read_text()
     assert "| lstm step B=4 T=16 I=8 H=8 |" in table and "| ctc B=4 T=16 K=6 |" in table
