@@ -71,25 +71,33 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
     return {"cell": name, "B": B, "T": T, "I": I, "H": H, "results": result}
 
 
+def method_tables(configs: list[dict[str, Any]], methods: Any, ratio: str) -> list[str]:
+    """Markdown lines: for the forward and the training step, a table of every config (a row) and method
+    (a column): median ms, the ``ratio`` in parentheses, compiled temporary MiB."""
+    lines: list[str] = []
+    for kind in ("forward", "train"):
+        lines += [f"## {kind}: median ms ({ratio}) / compiled temp MiB", ""]
+        lines += ["| config | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for c in configs:
+            r = c["results"]
+            cells = [
+                f"{r[m][f'{kind}_ms']:.2f} ({r[m][f'{kind}_ratio']:.2f}x) / {r[m][f'{kind}_temp_mib']:.1f}"
+                for m in methods
+            ]
+            lines.append(
+                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    return lines
+
+
 def markdown(record: dict[str, Any]) -> str:
     d = record["device"]
     lines = [
         f"# rj.unroll's methods against the sequential scan ({d['jax_device']}, {d['cpu']})",
         "",
     ]
-    for kind in ("forward", "train"):
-        lines += [f"## {kind}: median ms (ratio to sequential) / compiled temp MiB", ""]
-        lines += ["| config | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
-        for c in record["configs"]:
-            r = c["results"]
-            cells = [
-                f"{r[m][f'{kind}_ms']:.2f} ({r[m][f'{kind}_ratio']:.2f}x) / {r[m][f'{kind}_temp_mib']:.1f}"
-                for m in METHODS
-            ]
-            lines.append(
-                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-            )
-        lines.append("")
+    lines += method_tables(record["configs"], METHODS, "ratio to sequential")
     return "\n".join(lines)
 
 

@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rnnjax as rj
-from benchmarks.parallel_time import programs
-from benchmarks.rnn_step import device_info, save_results
+from benchmarks.parallel_time import method_tables, programs
+from benchmarks.rnn_step import device_info, interleaved_times, save_results
 
 # name -> (split the time axis over the devices, the keywords given to rj.unroll)
 METHODS: dict[str, tuple[bool, dict[str, Any]]] = {
@@ -73,12 +73,7 @@ def run_config(name: str, B: int, T: int, I: int, H: int, rounds: int) -> dict[s
             r[f"{kind}_first_call_s"] = time.perf_counter() - t0
             r[f"{kind}_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
             runs[(method, kind)] = lambda c=compiled, x=x: jax.block_until_ready(c(params, x))
-    times: dict[Any, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(1e3 * (time.perf_counter() - t0))
+    times = interleaved_times(runs, rounds)
     capacity = {
         label: statistics.median(times.pop(("capacity", label)))
         for _, label in list(times)
@@ -108,19 +103,7 @@ def markdown(record: dict[str, Any]) -> str:
         "(< 1: faster); compiled temp MiB.",
         "",
     ]
-    for kind in ("forward", "train"):
-        lines += [f"## {kind}: median ms (ratio) / compiled temp MiB", ""]
-        lines += ["| config | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
-        for c in record["configs"]:
-            r = c["results"]
-            cells = [
-                f"{r[m][f'{kind}_ms']:.2f} ({r[m][f'{kind}_ratio']:.2f}x) / {r[m][f'{kind}_temp_mib']:.1f}"
-                for m in METHODS
-            ]
-            lines.append(
-                f"| {c['cell']} B={c['B']} T={c['T']} I={c['I']} H={c['H']} | " + " | ".join(cells) + " |"
-            )
-        lines.append("")
+    lines += method_tables(record["configs"], METHODS, "ratio")
     lines += [
         "## the devices side by side",
         "",
