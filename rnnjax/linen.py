@@ -62,6 +62,19 @@ def _training_key(
         ) from e
 
 
+def _options(module: Any) -> UnrollOptions:
+    """The `rj.unroll` options a module's attributes name (every module here has them all)."""
+    return UnrollOptions(
+        module.checkpoint,
+        module.budget,
+        module.schedule,
+        module.unroll_steps,
+        module.method,
+        module.chunk_size,
+        module.regularize,
+    )
+
+
 class RNN(nn.Module):
     """One cell over a sequence: ``xs [B, T, I] -> (carry, ys [B, T, H])``, as `rj.unroll`.
 
@@ -119,15 +132,7 @@ class RNN(nn.Module):
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["cell"], xs)``."""
-        options = UnrollOptions(
-            self.checkpoint,
-            self.budget,
-            self.schedule,
-            self.unroll_steps,
-            self.method,
-            self.chunk_size,
-            self.regularize,
-        )
+        options = _options(self)
         return rnn_layer(self.cell, reverse=self.reverse, options=options)
 
     @nn.compact
@@ -212,15 +217,7 @@ class Bidirectional(nn.Module):
 
     def layer(self) -> Layer:
         """The functional layer this module runs, on ``rj.BidirectionalParams(**variables["params"])``."""
-        options = UnrollOptions(
-            self.checkpoint,
-            self.budget,
-            self.schedule,
-            self.unroll_steps,
-            self.method,
-            self.chunk_size,
-            self.regularize,
-        )
+        options = _options(self)
         return bidirectional_layer(self.cell_fw, self.cell_bw, merge=self.merge, options=options)
 
     @nn.compact
@@ -314,15 +311,7 @@ class Stack(nn.Module):
 
     def layer(self) -> Layer:
         """The functional layer this module runs: ``layer.apply(variables["params"]["layers"], xs)``."""
-        options = UnrollOptions(
-            self.checkpoint,
-            self.budget,
-            self.schedule,
-            self.unroll_steps,
-            self.method,
-            self.chunk_size,
-            self.regularize,
-        )
+        options = _options(self)
         return stack_layer(self.layers, residual=self.residual, dropout=self.dropout, options=options)
 
     @nn.compact
