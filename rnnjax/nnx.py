@@ -73,7 +73,23 @@ def _training_key(
     return True, source() if isinstance(source, nnx.RngStream) else source
 
 
-class RNN(nnx.Module):
+class _Switchable(nnx.Module):
+    """A module with a ``deterministic`` flag that ``nnx.view``, ``.eval()`` and ``.train()`` set."""
+
+    deterministic: bool
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` gives the inference view (no masks
+        drawn: dropout off, zoneout its expectation).
+
+        Args:
+          deterministic: True for inference, False for training; None leaves it.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class RNN(_Switchable):
     """One cell over a sequence, as an NNX module: ``(xs [B, T, I]) -> (carry, ys [B, T, H])``."""
 
     options: UnrollOptions
@@ -146,15 +162,6 @@ class RNN(nnx.Module):
         self.weights = nnx.data(jax.tree.map(nnx.Param, layer.init(rngs.params(), input_size, dtype)))
         self.rngs = _dropout_stream(rngs, draws_masks(regularize))
 
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` gives the inference view.
-
-        Args:
-          deterministic: True for inference, False for training; None leaves it.
-        """
-        if deterministic is not None:
-            self.deterministic = deterministic
-
     def params(self) -> PyTree:
         """The cell's params pytree, read from the module's ``nnx.Param`` s."""
         return jax.tree.map(lambda v: v[...], self.weights, is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -196,7 +203,7 @@ class RNN(nnx.Module):
         )
 
 
-class Bidirectional(nnx.Module):
+class Bidirectional(_Switchable):
     """A forward and a reverse `RNN` merged per step (``"concat"`` or ``"sum"``), as `rj.bidirectional`."""
 
     options: UnrollOptions
@@ -267,15 +274,6 @@ class Bidirectional(nnx.Module):
         self.fw = RNN(cell_fw, input_size, **kw)
         self.bw = RNN(cell_bw, input_size, reverse=True, **kw)
 
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` gives the inference view.
-
-        Args:
-          deterministic: True for inference, False for training; None leaves it.
-        """
-        if deterministic is not None:
-            self.deterministic = deterministic
-
     def params(self) -> BidirectionalParams:
         """Both directions' params, as ``rj.bidirectional(...).apply`` takes them."""
         return BidirectionalParams(self.fw.params(), self.bw.params())
@@ -317,7 +315,7 @@ class Bidirectional(nnx.Module):
         )
 
 
-class Stack(nnx.Module):
+class Stack(_Switchable):
     """A deep RNN, layers applied one after the other, as `rj.stack`: ``xs [B, T, I] -> (carries, ys)``."""
 
     options: UnrollOptions
@@ -400,15 +398,6 @@ class Stack(nnx.Module):
             children.append(child)
             input_size = layer.output_size
         self.layers = nnx.List(children)
-
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view``: ``nnx.view(model, deterministic=True)`` turns dropout off.
-
-        Args:
-          deterministic: True turns dropout off, False on; None leaves it.
-        """
-        if deterministic is not None:
-            self.deterministic = deterministic
 
     def params(self) -> tuple[Any, ...]:
         """The layers' params, as ``rj.stack(...).apply`` takes them."""
