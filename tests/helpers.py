@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 import jax
@@ -17,6 +19,22 @@ import rnnjax as rj
 CELLS: dict[str, Any] = {name: ref.make for name, ref in REFERENCES.items()}
 # The cells whose cases run in `make test` where a test over every cell is too slow for it (`tiered`).
 FAST_CELLS = ("elman-tanh", "lstm", "gru")
+
+
+def host_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a fresh Python process that sees ``devices`` host devices, imports the tests'
+    modules, and shares this pytest worker's compilation cache (`conftest.py`), if it has one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([here, *sys.path]))
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+    return env
 
 
 def tiered(values: Any, fast: Any = FAST_CELLS) -> list[Any]:

@@ -11,7 +11,6 @@ equality, and what a time split refuses.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import random_problem, rel_err
+from helpers import host_devices_env, random_problem, rel_err
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,15 +31,7 @@ TOL = 1e-12
 @pytest.mark.slow
 def test_two_and_four_devices_equal_one_sequential_device():
     here = pathlib.Path(__file__).parent
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
-    cache = jax.config.jax_compilation_cache_dir  # this worker's (conftest.py)
-    if cache:
-        env.update(
-            JAX_COMPILATION_CACHE_DIR=cache,
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        )
+    env = host_devices_env(4)
     run = subprocess.run(
         [sys.executable, str(here / "sequence_split_run.py")],
         env=env,

@@ -15,14 +15,12 @@ starts) on two kinds of mesh, against the same programs on one device:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
-from helpers import CELLS
+from helpers import CELLS, host_devices_env
 
 # each test runs a program on two host devices in a fresh process: minutes in all (make test-slow)
 pytestmark = pytest.mark.slow
@@ -144,15 +142,7 @@ def _run(kind: str, cases: list[str]) -> dict:
     """The records of ``cases`` run on each kind of mesh of ``kind`` (`sharded_run.KINDS`, comma-separated):
     of that kind, or by kind where there are several."""
     here = pathlib.Path(__file__).parent
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(here), *sys.path]))
-    cache = jax.config.jax_compilation_cache_dir  # this worker's (conftest.py): the runs share references
-    if cache:
-        env.update(
-            JAX_COMPILATION_CACHE_DIR=cache,
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        )
+    env = host_devices_env(2)
     run = subprocess.run(
         [sys.executable, str(here / "sharded_run.py"), kind, ",".join(cases)],
         env=env,
