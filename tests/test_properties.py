@@ -18,7 +18,9 @@ def problems(draw):
     B = draw(st.integers(1, 4))
     T = draw(st.integers(1, 9))
     I = draw(st.integers(1, 4))
-    H = draw(st.integers(1, 5))
+    # layer norm over one unit is constant, and its derivative there is round-off divided by sqrt(eps):
+    # finite differences cannot resolve it, so the layer-normalised LSTM is drawn with two units or more
+    H = draw(st.integers(2 if name == "lstm-layernorm" else 1, 5))
     lengths = draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B))
     reverse = draw(st.booleans())
     with_carry = draw(st.booleans())
