@@ -15,7 +15,7 @@ from rnnjax import cells, decode, diagnostics, losses, seq2seq
 from rnnjax.cells import *  # noqa: F403  (every cell and its types: the list is rnnjax.cells.__all__)
 from rnnjax.checkpoint import load, save
 from rnnjax.data import bucket_by_length, pad_sequences, unbucket
-from rnnjax.driver import GRAD_MODES, unroll
+from rnnjax.driver import GRAD_MODES, UnrollPlan, unroll, unroll_plan
 from rnnjax.gradcheck import ORACLES as GRADCHECK_ORACLES
 from rnnjax.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from rnnjax.interop.torch import carry_from_torch, carry_to_torch, from_torch, to_torch
@@ -63,6 +63,7 @@ __all__ = [
     "GradcheckRow",
     "Layer",
     "Regularizer",
+    "UnrollPlan",
     "bidirectional",
     "bucket_by_length",
     "carry_from_torch",
@@ -91,6 +92,7 @@ __all__ = [
     "truncated_bptt",
     "unbucket",
     "unroll",
+    "unroll_plan",
 ]
 __all__ += cells.__all__
 

@@ -1,15 +1,21 @@
-"""`unroll`: the public entry point that steps a cell over a sequence.
+"""`unroll`: the public entry point that steps a cell over a sequence, in three stages.
 
-It validates its inputs at trace time (shapes and dtypes are static under `jax.jit`), flattens extra leading
-batch dimensions into one, builds the length mask, and dispatches to the hand-derived BPTT
-(`rnnjax.bptt`, ``grad="manual"``) or to the autodiff twin (`rnnjax.autodiff`, ``grad="autodiff"``).
+1. Validation (`_prepare`), at trace time: every option and array is checked (shapes and dtypes are static
+   under `jax.jit`), the carry made or checked and typed like the rows of ``xs``.
+2. The plan: a frozen `UnrollPlan` of static values only, which time loop runs (sequential, associative,
+   DEER), which backward (the hand-derived one of `rnnjax.bptt`, a user cell's per-step VJP, JAX's autodiff
+   of `rnnjax.autodiff`), what the backward keeps (every step, checkpoints, a binomial or nested schedule),
+   the mask, the regulariser and a time split over devices. `unroll_plan` returns it.
+3. Execution (`_execute`, `_dispatch`): flattens extra leading batch dimensions into one, builds the length
+   mask and runs the plan, compiled as one program per plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +85,10 @@ def unroll(
 
     but with the input projection of built-in cells hoisted out of the time loop (one GEMM over all T), a
     `jax.lax.scan` over time, and, for ``grad="manual"``, a hand-derived backward (`rnnjax.bptt`).
+
+    The options are validated at trace time, then settled into an `UnrollPlan` (which time loop, which
+    backward, what the backward keeps), which then runs; `rj.unroll_plan` returns that plan without running
+    it.
 
     Args:
       cell: a `Cell` (``rj.elman``, ``rj.lstm``, ``rj.gru`` or a user-written one).
@@ -155,7 +165,9 @@ def unroll(
 
     Raises:
       TypeError, ValueError: at trace time, naming the argument, the expected and the actual shape or
-        dtype, for inputs that do not fit.
+        dtype, for inputs that do not fit. Under forward mode (`jax.jvp`, `jax.jacfwd`) a plan with a
+        custom VJP (``grad="manual"``, a binomial ``budget``, DEER) raises JAX's own TypeError, with a note
+        naming the options that run in forward mode.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -168,35 +180,142 @@ def unroll(
       >>> loss = lambda p: jnp.sum(rj.unroll(cell, p, xs)[1] ** 2)
       >>> grads = jax.grad(loss)(params)        # the hand-derived BPTT
     """
+    plan, arrays = _prepare(
+        cell,
+        params,
+        xs,
+        carry,
+        lengths=lengths,
+        reverse=reverse,
+        grad=grad,
+        unroll_steps=unroll_steps,
+        checkpoint=checkpoint,
+        budget=budget,
+        schedule=schedule,
+        compute_dtype=compute_dtype,
+        probe=probe,
+        method=method,
+        chunk_size=chunk_size,
+        regularize=regularize,
+        key=key,
+    )
+    try:
+        return _execute(cell, plan, arrays)
+    except TypeError as e:
+        if (note := _forward_mode_note(plan)) is not None:
+            e.add_note(note)
+        raise
+
+
+Memory = Literal["all", "checkpoint", "binomial", "nested"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrollPlan:
+    """What `unroll` runs for one set of options and shapes: decided at trace time from static values only,
+    after validation and before anything runs. `unroll_plan` returns it.
+
+    Attributes:
+      method: the time loop: ``"sequential"`` (`jax.lax.scan`), ``"associative"`` (a parallel prefix scan;
+        what ``"auto"`` resolved to is recorded here), ``"deer"`` or ``"quasi_deer"``.
+      grad: ``"manual"``: the hand-derived backward (`rnnjax.bptt` for a cell with a `GatesBackward`, one
+        `jax.vjp` of ``step`` per step for a user cell without one, the adjoint scan for
+        ``"associative"``, the implicit gradient for DEER); ``"autodiff"``: JAX differentiates the forward.
+      memory: what the backward keeps: ``"all"`` (every step's residuals), ``"checkpoint"`` (the carry
+        every ``segment`` steps), ``"binomial"`` (the ``binomial`` schedule) or ``"nested"`` (segment
+        lengths ``nesting``, outermost first).
+      segment: with ``memory="checkpoint"``: the steps between kept carries.
+      binomial: with ``memory="binomial"``: the `rnnjax.binomial.BinomialPlan`.
+      nesting: with ``memory="nested"``: the segment length at each level.
+      unroll_steps: `jax.lax.scan`'s unroll factor; None lets the hand-derived BPTT's forward pick its own.
+      reverse: whether time runs from the last step to the first.
+      masked: whether ``lengths`` mask steps.
+      probed: whether a ``probe`` takes ``∂L/∂h_t``.
+      regularize: the `rj.Regularizer` inside the recurrence, or None.
+      chunk_size: with ``method="associative"``: steps run sequentially per chunk, or None.
+      time_split: ``(mesh, axes)`` where ``xs``'s time axis is split over an explicit mesh, else None.
+      batch_shape: the leading (batch) axes of ``xs``, flattened into one while running.
+      T: the sequence length.
+    """
+
+    method: Literal["sequential", "associative", "deer", "quasi_deer"]
+    grad: GradMode
+    memory: Memory = "all"
+    segment: int | None = None
+    binomial: BinomialPlan | None = None
+    nesting: tuple[int, ...] = ()
+    unroll_steps: int | bool | None = None
+    reverse: bool = False
+    masked: bool = False
+    probed: bool = False
+    regularize: Regularizer | None = None
+    chunk_size: int | None = None
+    time_split: tuple[Any, tuple[str, ...]] | None = None
+    batch_shape: tuple[int, ...] = ()
+    T: int = 0
+
+
+class _Arrays(NamedTuple):
+    """The validated arrays of one `unroll` call, as the plan runs them."""
+
+    params: PyTree
+    xs: Array  # [*batch, T, I], cast to the compute dtype
+    carry0: PyTree  # [*batch, ...], typed like the rows of xs
+    lengths: Array | None  # [*batch]
+    probe: Array | None  # [*batch, T, H]
+    key: Array | None
+
+
+def unroll_plan(
+    cell: Cell,
+    params: PyTree,
+    xs: Array,
+    carry: PyTree | None = None,
+    **options: Any,
+) -> UnrollPlan:
+    """The `UnrollPlan` that ``rj.unroll(cell, params, xs, carry, **options)`` would run, without running it:
+    which time loop, which backward, what the backward keeps in memory (e.g. the binomial schedule a
+    ``budget=`` picks), after the same validation (the same errors for the same inputs).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.lstm(16)
+      >>> params = cell.init(jax.random.key(0), input_size=8)
+      >>> plan = rj.unroll_plan(cell, params, jnp.ones((4, 100, 8)), checkpoint="sqrt")
+      >>> plan.method, plan.grad, plan.memory, plan.segment
+      ('sequential', 'manual', 'checkpoint', 10)
+    """
+    return _prepare(cell, params, xs, carry, **options)[0]
+
+
+def _prepare(
+    cell: Cell,
+    params: PyTree,
+    xs: Array,
+    carry: PyTree | None = None,
+    *,
+    lengths: Array | None = None,
+    reverse: bool = False,
+    grad: GradMode = "manual",
+    unroll_steps: int | bool | None = None,
+    checkpoint: int | Literal["sqrt", "none"] | None = None,
+    budget: int | None = None,
+    schedule: Schedule | None = None,
+    compute_dtype: Any = None,
+    probe: Array | None = None,
+    method: Method = "sequential",
+    chunk_size: int | None = None,
+    regularize: Regularizer | None = None,
+    key: Array | None = None,
+) -> tuple[UnrollPlan, _Arrays]:
+    """`unroll`'s validation and its plan: every check at trace time, then the `UnrollPlan` and the arrays
+    it runs on."""
     _check_cell(cell)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
-    check_method(method)
-    if check_chunk_size(chunk_size) is not None and method not in ("associative", "auto"):
-        raise ValueError(
-            f"chunk_size={chunk_size!r} applies to method='associative' (or 'auto'), got method={method!r}"
-        )
-    if method in DEER_METHODS:
-        _check_deer_options(method, grad, unroll_steps)
-    _check_unroll_steps(unroll_steps)
-    if isinstance(checkpoint, str) and checkpoint == "none":
-        checkpoint = None
-    if checkpoint is not None:
-        segment_length(checkpoint, 1)  # validates
-    if budget is not None:
-        if checkpoint is not None:
-            raise ValueError(
-                f"pass checkpoint or budget, not both; got checkpoint={checkpoint!r}, budget={budget!r}"
-            )
-        budget_schedule(1, budget)  # validates the type; the size is checked against T below
-        schedule = "binomial" if schedule is None else schedule
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    elif schedule is not None:
-        raise ValueError(f"schedule={schedule!r} needs a budget: pass budget= (bytes) as well")
+    checkpoint, schedule = _check_options(
+        grad, method, chunk_size, unroll_steps, checkpoint, budget, schedule
+    )
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
-    reverse = bool(reverse)
     xs = _check_xs(xs)
     if compute_dtype is not None:
         params, xs, carry = _cast_floats(
@@ -223,106 +342,171 @@ def unroll(
     given = [n for n, v in options if v is not None]
     # a time split over devices runs the associative solve, the one method that splits it
     method = "associative" if time_split is not None else method
-    method = resolve_method(method, cell, T, sequential_only=given[0] if given else None)  # pyright: ignore[reportAssignmentType]
-
-    B = math.prod(batch_shape)
-    nesting, plan = (), None
-    if budget is not None:
-        sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))
-        if regularize is not None and regularize.zones:  # each step's zoneout masks and un-zoned carry
-            sizes = sizes._replace(residual=sizes.residual + 2 * sizes.carry)
-        if schedule == "nested":
-            nesting = budget_schedule(T, budget, sizes)
-        elif T and (K_c := binomial_schedule(T, budget, sizes)) is not None:
-            plan = binomial_plan(T, *K_c)
-    if T == 0:  # the final carry is the initial one
-        ys = _empty_outputs(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, 0, I))
-        return carry0, _reshape_batch(ys, 1, batch_shape)
-    if method in DEER_METHODS:
-        try:
-            final, ys, _ = deer_unroll(
-                cell, params, xs, carry0, lengths=lengths, reverse=reverse, quasi=method == "quasi_deer"
-            )
-        except TypeError as e:
-            if "forward-mode" in str(e):
-                raise TypeError(
-                    f"rj.unroll(..., method={method!r}) binds DEER's implicit gradient with jax.custom_vjp, "
-                    "which has no forward mode: jax.grad, jax.vjp and jax.value_and_grad work, but for "
-                    "jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., method='sequential', "
-                    "grad='autodiff')"
-                ) from e
-            raise
-        return final, ys
-    impl = autodiff_unroll
-    if grad == "manual":
-        impl = bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
-    if probe is not None:
-        impl = probed_bptt_unroll if grad == "manual" else probed_autodiff_unroll
-    if method == "associative":
-        impl = AssociativeUnroll(grad, chunk_size)
-    if time_split is not None:
-        impl = SplitUnroll(grad, chunk_size, time_split[1])
-    plain_bptt = impl in (bptt_unroll, probed_bptt_unroll) and checkpoint is None and budget is None
-    if unroll_steps is None and not plain_bptt:
+    resolved = resolve_method(method, cell, T, sequential_only=given[0] if given else None)
+    memory, segment, binomial, nesting = _memory_plan(
+        cell, params, carry0, xs, checkpoint, budget, schedule, regularize
+    )
+    manual_bptt = grad == "manual" and cell.is_builtin and resolved == "sequential"
+    if unroll_steps is None and not (manual_bptt and memory == "all") and resolved not in DEER_METHODS:
         unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
-    segment = None if checkpoint is None else segment_length(checkpoint, T)
+    plan = UnrollPlan(
+        method=resolved,  # pyright: ignore[reportArgumentType]
+        grad=grad,
+        memory=memory,
+        segment=segment,
+        binomial=binomial,
+        nesting=nesting,
+        unroll_steps=unroll_steps,
+        reverse=bool(reverse),
+        masked=lengths is not None,
+        probed=probe is not None,
+        regularize=regularize,
+        chunk_size=chunk_size if resolved == "associative" else None,
+        time_split=time_split,
+        batch_shape=batch_shape,
+        T=T,
+    )
+    return plan, _Arrays(params, xs, carry0, lengths, probe, key)
+
+
+def _check_options(
+    grad: Any,
+    method: Any,
+    chunk_size: Any,
+    unroll_steps: Any,
+    checkpoint: Any,
+    budget: Any,
+    schedule: Any,
+) -> tuple[Any, Any]:
+    """The options of `unroll` that need no array checked against each other: ``(checkpoint, schedule)``
+    normalised (``"none"`` is None; a budget's schedule defaults to ``"binomial"``)."""
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    check_method(method)
+    if check_chunk_size(chunk_size) is not None and method not in ("associative", "auto"):
+        raise ValueError(
+            f"chunk_size={chunk_size!r} applies to method='associative' (or 'auto'), got method={method!r}"
+        )
+    if method in DEER_METHODS:
+        _check_deer_options(method, grad, unroll_steps)
+    _check_unroll_steps(unroll_steps)
+    if isinstance(checkpoint, str) and checkpoint == "none":
+        checkpoint = None
+    if checkpoint is not None:
+        segment_length(checkpoint, 1)  # validates
+    if budget is not None:
+        if checkpoint is not None:
+            raise ValueError(
+                f"pass checkpoint or budget, not both; got checkpoint={checkpoint!r}, budget={budget!r}"
+            )
+        budget_schedule(1, budget)  # validates the type; the size is checked against T below
+        schedule = "binomial" if schedule is None else schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    elif schedule is not None:
+        raise ValueError(f"schedule={schedule!r} needs a budget: pass budget= (bytes) as well")
+    return checkpoint, schedule
+
+
+def _memory_plan(
+    cell: Cell,
+    params: PyTree,
+    carry0: PyTree,
+    xs: Array,
+    checkpoint: Any,
+    budget: int | None,
+    schedule: Schedule | None,
+    regularize: Regularizer | None,
+) -> tuple[Memory, int | None, BinomialPlan | None, tuple[int, ...]]:
+    """``(memory, segment, binomial, nesting)`` of the `UnrollPlan`: what the backward keeps, from
+    ``checkpoint`` or from ``budget`` and the cell's own sizes (`rnnjax.remat.step_sizes`)."""
+    batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
+    if checkpoint is not None:
+        return "checkpoint", segment_length(checkpoint, T), None, ()
+    if budget is None:
+        return "all", None, None, ()
+    B = math.prod(batch_shape)
+    sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))
+    if regularize is not None and regularize.zones:  # each step's zoneout masks and un-zoned carry
+        sizes = sizes._replace(residual=sizes.residual + 2 * sizes.carry)
+    if schedule == "nested":
+        nesting = budget_schedule(T, budget, sizes)
+        return ("nested", None, None, nesting) if nesting else ("all", None, None, ())
+    if T and (K_c := binomial_schedule(T, budget, sizes)) is not None:
+        return "binomial", None, binomial_plan(T, *K_c), ()
+    return "all", None, None, ()
+
+
+def _forward_mode_note(plan: UnrollPlan) -> str | None:
+    """What to do where a plan's backward is bound with `jax.custom_vjp`, which JAX refuses to differentiate
+    in forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`): added to a TypeError as a note, the error
+    itself unchanged. None where the plan runs no custom VJP."""
+    if plan.method in DEER_METHODS:
+        what, fix = (
+            f"method={plan.method!r}) binds DEER's implicit gradient",
+            "method='sequential', grad='autodiff'",
+        )
+    elif plan.memory == "binomial":
+        what, fix = "budget=) binds the binomial schedule's backward", "schedule='nested', grad='autodiff'"
+    elif plan.grad == "manual":
+        what, fix = "grad='manual') binds the hand-derived backward", "grad='autodiff'"
+    else:
+        return None
+    return (
+        f"rnnjax: rj.unroll(..., {what} with jax.custom_vjp, which has no forward mode: jax.grad, jax.vjp "
+        f"and forward-over-reverse (jax.hessian) work; where JAX refused forward mode (jax.jvp, jax.jacfwd, "
+        f"jax.linearize), call rj.unroll(..., {fix}) instead"
+    )
+
+
+def _impl(plan: UnrollPlan, cell: Cell) -> Any:
+    """The implementation of the time loop and its backward that ``plan`` runs (for the sequential and
+    associative methods): ``impl(cell, reverse, unroll, params, xs, carry0, mask, noise_or_probe)``."""
+    if plan.time_split is not None:
+        return SplitUnroll(plan.grad, plan.chunk_size, plan.time_split[1])
+    if plan.method == "associative":
+        return AssociativeUnroll(plan.grad, plan.chunk_size)
+    if plan.probed:
+        return probed_bptt_unroll if plan.grad == "manual" else probed_autodiff_unroll
+    if plan.grad == "autodiff":
+        return autodiff_unroll
+    return bptt_unroll if cell.is_builtin else stepwise_bptt_unroll
+
+
+def _execute(cell: Cell, plan: UnrollPlan, arrays: _Arrays) -> tuple[PyTree, PyTree]:
+    """Runs ``plan`` on the validated ``arrays``."""
+    params, xs, carry0, lengths, probe, key = arrays
+    if plan.T == 0:  # the final carry is the initial one
+        n, B, I = len(plan.batch_shape), math.prod(plan.batch_shape), xs.shape[-1]
+        ys = _empty_outputs(cell, params, _reshape_batch(carry0, n, (B,)), xs.reshape(B, 0, I))
+        return carry0, _reshape_batch(ys, 1, plan.batch_shape)
+    if plan.method in DEER_METHODS:
+        final, ys, _ = deer_unroll(
+            cell, params, xs, carry0, lengths=lengths, reverse=plan.reverse, quasi=plan.method == "quasi_deer"
+        )
+        return final, ys
     # the memory-saving schedules run uncompiled: jit's transpose makes the cotangent of an unused ys a
     # zero array [B, T, H], whose O(T) memory they exist to avoid
-    run = _run if plan is None and not nesting and segment is None else _dispatch
-    run = _run_split if time_split is not None else run
-    try:
-        return run(
-            impl,
-            cell,
-            reverse,
-            unroll_steps,
-            plan,
-            nesting,
-            segment,
-            params,
-            xs,
-            carry0,
-            lengths,
-            probe,
-            regularize,
-            key,
-        )
-    except TypeError as e:
-        if plan is not None and "forward-mode" in str(e):
-            raise TypeError(
-                "rj.unroll(..., budget=...) runs the binomial schedule's backward under jax.custom_vjp, "
-                "which has no forward mode: for jax.jvp, jax.jacfwd or jax.linearize pass "
-                "schedule='nested' and grad='autodiff'"
-            ) from e
-        if grad == "manual" and "forward-mode" in str(e):
-            raise TypeError(
-                "rj.unroll(..., grad='manual') binds the hand-derived BPTT with jax.custom_vjp, which "
-                "has no forward mode: jax.grad, jax.vjp and forward-over-reverse (jax.hessian) work, "
-                "but for jax.jvp, jax.jacfwd or jax.linearize call rj.unroll(..., grad='autodiff')"
-            ) from e
-        raise
+    run = _run if plan.memory == "all" else _dispatch
+    run = _run_split if plan.time_split is not None else run
+    return run(plan, cell, params, xs, carry0, lengths, probe, key)
 
 
 def _dispatch(
-    impl: Any,
+    plan: UnrollPlan,
     cell: Cell,
-    reverse: bool,
-    unroll: int | bool | None,
-    plan: BinomialPlan | None,
-    nesting: tuple[int, ...],
-    segment: int | None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
     lengths: Array | None,
     probe: Array | None,
-    regularize: Regularizer | None = None,
     key: Array | None = None,
 ) -> tuple[PyTree, PyTree]:
-    """`unroll` after validation: flattens the batch axes of ``xs [..., T, I]``, builds the mask, draws the
-    regularisers' masks from ``key`` (`rnnjax.regularize.draw`), runs ``impl`` plainly, with the binomial
-    ``plan``, the ``nesting`` segment lengths or checkpoints every ``segment`` steps, and restores the
-    axes."""
+    """`unroll`'s execution of a sequential or associative ``plan``: flattens the batch axes of
+    ``xs [..., T, I]``, builds the mask, draws the regularisers' masks from ``key``
+    (`rnnjax.regularize.draw`), runs the plan's implementation (`_impl`) with what its backward keeps
+    (plainly, checkpointed, binomial or nested), and restores the axes. Shapes are read from ``xs`` (on a
+    time split, each device's part)."""
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
     B = math.prod(batch_shape)
     xs = xs.reshape(B, T, I)
@@ -334,47 +518,41 @@ def _dispatch(
         xs = _zero_padding(xs, mask)
     carry0 = _reshape_batch(carry0, len(batch_shape), (B,))
     noise = None
-    if regularize is not None:
+    if plan.regularize is not None:
         # input dropout and weight drop act outside the recursion: JAX differentiates their products
-        x_mask, w_mask, noise = draw(regularize, key, cell, params, xs, carry0)
+        x_mask, w_mask, noise = draw(plan.regularize, key, cell, params, xs, carry0)
         xs = xs if x_mask is None else xs * x_mask
         params = params if w_mask is None else params._replace(w_hh=params.w_hh * w_mask)
-    args: tuple[Any, ...] = (cell, reverse, unroll, params, xs, carry0, mask)
+    impl = _impl(plan, cell)
+    args: tuple[Any, ...] = (cell, plan.reverse, plan.unroll_steps, params, xs, carry0, mask)
     args = (*args, noise) if probe is None else (*args, probe.reshape(B, T, -1))
-    if plan is not None:
-        final, ys = rows_per_device(partial(binomial_unroll, impl, plan), *args)
-    elif nesting:
-        final, ys = rows_per_device(partial(nested_checkpointed_unroll, impl, nesting), *args)
-    elif segment is None:
-        final, ys = impl(*args)
+    if plan.binomial is not None:
+        final, ys = rows_per_device(partial(binomial_unroll, impl, plan.binomial), *args)
+    elif plan.nesting:
+        final, ys = rows_per_device(partial(nested_checkpointed_unroll, impl, plan.nesting), *args)
+    elif plan.segment is not None:
+        final, ys = rows_per_device(partial(checkpointed_unroll, impl, plan.segment), *args)
     else:
-        final, ys = rows_per_device(partial(checkpointed_unroll, impl, segment), *args)
+        final, ys = impl(*args)
     return _reshape_batch(final, 1, batch_shape), _reshape_batch(ys, 1, batch_shape)
 
 
 def _dispatch_split(
-    impl: SplitUnroll,
+    plan: UnrollPlan,
     cell: Cell,
-    reverse: bool,
-    unroll: int | bool | None,
-    plan: None,
-    nesting: tuple[()],
-    segment: None,
     params: PyTree,
     xs: Array,
     carry0: PyTree,
     lengths: Array | None,
-    probe: None,
-    regularize: None = None,
+    probe: None = None,
     key: None = None,
 ) -> tuple[PyTree, PyTree]:
     """`_dispatch` on each device's part of a time axis split over devices (`rnnjax.parallel.sequence`),
-    where ``impl`` exchanges the parts' summaries; the arguments as `_dispatch`'s, with no memory schedule,
-    probe or regulariser."""
-    mesh, axes = check_time_split(cell, "associative", params, xs, xs.ndim - 2) or (None, ())
-    assert mesh is not None
-    per_part = partial(_dispatch, impl, cell, reverse, unroll, None, (), None)
-    run = lambda p, x, c, L: per_part(p, x, c, L, None)  # noqa: E731
+    where the plan's `SplitUnroll` exchanges the parts' summaries; no memory schedule, probe or
+    regulariser."""
+    assert plan.time_split is not None
+    mesh, axes = plan.time_split
+    run = lambda p, x, c, L: _dispatch(plan, cell, p, x, c, L, None)  # noqa: E731
     return over_time(run, mesh, axes, params, xs, carry0, lengths)
 
 
@@ -394,8 +572,8 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
 # `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
 # went from 57-73 compilations to 13-15, the rest being the loss's own operations)
-_run = jax.jit(_dispatch, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
-_run_split = jax.jit(_dispatch_split, static_argnums=(0, 1, 2, 3, 4, 5, 6, 12))
+_run = jax.jit(_dispatch, static_argnums=(0, 1))
+_run_split = jax.jit(_dispatch_split, static_argnums=(0, 1))
 
 
 def _check_cell(cell: Any, what: str = "cell") -> Cell:
