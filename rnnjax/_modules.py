@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
-from rnnjax.driver import Schedule
+from rnnjax.driver import Schedule, check_options
 from rnnjax.layers import Layer, bidirectional, rnn, stack
 from rnnjax.parallel import Method
 from rnnjax.regularize import Regularizer
@@ -50,6 +50,22 @@ class UnrollOptions(NamedTuple):
     method: Method = "sequential"
     chunk_size: int | None = None
     regularize: Regularizer | None = None
+
+
+def checked_options(
+    checkpoint: Checkpoint = None,
+    budget: int | None = None,
+    schedule: Schedule | None = None,
+    unroll_steps: int | bool | None = None,
+    method: Method = "sequential",
+    chunk_size: int | None = None,
+    regularize: Regularizer | None = None,
+) -> UnrollOptions:
+    """The `UnrollOptions` of a module, checked as `rj.unroll` checks them, so that a wrong option raises
+    where the module is built (naming the option, the expected and the actual), not at its first call."""
+    check_options("manual", method, chunk_size, unroll_steps, checkpoint, budget, schedule)
+    draws_masks(regularize)
+    return UnrollOptions(checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize)
 
 
 def draws_masks(regularize: Regularizer | None, dropout: float = 0.0) -> bool:

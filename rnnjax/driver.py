@@ -311,9 +311,7 @@ def _prepare(
     """`unroll`'s validation and its plan: every check at trace time, then the `UnrollPlan` and the arrays
     it runs on."""
     _check_cell(cell)
-    checkpoint, schedule = _check_options(
-        grad, method, chunk_size, unroll_steps, checkpoint, budget, schedule
-    )
+    checkpoint, schedule = check_options(grad, method, chunk_size, unroll_steps, checkpoint, budget, schedule)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
     xs = _check_xs(xs)
@@ -369,7 +367,7 @@ def _prepare(
     return plan, _Arrays(params, xs, carry0, lengths, probe, key)
 
 
-def _check_options(
+def check_options(
     grad: Any,
     method: Any,
     chunk_size: Any,

@@ -30,6 +30,7 @@ from rnnjax._modules import (
     Checkpoint,
     UnrollOptions,
     bidirectional_layer,
+    checked_options,
     draws_masks,
     rnn_layer,
     stack_layer,
@@ -131,7 +132,7 @@ class RNN(eqx.Module):
           >>> carry, ys = model(jnp.ones((2, 5, 3)), key=jax.random.key(1))
           >>> carry, ys = eqx.nn.inference_mode(model)(jnp.ones((2, 5, 3)))
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         layer = rnn_layer(cell, reverse=reverse, options=self.options)
@@ -237,7 +238,7 @@ class Bidirectional(eqx.Module):
           ... )
           >>> carry, ys = model(jnp.ones((2, 5, 3)), key=jax.random.key(1))
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         layer = bidirectional_layer(cell_fw, cell_bw, merge=merge, options=self.options)
@@ -351,7 +352,7 @@ class Stack(eqx.Module):
           >>> ys.shape, len(carries)
           ((2, 5, 4), 2)
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         layer = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)

@@ -27,6 +27,7 @@ from rnnjax._modules import (
     Checkpoint,
     UnrollOptions,
     bidirectional_layer,
+    checked_options,
     draws_masks,
     input_size_of,
     rnn_layer,
@@ -49,22 +50,24 @@ def _training_key(
 ) -> tuple[bool, Array | None]:
     """``(train, key)`` as `flax.linen.Dropout` decides them: where the module draws masks (``draws``),
     training unless ``deterministic`` (the attribute merged with the call's, given in one place), and then
-    a key from the ``"dropout"`` rng; else ``(False, None)``, and the regularisers act as their
-    expectation."""
+    a key from the module's ``rng_collection`` (``"dropout"`` by default); else ``(False, None)``, and the
+    regularisers act as their expectation."""
     if not draws or nn.merge_param("deterministic", deterministic, call_deterministic):
         return False, None
+    name = module.rng_collection
     try:
-        return True, module.make_rng("dropout")
+        return True, module.make_rng(name)
     except flax.errors.InvalidRngError as e:
         raise ValueError(
-            f'{type(module).__name__} in training (deterministic=False) draws its masks from the "dropout" '
-            "rng: pass model.apply(..., rngs={'dropout': key}), or deterministic=True for inference"
+            f"{type(module).__name__} in training (deterministic=False) draws its masks from the {name!r} "
+            f"rng (rng_collection): pass model.apply(..., rngs={{{name!r}: key}}), or deterministic=True for "
+            "inference"
         ) from e
 
 
 def _options(module: Any) -> UnrollOptions:
     """The `rj.unroll` options a module's attributes name (every module here has them all)."""
-    return UnrollOptions(
+    return checked_options(
         module.checkpoint,
         module.budget,
         module.schedule,
@@ -93,6 +96,8 @@ class RNN(nn.Module):
         ``deterministic=True`` it acts as its expectation.
       deterministic: True for inference, False for training; None leaves it to ``__call__`` (needed, in
         one of the two places, where ``regularize`` is given).
+      rng_collection: the rng stream that training draws the masks from, ``"dropout"`` by default (as
+        `flax.linen.Dropout`'s): ``model.apply(..., rngs={rng_collection: key})``.
       param_dtype: the dtype of the params.
 
     Params: ``"cell"``, the output of ``cell.init(key, I, param_dtype)``.
@@ -128,6 +133,7 @@ class RNN(nn.Module):
     chunk_size: int | None = None
     regularize: Regularizer | None = None
     deterministic: bool | None = None
+    rng_collection: str = "dropout"
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
@@ -181,6 +187,8 @@ class Bidirectional(nn.Module):
       regularize: an `rj.Regularizer` inside both recurrences, or None (see `RNN`); each direction draws
         its own masks from the one ``"dropout"`` key, as `rj.bidirectional` does.
       deterministic: True for inference, False for training; None leaves it to ``__call__``.
+      rng_collection: the rng stream that training draws the masks from, ``"dropout"`` by default (as
+        `flax.linen.Dropout`'s): ``model.apply(..., rngs={rng_collection: key})``.
       param_dtype: the dtype of the params.
 
     Params: ``"fw"`` and ``"bw"``, each the output of its cell's ``init``;
@@ -213,6 +221,7 @@ class Bidirectional(nn.Module):
     chunk_size: int | None = None
     regularize: Regularizer | None = None
     deterministic: bool | None = None
+    rng_collection: str = "dropout"
     param_dtype: Any = jnp.float32
 
     def layer(self) -> Layer:
@@ -270,6 +279,8 @@ class Stack(nn.Module):
         layer draws its own masks from the one ``"dropout"`` key, as `rj.stack` does.
       deterministic: True turns dropout off (and gives ``regularize``'s expectation); None leaves it to
         ``__call__`` (needed where dropout > 0 or ``regularize`` is given).
+      rng_collection: the rng stream that training draws the masks from, ``"dropout"`` by default (as
+        `flax.linen.Dropout`'s): ``model.apply(..., rngs={rng_collection: key})``.
       checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for every
         recurrence in the stack (see `RNN`); they replace the ``unroll_steps`` an ``rj.rnn`` layer among
         ``layers`` was made with.
@@ -300,6 +311,7 @@ class Stack(nn.Module):
     residual: bool = False
     dropout: float = 0.0
     deterministic: bool | None = None
+    rng_collection: str = "dropout"
     checkpoint: Checkpoint = None
     budget: int | None = None
     schedule: Schedule | None = None

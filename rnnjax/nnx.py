@@ -23,6 +23,7 @@ from rnnjax._modules import (
     Checkpoint,
     UnrollOptions,
     bidirectional_layer,
+    checked_options,
     draws_masks,
     rnn_layer,
     stack_layer,
@@ -154,7 +155,7 @@ class RNN(_Switchable):
           >>> model.eval()
           >>> carry, ys = model(jnp.ones((2, 5, 3)))
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         layer = rnn_layer(cell, reverse=reverse, options=self.options)
@@ -260,7 +261,7 @@ class Bidirectional(_Switchable):
           ... )
           >>> carry, ys = model(jnp.ones((2, 5, 3)))
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         cells: tuple[Cell, Cell] = bidirectional_layer(
@@ -379,7 +380,7 @@ class Stack(_Switchable):
           >>> ys.shape, len(carries)
           ((2, 5, 4), 2)
         """
-        self.options = UnrollOptions(
+        self.options = checked_options(
             checkpoint, budget, schedule, unroll_steps, method, chunk_size, regularize
         )
         built = stack_layer(layers, residual=residual, dropout=dropout, options=self.options)

@@ -131,16 +131,19 @@ def test_errors():
     with pytest.raises(ValueError, match=r"Bidirectional in training draws its masks from a PRNG key"):
         req.Bidirectional(rj.lstm(2), I, key=key, regularize=REG, dtype=jnp.float64)(xs)
     req.RNN(rj.lstm(2), I, key=key, regularize=REG, inference=True, dtype=jnp.float64)(xs)  # no key needed
+    # the options are checked where the module is built, not at its first call
     with pytest.raises(TypeError, match=r"regularize must be an rj.Regularizer or None, got str"):
-        req.RNN(rj.lstm(2), I, key=key, regularize="zoneout", dtype=jnp.float64)(xs)
+        req.RNN(rj.lstm(2), I, key=key, regularize="zoneout", dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"method must be one of .* got 'parallel'"):
+        req.Stack([rj.lstm(2)], I, key=key, method="parallel")
     with pytest.raises(ValueError, match=r"weight_drop needs a cell whose recurrence is the GEMM h w_hh"):
         req.RNN(USER_CELL, I, key=key, regularize=rj.Regularizer(weight_drop=0.5))(xs, key=key)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):
-        req.RNN(rj.lstm(2), I, key=key, checkpoint=0, dtype=jnp.float64)(xs)
+        req.RNN(rj.lstm(2), I, key=key, checkpoint=0, dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"schedule='nested' needs a budget"):
-        req.RNN(rj.lstm(2), I, key=key, schedule="nested", dtype=jnp.float64)(xs)
+        req.RNN(rj.lstm(2), I, key=key, schedule="nested", dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"unroll_steps must be an int >= 1 or a bool, got 0"):
-        req.Bidirectional(rj.lstm(2), I, key=key, unroll_steps=0, dtype=jnp.float64)(xs)
+        req.Bidirectional(rj.lstm(2), I, key=key, unroll_steps=0, dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"xs must have shape \[B, T, I\] \(rank >= 3\), got shape \(5, 3\)"):
         req.RNN(rj.lstm(2), I, key=key, dtype=jnp.float64)(xs[0])
     with pytest.raises(TypeError, match=r"carry of a bidirectional layer must be a BidirectionalCarry"):

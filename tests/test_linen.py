@@ -107,6 +107,32 @@ def test_regularize_follows_flax_dropout():
     assert jnp.array_equal(expectation, reference.apply(params, xs, regularize=REG)[1])
 
 
+def test_rng_collection_names_the_stream_of_the_masks():
+    """``rng_collection`` picks the rng stream training draws from, as `flax.linen.Dropout`'s does: the same
+    key under another name gives the same masks, and a missing stream is named in the error."""
+    xs = jax.random.normal(jax.random.key(1), (2, 5, I), jnp.float64)
+    key = jax.random.key(5)
+    for module in (rln.RNN, rln.Bidirectional):
+        default = module(rj.lstm(3), regularize=REG, param_dtype=jnp.float64)
+        named = module(rj.lstm(3), regularize=REG, rng_collection="recurrent", param_dtype=jnp.float64)
+        variables = default.init(jax.random.key(0), xs, deterministic=True)
+        ys = default.apply(variables, xs, deterministic=False, rngs={"dropout": key})[1]
+        assert jnp.array_equal(
+            named.apply(variables, xs, deterministic=False, rngs={"recurrent": key})[1], ys
+        )
+        with pytest.raises(
+            ValueError, match=r"draws its masks from the 'recurrent' rng .* rngs=\{'recurrent'"
+        ):
+            named.apply(variables, xs, deterministic=False, rngs={"dropout": key})
+    stack = rln.Stack(
+        (rj.lstm(3), rj.lstm(3)), dropout=0.5, rng_collection="recurrent", param_dtype=jnp.float64
+    )
+    variables = stack.init(jax.random.key(0), xs, deterministic=True)
+    ys = stack.apply(variables, xs, deterministic=False, rngs={"recurrent": key})[1]
+    plain = rln.Stack((rj.lstm(3), rj.lstm(3)), dropout=0.5, param_dtype=jnp.float64)
+    assert jnp.array_equal(plain.apply(variables, xs, deterministic=False, rngs={"dropout": key})[1], ys)
+
+
 def test_trains_with_train_state_and_optax():
     xs, ys, lengths = regression_data()
     model = rln.Stack(
