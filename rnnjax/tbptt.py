@@ -8,22 +8,41 @@ the "BPTT(h; h)" scheme of Williams and Zipser 1995). Memory is that of one chun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
-from rnnjax.sharding import reshard_like, sum_to_type, vary_like
+from rnnjax.sharding import (
+    batch_split,
+    explicit_spec,
+    merge_rows,
+    reshard_like,
+    reshard_to,
+    row_groups,
+    split_rows,
+    sum_to_type,
+    vary_like,
+)
 
 Array = jax.Array
 PyTree = Any
 ChunkLoss = Callable[[PyTree, PyTree, PyTree], tuple[Array, PyTree]]
+PerRow = Literal["sum", "mean"]
+PER_ROW: tuple[str, ...] = get_args(PerRow)
 
 
 def truncated_bptt(
-    chunk_loss: ChunkLoss, params: PyTree, carry: PyTree, stream: PyTree, *, chunk_size: int
+    chunk_loss: ChunkLoss,
+    params: PyTree,
+    carry: PyTree,
+    stream: PyTree,
+    *,
+    chunk_size: int,
+    per_row: PerRow | None = None,
 ) -> tuple[Array, PyTree, PyTree]:
     """Loss, truncated gradient and final carry of a whole sequence processed in chunks.
 
@@ -35,6 +54,14 @@ def truncated_bptt(
       carry: the carry entering the first chunk.
       stream: a pytree of ``[B, T, ...]`` arrays (inputs, targets, ...) sharing T.
       chunk_size: K >= 1. A last, shorter chunk takes the remaining ``T mod K`` steps.
+      per_row: what the loss is over the rows, where the batch is split over devices. None (default): any
+        function of the whole batch; each chunk's gradient is then `jax.grad` of it, which sums the
+        parameters' gradient over the devices inside the loop, once per chunk. ``"sum"`` or ``"mean"``:
+        the chunk loss is the sum (or the mean) over the rows of terms that each read one row only (no
+        batch statistics): each device then runs every chunk on its own rows and the gradients are summed
+        over the devices once, after the last chunk (`jax.shard_map` on an explicit mesh, one group of rows
+        per device on `~jax.sharding.AxisType.Auto` axes). The results are those of ``None``; on one
+        device it changes nothing.
 
     Returns:
       ``(loss, grads, carry)``: the sum of the chunk losses, the truncated gradient ``Σ_k ∂L_k/∂params``
@@ -42,8 +69,8 @@ def truncated_bptt(
       call to continue a stream).
 
     Raises:
-      ValueError: if ``chunk_size`` is not an int >= 1, or ``stream`` is empty or its arrays do not share
-        one T on axis 1.
+      ValueError: if ``chunk_size`` is not an int >= 1, ``per_row`` is not None, "sum" or "mean", or
+        ``stream`` is empty or its arrays do not share one T on axis 1.
 
     Examples:
       An LSTM over a stream of T = 12 steps in chunks of K = 4, the carry passed on from chunk to chunk:
@@ -70,7 +97,57 @@ def truncated_bptt(
         raise ValueError(
             f"every array of stream must have shape [B, T, ...] with one T, got T values {lengths}"
         )
-    return _truncated(chunk_loss, chunk_size, params, carry, stream)
+    if per_row is not None and per_row not in PER_ROW:
+        raise ValueError(f"per_row must be None or one of {PER_ROW}, got {per_row!r}")
+    if per_row is None:
+        return _truncated(chunk_loss, chunk_size, params, carry, stream)
+    return _per_device(chunk_loss, chunk_size, per_row, params, carry, stream)
+
+
+def _per_device(
+    chunk_loss: ChunkLoss, chunk_size: int, per_row: PerRow, params: PyTree, carry: PyTree, stream: PyTree
+) -> tuple[Array, PyTree, PyTree]:
+    """`_truncated` run on each device's own rows, where the batch of ``stream`` is split over devices: the
+    parameters' gradient stays per device across the chunks and is summed once, after the last. A loss
+    that is a mean over the rows is the mean of the devices' means (each holds as many rows)."""
+    run = partial(_truncated, chunk_loss, chunk_size)
+    first = jax.tree.leaves(stream)[0]
+    split = batch_split(first)
+    if split is not None and not any(explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
+        mesh, rows = split
+        (axes,) = rows
+        names = tuple(jax.tree.leaves(axes))
+        devices = math.prod(mesh.shape[a] for a in names)
+
+        def per_rows(p: PyTree, c: PyTree, s: PyTree) -> tuple[Array, PyTree, PyTree]:
+            loss, grads, c = run(p, c, s)  # the gradient summed over the devices once, at its end
+            return jax.lax.psum(loss, names), grads, c
+
+        per = jax.shard_map(
+            per_rows,
+            mesh=mesh,
+            in_specs=(jax.P(), rows, rows),
+            out_specs=(jax.P(), jax.P(), rows),
+            axis_names=set(names),
+        )
+        placed = (params, reshard_to(carry, rows, mesh), reshard_to(stream, rows, mesh))
+        loss, grads, final = per(*placed)
+        final = reshard_like(final, carry)
+    else:
+        devices = row_groups(first)
+        if devices == 1:  # no mesh of Auto axes, or rows that do not divide over its devices
+            return run(params, carry, stream)
+        losses, grads, final = jax.vmap(run, in_axes=(None, 0, 0))(
+            params, split_rows(carry, devices), split_rows(stream, devices)
+        )
+        loss, grads, final = (
+            jnp.sum(losses),
+            jax.tree.map(lambda g: jnp.sum(g, axis=0), grads),
+            merge_rows(final),
+        )
+    if per_row == "mean":
+        loss, grads = loss / devices, jax.tree.map(lambda g: g / devices, grads)
+    return loss, grads, final
 
 
 # One compiled program after the checks (inlined under an outer jit), so that an eager call compiles one
@@ -92,8 +169,8 @@ def _truncated(
     # jax.grad is that sum), not once per chunk. The loop's accumulators take the types one chunk gives.
     # Over a mesh (Auto or Explicit axes) each chunk's gradient is summed over the devices in the loop, once
     # per chunk: it is jax.grad of the user's loss of the whole batch, and cutting the rows into per-device
-    # groups (as `rnnjax.remat.rows_per_device` does for unroll's own, row-independent steps) would change
-    # what a loss that is not a sum of per-row terms computes (a mean over the rows, batch statistics).
+    # groups would change what a loss that is not a sum of per-row terms computes (batch statistics); the
+    # user who knows theirs is one says so with per_row= (`_per_device`).
     # Explicit axes offer an unsummed accumulator: parameters typed ``P(reduced=...)`` get cotangents typed
     # ``P(unreduced=...)``; but JAX refuses an elementwise operation between a reduced value and one split
     # over the same axes (a cell's bias added to its batch-split rows), so it would need every use inside

@@ -184,6 +184,20 @@ def cases() -> dict[str, Case]:
     out["truncated-bptt-replicated-carry"] = Case(
         tbptt, (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs), (False, False, True), "loss-grads-carry"
     )
+
+    # a loss that is a sum (or a mean) of per-row terms: each device runs the chunks on its own rows, and the
+    # gradient is summed over the devices once, after the last chunk
+    def mean_chunk_loss(p, c, x):
+        c, ys = rj.unroll(lstm, p, x, c)
+        return jnp.mean(ys**2), c
+
+    for per_row, loss_fn in (("sum", chunk_loss), ("mean", mean_chunk_loss)):
+        out[f"truncated-bptt-per-row-{per_row}"] = Case(
+            lambda p, c, x, f=loss_fn, r=per_row: rj.truncated_bptt(f, p, c, x, chunk_size=3, per_row=r),
+            (lstm_p, lstm.initial_carry(lstm_p, (B,)), xs),
+            (False, True, True),
+            reference=lambda p, c, x, f=loss_fn: rj.truncated_bptt(f, p, c, x, chunk_size=3),
+        )
     # dropout between layers: the mask one device draws, split like the rows (not under shard_map, where
     # each device draws a mask of its own rows from the key it is given)
     deep = rj.stack(rj.lstm(H), rj.gru(H), dropout=0.5)

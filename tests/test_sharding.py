@@ -44,6 +44,8 @@ EXPLICIT = [f"{name}-manual" for name in CELLS] + [
     "losses-replicated-lengths",
     "truncated-bptt",
     "truncated-bptt-replicated-carry",
+    "truncated-bptt-per-row-sum",
+    "truncated-bptt-per-row-mean",
     "stack-dropout",
     "rtrl-lstm",
     "rtrl-indrnn-tanh",
@@ -78,6 +80,8 @@ AUTO = [
     "gradcheck-gru",
     "losses-replicated-lengths",
     "truncated-bptt-replicated-carry",
+    "truncated-bptt-per-row-sum",
+    "truncated-bptt-per-row-mean",
     "stack-dropout",
     "decoder-step",
     "embed",
@@ -124,7 +128,8 @@ COLLECTIVES_IN_LOOPS = {
     "lstm-autodiff",
     "gru-autodiff",
     "user-cell-autodiff",
-    # once per chunk: each chunk's gradient is jax.grad of the user's loss of the whole batch
+    # once per chunk: each chunk's gradient is jax.grad of the user's loss of the whole batch (with
+    # per_row="sum" or "mean" it is summed once, after the last chunk)
     "truncated-bptt",
     "truncated-bptt-replicated-carry",
     # RTRL's gradient is a sum over the batch at every step, by design
@@ -208,7 +213,14 @@ def test_shard_map():
 # per-unit sums (the GRU's), a user-written cell's backward per device, the losses (CTC per device), dropout
 # between layers and an embedding lookup.
 ANY_MESH_KINDS = ["explicit-no-context", "auto-1", "explicit-1", "explicit-1-no-context"]
-ANY_MESH = ["gru-manual", "user-cell-replicated-carry", "losses-replicated-lengths", "stack-dropout", "embed"]
+ANY_MESH = [
+    "gru-manual",
+    "user-cell-replicated-carry",
+    "losses-replicated-lengths",
+    "stack-dropout",
+    "embed",
+    "truncated-bptt-per-row-mean",
+]
 
 
 def test_mesh_from_the_arrays_of_any_size():

@@ -90,9 +90,22 @@ def test_errors(key):
     carry0 = cell.initial_carry(params, (B,))
     with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got 0"):
         rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=0)
+    with pytest.raises(ValueError, match=r"per_row must be None or one of \('sum', 'mean'\), got 'max'"):
+        rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=2, per_row="max")  # type: ignore[arg-type]
     bad = {"x": stream["x"], "y": stream["y"][:, :5]}
     with pytest.raises(ValueError, match=r"every array of stream must have shape \[B, T, ...\] with one T"):
         rj.truncated_bptt(chunk_loss, params, carry0, bad, chunk_size=2)
+
+
+@pytest.mark.parametrize("per_row", ["sum", "mean"])
+def test_per_row_on_one_device_changes_nothing(per_row, key):
+    """``per_row`` only moves where a split batch's gradient is summed (tests/test_sharding.py runs it on
+    meshes, counting collectives): on one device the result is bit for bit that of the default."""
+    cell, params, stream, chunk_loss = setup(key)
+    carry0 = cell.initial_carry(params, (B,))
+    plain = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=4)
+    rows = rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=4, per_row=per_row)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), rows, plain))
 
 
 def test_eager_call_compiles_one_program(key, caplog):
