@@ -223,7 +223,7 @@ def test_mesh_from_the_arrays_of_any_size():
 # weights split by their contracted axis and hidden units split (both meshes), and the explicit mesh's
 # clear error for what it cannot split
 MODEL_SPLIT = [f"{name}-{grad}" for name in [*CELLS, "user-cell"] for grad in ("manual", "autodiff")] + [
-    *[f"{name}-units-{kind}" for name in ("lstm", "gru", "user") for kind in ("auto", "explicit")],
+    *[f"{name}-units-{kind}" for name in ("lstm", "gru", "mgu", "user") for kind in ("auto", "explicit")],
     "split-time",
 ]
 
