@@ -131,7 +131,7 @@ def mgu(
 
     def extra_grads(
         params: MGUParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: Array
-    ) -> dict[str, Array]:
+    ) -> dict[str, WeightGemm]:
         # h̃ reads (f ⊙ h_{t-1}) u_h: d u_h = Σ_t (f ⊙ h_{t-1})ᵀ dah, one GEMM over all T and B
         fh, dah = res[..., :H] * prevs.h, dzx[..., H:]
         return {"u_h": WeightGemm(fh, dah)}

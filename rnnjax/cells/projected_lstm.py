@@ -167,7 +167,7 @@ def projected_lstm(
         prevs: None,
         res: None,
         aux: tuple[Array, Array],
-    ) -> dict[str, Array]:
+    ) -> dict[str, WeightGemm]:
         rs, dhs = aux  # [T+1, B, H] and [T+1, B, P], zero at masked steps and in the spare row
         return {"w_hr": WeightGemm(rs, dhs)}  # Σ_t r_tᵀ dh_t, one GEMM by the driver
 
