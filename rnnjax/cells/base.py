@@ -72,7 +72,8 @@ class ProjectionParams(Protocol):
 
 
 class RowSum(NamedTuple):
-    """A per-row term ``v [B, n]`` in the ``aux`` of `GatesBackward.gates_bwd`, to be summed over the batch.
+    """A per-row term ``v [B, n]`` in the ``aux`` of `GatesBackward.gates_bwd`, to be summed over the batch
+    (over every axis but the last, with more batch axes).
 
     A step's share of a per-unit parameter's gradient (IndRNN's ``dz ⊙ h_{t-1}``, the GRU's ``dhn``) is a
     sum over the batch. The cell returns the rows and the driver reduces them inside its time loop, right
@@ -125,7 +126,7 @@ class GatesBackward:
         (`rnnjax.scan.read_row`), so that ``gates`` and ``gates_bwd`` should slice them by the same blocks.
       extra_grads: ``extra_grads(params, grads, dzx, dzh, prevs, res[, aux]) -> dict`` of gradients of the
         parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the MGU's ``u_h``, IndRNN's ``u``),
-        each an array or a `WeightGemm`, which the driver computes,
+        each an array, or a `WeightGemm` for the driver to compute,
         once over all T after the backward loop, from the driver's gradients of those (``grads``, a dict
         by field name) and every step's gate gradients ``dzx``/``dzh``, entering carry ``prevs``,
         residuals ``res`` and, when ``gates_bwd`` returns one, ``aux``; or None. Every stacked leaf has
