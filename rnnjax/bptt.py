@@ -29,7 +29,7 @@ What the training step holds, and why (less compiled memory than autodiff's trai
 - The backward stacks ``dzx`` (and only the columns of ``dzh`` that differ from it and cannot be rebuilt
   from it, `Cell.dzh_shared`) in buffers created only when the cotangents arrive
   (`rnnjax.scan.scan_stacked_late`), in the same T + 1 rows with a zero row, so each weight gradient is one
-  GEMM over all rows whose operands are flattened in the same (t, b) order (`rnnjax.cells.base.time_gemm`):
+  GEMM over all rows whose operands are flattened in the same (t, b) order (`time_gemm`):
   XLA transposes nothing large.
 - For the LSTMs (plain, peephole, layer-norm, projected), the GRU, minGRU and minLSTM one
   ``[T+1, B, G]`` buffer does three jobs in turn
@@ -67,7 +67,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cells.base import Cell, time_gemm
+from rnnjax.cells.base import Cell, RowSum, WeightGemm, accumulation_dtype
 from rnnjax.regularize import Noise
 from rnnjax.scan import (
     forward,
@@ -86,12 +86,14 @@ from rnnjax.sharding import (
     batch_split,
     explicit_spec,
     merge_rows,
+    replicated_if_explicit,
     reshard_like,
     reshard_to,
     row_groups,
     sharding_on,
     split_rows,
     sum_to_type,
+    under_mesh,
     vary_like,
 )
 
@@ -236,6 +238,7 @@ def _backward(
             g_gates = jax.tree.map(lambda z, g: (1 - z) * g, z_t, g_valid)
         # through the gates, by the cell's hand-derived derivative
         dzx, dzh, d_prev, *aux = gates_bwd(params, res_t, prev_t, new_t, g_gates)
+        aux = sum_row_terms(aux)  # the cell's per-row terms, summed over the batch here, inside the loop
         # through the recurrent projection zh_t = (h_{t-1} ⊙ m_h) w_hh
         if w_hh_t is not None:  # (typed as the carry: a w_hh split by rows would split it by unit)
             dh = reshard_like(_gates_to_units(dzx if dzh is None else dzh, w_hh_t), d_prev.h)
@@ -308,10 +311,10 @@ def _backward(
         grads["w_hh"] = dzh_of(rows_gemm(h_in), lambda: time_gemm(h_in, dzh_own))
     if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
         assert extra_grads is not None, "GatesBackward.extra_from_aux describes its extra_grads"
-        grads.update(extra_grads(params, grads, None, None, None, None, *aux))
+        grads.update(weight_gemms(extra_grads(params, grads, None, None, None, None, *aux)))
     elif extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
-        grads.update(extra_grads(params, grads, dzx, dzh, carries, res, *aux))
+        grads.update(weight_gemms(extra_grads(params, grads, dzx, dzh, carries, res, *aux)))
     # typed as the primals are: e.g. a weight split by its contracted axis gets a gradient split so
     d_params = reshard_like(sum_to_type(params._replace(**grads), params), params)
     d_xs = sum_to_type(jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1), xs_rows)
@@ -369,6 +372,63 @@ def _probed_bwd(
 
 
 probed_bptt_unroll.defvjp(_probed_fwd, _probed_bwd)
+
+
+def time_gemm(a: Array, b: Array) -> Array:
+    """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
+
+    Any leading axes are summed over, as ``T`` and ``B`` are (``a [B, P]``, ``b [B, G]``: ``aᵀ b``). The
+    weight gradients of the hand-derived BPTT, a cell's own included (`rnnjax.cells.base.WeightGemm`).
+    Flattening both operands in the same ``(t, b)`` order keeps XLA from transposing ``b`` (the large
+    ``[T, B, G]`` gate gradients) to match an operand in another order: ``einsum("tbi,tbg->ig",
+    swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copies ``dz`` whole.
+
+    Under a device mesh (`rnnjax.sharding.under_mesh`: a context mesh of several devices, or a batch
+    sharded explicitly) the contracted axes stay apart instead: a batch sharding does not survive the merge
+    of ``(t, b)`` into one axis, and XLA would all-gather ``a`` and ``b`` first and run the whole GEMM on
+    every device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
+    (into a replicated result). On one device that form costs a transposed copy of both operands on XLA:CPU.
+
+    Operands narrower than float32 (bfloat16, float16: ``rj.unroll(..., compute_dtype=)``) are accumulated
+    in float32, and the sum of T·B products is rounded once, to the operands' dtype.
+    """
+    acc = accumulation_dtype(a.dtype)
+    if under_mesh(a, b):
+        lead = "abcdefghijklmnor"[: a.ndim - 1]
+        out = jnp.einsum(
+            f"{lead}p,{lead}g->pg",
+            a,
+            b,
+            out_sharding=replicated_if_explicit(a, b),
+            preferred_element_type=acc,
+        )
+    else:
+        out = jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), preferred_element_type=acc)
+    return out.astype(a.dtype)
+
+
+def weight_gemms(grads: dict[str, Any]) -> dict[str, Array]:
+    """A cell's extra gradients (`rnnjax.cells.base.GatesBackward.extra_grads`) with each
+    `rnnjax.cells.base.WeightGemm` computed by `time_gemm`."""
+    return {k: time_gemm(g.a, g.b) if isinstance(g, WeightGemm) else g for k, g in grads.items()}
+
+
+def _batch_sum(v: Array) -> Array:
+    """``v [..., n]`` summed over every axis but the last: a step's share of a per-unit parameter's gradient.
+
+    Under a device mesh (`rnnjax.sharding.under_mesh`) the rows are kept, ``[B, n]``: a sum over a batch
+    split across devices is an all-reduce, and inside the loop it is one all-reduce per step. Each device
+    then stacks its own ``[T+1, B/devices, n]``, and `rnnjax.cells.base.steps_sum` sums them with one
+    all-reduce after the loop.
+    """
+    return v if under_mesh(v) else jnp.sum(v, axis=tuple(range(v.ndim - 1)))
+
+
+def sum_row_terms(aux: PyTree) -> PyTree:
+    """The ``aux`` of a cell's ``gates_bwd`` with each `rnnjax.cells.base.RowSum` replaced by its rows'
+    sum over the batch (`_batch_sum`): what one step stacks for ``extra_grads``."""
+    is_term = lambda a: isinstance(a, RowSum)  # noqa: E731
+    return jax.tree.map(lambda a: _batch_sum(a.v) if is_term(a) else a, aux, is_leaf=is_term)
 
 
 def _gates_to_units(dz: Array, w: Array) -> Array:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.checks import check_array
-from rnnjax.sharding import under_mesh
+from rnnjax.rows import top_k_rows
 
 Array = jax.Array
 PyTree = Any
@@ -65,18 +65,6 @@ def _check_logits(logits: Array, B: int) -> None:
         )
 
 
-def _top_k(x: Array, k: int) -> tuple[Array, Array]:
-    """`jax.lax.top_k` over the last axis: the ``k`` largest values and their indices, ties to the lower
-    index. Under a device mesh as a stable sort, which XLA partitions by rows; its TopK kernel all-gathered
-    a batch-sharded ``x`` and ranked every row on every device."""
-    if not under_mesh(x):
-        return jax.lax.top_k(x, k)
-    iota = jnp.arange(x.shape[-1], dtype=jnp.int32).reshape((1,) * (x.ndim - 1) + (-1,))
-    order = jnp.zeros_like(x, jnp.int32) + iota  # sharded as x is
-    neg, idx = jax.lax.sort((-x, order), dimension=x.ndim - 1, is_stable=True, num_keys=1)
-    return -neg[..., :k], idx[..., :k]
-
-
 def _autoregress(
     step_fn: StepFn,
     state: PyTree,
@@ -102,7 +90,7 @@ def _autoregress(
             lengths = lengths + 1
         return (state, new, done, lengths), new
 
-    # made from start_tokens, so that on a mesh they are sharded as it is (`rnnjax.sharding`)
+    # made from start_tokens, so that they are typed as its rows wherever they live (`rnnjax.rows`)
     init = (state, start_tokens, jnp.zeros_like(start_tokens, bool), jnp.zeros_like(start_tokens, jnp.int32))
     (state, _, _, lengths), tokens = jax.lax.scan(body, init, jax.random.split(key, max_length))
     return Decoded(tokens=tokens.T, lengths=lengths, state=state)
@@ -197,7 +185,7 @@ def sample(
     def choose(logits: Array, key_t: Array) -> Array:
         logits = logits / jnp.asarray(temperature, logits.dtype)
         if top_k is not None and top_k < logits.shape[-1]:
-            kth = _top_k(logits, top_k)[0][..., -1:]
+            kth = top_k_rows(logits, top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, jnp.asarray(-jnp.inf, logits.dtype), logits)
         return jax.random.categorical(key_t, logits, axis=-1)
 
@@ -253,8 +241,8 @@ def beam_search(
     B, K = start_tokens.shape[0], beam_size
 
     # every batch row becomes K rows, b·K + k. Everything below keeps the batch axis apart ([B, K, ...],
-    # built by broadcasting from start_tokens and the state), so that with the batch sharded over a mesh
-    # each device decodes its own rows, and the types stay consistent (`rnnjax.sharding`).
+    # built by broadcasting from start_tokens and the state), so that with the batch split over devices
+    # each device decodes its own rows, and the types stay consistent (`rnnjax.rows`).
     def beams(a: Array) -> Array:  # [B, ...] -> [B·K, ...]
         return jnp.broadcast_to(a[:, None], (B, K, *a.shape[1:])).reshape(B * K, *a.shape[1:])
 
@@ -272,7 +260,7 @@ def beam_search(
             frozen = jnp.full((V,), -jnp.inf, jnp.float32).at[end_token].set(0.0)
             step_lp = jnp.where(done[..., None], frozen, step_lp)
         cand = (log_p[..., None] + step_lp).reshape(B, K * V)
-        log_p, idx = _top_k(cand, K)  # [B, K]
+        log_p, idx = top_k_rows(cand, K)  # [B, K]
         parent, tok = idx // V, (idx % V).astype(tokens.dtype)
         pick = lambda a: jnp.take_along_axis(a, parent, axis=1)  # noqa: E731
         was_done = pick(done)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from rnnjax.checks import check_array, debug_check_finite, debug_check_not, debug_check_range
+from rnnjax.rows import per_row, rows_like
 from rnnjax.scan import mask_from_lengths
-from rnnjax.sharding import batch_like, batch_split
 
 Array = jax.Array
 
@@ -61,7 +61,7 @@ def valid_mask(
             raise ValueError(f"{name} must have shape [B] = ({B},), got shape {lengths.shape}")
         debug_check_range(lengths, 0, T, f"{name} must lie in [0, {T}]")
         mask = mask_from_lengths(lengths, T).T
-    return mask if like is None else batch_like(mask, like, 1)
+    return mask if like is None else rows_like(mask, like)
 
 
 def _padding_to(values: Array, mask: Array, safe: int | float = 0) -> Array:
@@ -125,7 +125,7 @@ def sequence_cross_entropy(logits: Array, targets: Array, lengths: Array | None 
 @jax.jit
 def _cross_entropy(logits: Array, targets: Array, lengths: Array | None) -> Array:
     B, T, V = logits.shape
-    targets = batch_like(targets, logits, 1)  # each sequence's targets beside its logits
+    targets = rows_like(targets, logits)  # each sequence's targets beside its logits
     mask = valid_mask(lengths, B, T, logits)
     debug_check_range(targets, 0, V - 1, f"targets must lie in [0, V) = [0, {V}) at valid steps", mask)
     debug_check_finite(logits, "logits must be finite at valid steps", mask)
@@ -179,11 +179,11 @@ def _squared_error(predictions: Array, targets: Array, lengths: Array | None) ->
     B, T, F = predictions.shape
     mask = valid_mask(lengths, B, T, predictions)
     debug_check_finite(predictions, "predictions must be finite at valid steps", mask)
-    debug_check_finite(batch_like(targets, predictions, 1), "targets must be finite at valid steps", mask)
+    debug_check_finite(rows_like(targets, predictions), "targets must be finite at valid steps", mask)
     if lengths is not None:
         predictions, targets = (
             _padding_to(predictions, mask),
-            _padding_to(batch_like(targets, predictions, 1), mask),
+            _padding_to(rows_like(targets, predictions), mask),
         )
     per_step = jnp.sum((predictions - targets) ** 2, axis=-1) / F
     return _finite(_masked_mean(per_step, mask), "squared_error")
@@ -241,7 +241,7 @@ def ctc(
 def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Array, blank_id: int) -> Array:
     B, T, K = logits.shape
     N = labels.shape[1]
-    labels = batch_like(labels, logits, 1)  # each sequence's labels beside its logits
+    labels = rows_like(labels, logits)  # each sequence's labels beside its logits
     frames = valid_mask(lengths, B, T, logits)
     valid_labels = valid_mask(label_lengths, B, N, logits, name="label_lengths")
     debug_check_range(
@@ -262,18 +262,6 @@ def _ctc(logits: Array, lengths: Array | None, labels: Array, label_lengths: Arr
         with jax.numpy_dtype_promotion("standard"):
             return optax.ctc_loss(logits, logit_paddings, labels, label_paddings, blank_id=blank_id)
 
-    split = batch_split(logits)
-    if split is not None:
-        # with the batch split over an explicit mesh: per device, since optax starts its recursion from
-        # replicated values that a scan cannot join with split rows (each sequence's loss is its own, so
-        # no collective is needed and the varying-axes check is off: optax's start does not vary)
-        mesh, spec = split
-        per_sequence = jax.shard_map(
-            per_sequence,
-            mesh=mesh,
-            in_specs=spec,
-            out_specs=spec,
-            axis_names=set(jax.tree.leaves(spec[0])),
-            check_vma=False,
-        )
-    return _finite(per_sequence(logits, logit_paddings, labels, label_paddings), "ctc")
+    # each sequence's loss is its own: run on the rows where they live, since optax starts its recursion
+    # from values shared by every row, which a scan cannot join with a batch split over devices
+    return _finite(per_row(per_sequence, logits, logit_paddings, labels, label_paddings), "ctc")

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnnjax.bptt import sum_row_terms
 from rnnjax.cells.base import Cell, input_projection
 from rnnjax.regularize import Noise, noise_steps
 from rnnjax.sharding import (
@@ -100,7 +101,7 @@ def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSiz
         zx = jax.eval_shape(input_projection, params, x_t)
         res = jax.eval_shape(gates, params, carry0, x_t)
         _, dzh, _, *aux = jax.eval_shape(
-            lambda p, r, c: backward.gates_bwd(p, r, c, c, c), params, res, carry0
+            lambda p, r, c: sum_row_terms(backward.gates_bwd(p, r, c, c, c)), params, res, carry0
         )
         # dzx beside the segment's zx, two more [B, G] of slack; dzh's own columns when they are stacked
         stacked_dzh = 0

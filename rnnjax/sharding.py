@@ -9,7 +9,7 @@ initial carry, the time-padding row, the hand-derived BPTT's row buffers, the de
   rows they meet (`zeros_rows`, `fill_rows`, `shard_batch_like`).
 - `jax.sharding.AxisType.Auto` axes: types show no sharding and XLA's partitioner propagates it; these
   functions then do what the plain ones do. Only `under_mesh` looks, to keep the batch axis of the weight
-  gradients' contractions apart (`rnnjax.cells.base.time_gemm`).
+  gradients' contractions apart (`rnnjax.bptt.time_gemm`).
 - per device, under `jax.shard_map`: types record the manual axes a value varies over, and a scan's carry
   must keep them; zeros are cast to vary (`vary_like`), and a custom VJP's gradient of a replicated
   parameter is summed over the devices to get its type back (`sum_to_type`).
@@ -17,6 +17,16 @@ initial carry, the time-padding row, the hand-derived BPTT's row buffers, the de
 The mesh is the one in the arrays' types (`jax.sharding.NamedSharding`): every sharding made here names it
 (`sharding_on`), so that nothing needs a context mesh (`jax.set_mesh`; arrays placed with `jax.device_put`
 under plain `jax.jit` have none), and a mesh of one device is typed, and handled, like any other.
+
+Who imports this module: the drivers only, the code that makes arrays of its own beside the user's and runs
+the loops over them (`rnnjax.driver`, `rnnjax.scan`, `rnnjax.bptt`, `rnnjax.remat`, `rnnjax.binomial`,
+`rnnjax.tbptt`, `rnnjax.rtrl`, `rnnjax.parallel`, `rnnjax.layers`, `rnnjax.regularize`, `rnnjax.gradcheck`,
+`rnnjax.diagnostics`), and `rnnjax.rows`. The cells know nothing of meshes: their ``gates_bwd`` is math on
+rows, and what it would sum over the batch or contract over the steps it names (`rnnjax.cells.base.RowSum`,
+`rnnjax.cells.base.WeightGemm`) for the BPTT driver to compute where the rows live. The losses and the
+decoders say what they need of the rows through `rnnjax.rows` alone. So the one-device path calls no mesh
+API, and a change to how meshes are handled is made here and in the drivers, not in each cell.
+`tests/test_boundary.py` checks both.
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ def run_model_split(only: set[str] | None) -> dict[str, dict]:
             records[case] = {"error": max(errors), "grads_typed_as_params": typed}
     # hidden units split (every parameter by its last axis) on both kinds of mesh, the hand-derived backward
     # and a user-written cell's; on an explicit mesh the carry is typed as a step splits it, by unit
-    for name, axis_type in [(n, t) for n in ("lstm", "gru", "user") for t in ("auto", "explicit")]:
+    for name, axis_type in [(n, t) for n in ("lstm", "gru", "mgu", "user") for t in ("auto", "explicit")]:
         case = f"{name}-units-{axis_type}"
         if only and case not in only:
             continue

@@ -174,7 +174,7 @@ def test_manual_is_leaner_than_autodiff(name):
     What it takes: the carries in one buffer of T + 1 rows that the outputs share, weight-gradient GEMMs
     over operands flattened in the same (t, b) order (no transposed copy of the gate gradients), the
     backward's buffers allocated only once its cotangents exist, the GRU and MGU storing no column of dzh
-    that dzx gives, per-unit parameters' gradients summed over the batch inside the loop (`batch_sum`),
+    that dzx gives, per-unit parameters' gradients summed over the batch inside the loop (`rj.RowSum`),
     every stacked array in the same T + 1 rows so that no sum slices one, and, for the LSTMs, the GRU,
     minGRU and minLSTM, one buffer that holds in turn the projection, the residuals and the gate gradients
     (`rnnjax.scan.residual_slot`).

@@ -11,7 +11,7 @@ import pytest
 from helpers import CELLS, rel_err
 
 import rnnjax as rj
-from rnnjax.cells.base import time_gemm
+from rnnjax.bptt import time_gemm
 
 # the gated cells, whose state stays bounded; the linear diagonal recurrences (LRU, IndRNN) with eigenvalues
 # near 1 lose the state itself to bfloat16's 8 bits over many steps, in either gradient mode

@@ -121,7 +121,7 @@ SHARD_MAP = [
 # cell's h, in two unrolls)
 GATHERS_EXPECTED = {"lstm-replicated-carry": 2, "user-cell-replicated-carry": 2}
 # The programs that may run a collective inside a loop. Every other one sums over the batch only after its
-# loops: the hand-derived BPTT's weight gradients and its per-unit sums (`batch_sum`) included, where a
+# loops: the hand-derived BPTT's weight gradients and its per-unit sums (`rj.RowSum`) included, where a
 # collective per step would make a split batch pay a cross-device latency T times.
 COLLECTIVES_IN_LOOPS = {
     # autodiff through scan accumulates the weight gradients in the loop: one all-reduce per step
@@ -235,7 +235,7 @@ def test_mesh_from_the_arrays_of_any_size():
 # weights split by their contracted axis and hidden units split (both meshes), and the explicit mesh's
 # clear error for what it cannot split
 MODEL_SPLIT = [f"{name}-{grad}" for name in [*CELLS, "user-cell"] for grad in ("manual", "autodiff")] + [
-    *[f"{name}-units-{kind}" for name in ("lstm", "gru", "user") for kind in ("auto", "explicit")],
+    *[f"{name}-units-{kind}" for name in ("lstm", "gru", "mgu", "user") for kind in ("auto", "explicit")],
     "split-time",
 ]
 

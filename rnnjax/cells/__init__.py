@@ -1,6 +1,15 @@
 """Built-in cells, one file per family: forward step and hand-derived backward side by side."""
 
-from rnnjax.cells.base import Cell, GatesBackward, HCarry, HiddenCarry, LSTMCarry, ProjectionParams
+from rnnjax.cells.base import (
+    Cell,
+    GatesBackward,
+    HCarry,
+    HiddenCarry,
+    LSTMCarry,
+    ProjectionParams,
+    RowSum,
+    WeightGemm,
+)
 from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
 from rnnjax.cells.indrnn import IndRNNParams, indrnn
@@ -34,6 +43,8 @@ __all__ = [
     "PeepholeLSTMParams",
     "ProjectedLSTMParams",
     "ProjectionParams",
+    "RowSum",
+    "WeightGemm",
     "elman",
     "gru",
     "indrnn",

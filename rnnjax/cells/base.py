@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.linear import LinearRecurrence, linear_step
-from rnnjax.sharding import replicated_if_explicit, under_mesh
 
 Array = jax.Array
 PyTree = Any
@@ -72,6 +71,36 @@ class ProjectionParams(Protocol):
     w_ih: Array
 
 
+class RowSum(NamedTuple):
+    """A per-row term ``v [B, n]`` in the ``aux`` of `GatesBackward.gates_bwd`, to be summed over the batch
+    (over every axis but the last, with more batch axes).
+
+    A step's share of a per-unit parameter's gradient (IndRNN's ``dz ⊙ h_{t-1}``, the GRU's ``dhn``) is a
+    sum over the batch. The cell returns the rows and the driver reduces them inside its time loop, right
+    after ``gates_bwd``: ``extra_grads`` then receives, in its place, the stacked shares ``[T+1, n]``,
+    which it adds up with `steps_sum`. Summed in the loop, they stack as ``[T+1, n]``, where ``[T+1, B,
+    n]`` products formed after the loop would take a buffer each. The driver decides how to sum: where the
+    batch is split over devices it keeps each device's rows (``[T+1, B, n]``), so that the loop runs no
+    collective, and `steps_sum` then sums them once.
+    """
+
+    v: Array  # [B, n]
+
+
+class WeightGemm(NamedTuple):
+    """A weight gradient that `GatesBackward.extra_grads` asks the driver to compute: ``Σ aᵀ b`` over every
+    leading axis of ``a [..., P]`` and ``b [..., G]`` (e.g. the steps and the batch of ``[T+1, B, P]`` and
+    ``[T+1, B, G]``), ``[P, G]``.
+
+    The driver runs it as one GEMM, in the form that suits where the rows live (flattened in the same
+    ``(t, b)`` order on one device; each device's own rows and one all-reduce where the batch is split),
+    accumulating narrower floats than float32 in float32, and rounds it to ``a``'s dtype.
+    """
+
+    a: Array  # [..., P]
+    b: Array  # [..., G]
+
+
 @dataclasses.dataclass(frozen=True)
 class GatesBackward:
     """The optional hand-derived backward of a cell: its gate math and the derivative of that math.
@@ -88,13 +117,16 @@ class GatesBackward:
         -> (dzx [B, G], dzh [B, G] or None, d_carry_prev)``; ``dzh=None`` means ``dzh == dzx``, and
         ``d_carry_prev`` holds only the elementwise paths (the driver adds ``dzh @ w_hhᵀ``). It may return
         a fourth element, ``aux``: any per-step pytree that ``extra_grads`` needs besides the gate gradients
-        (e.g. ``dh_t`` for a projection's weight, the normalised gates' gradient for layer norm gains).
+        (e.g. ``dh_t`` for a projection's weight). A `RowSum` in it is a per-row term that the driver sums
+        over the batch in the loop (the layer norm gains' gradients): ``extra_grads`` gets its stacked sums
+        in its place. ``gates_bwd`` is elementwise math on its rows and needs no knowledge of devices.
       gate_names: the names of the G blocks of ``H`` columns along the last axis of ``w_ih``, ``w_hh`` and
         ``b`` (e.g. ``("i", "f", "g", "o")``); `rnnjax.gradcheck` names a faulty gate by them, and the time
         loops read each projected row (and each residual as wide) by these blocks
         (`rnnjax.scan.read_row`), so that ``gates`` and ``gates_bwd`` should slice them by the same blocks.
       extra_grads: ``extra_grads(params, grads, dzx, dzh, prevs, res[, aux]) -> dict`` of gradients of the
         parameter fields other than ``w_ih``, ``w_hh`` and ``b`` (e.g. the MGU's ``u_h``, IndRNN's ``u``),
+        each an array, or a `WeightGemm` for the driver to compute,
         once over all T after the backward loop, from the driver's gradients of those (``grads``, a dict
         by field name) and every step's gate gradients ``dzx``/``dzh``, entering carry ``prevs``,
         residuals ``res`` and, when ``gates_bwd`` returns one, ``aux``; or None. Every stacked leaf has
@@ -103,7 +135,7 @@ class GatesBackward:
         over the steps, and nothing is sliced (a slice of the T steps' rows is a copy).
       extra_from_aux: True when ``extra_grads`` reads only ``params``, ``grads`` and ``aux`` (it is then
         given None for ``dzx``, ``dzh``, ``prevs`` and ``res``). Per-unit parameters do so with ``aux``
-        summed over the batch in the loop (`batch_sum`; the GRU's ``b_hn``, the peepholes, the layer-norm
+        summed over the batch in the loop (`RowSum`; the GRU's ``b_hn``, the peepholes, the layer-norm
         gains). The backward may then write each step's ``dzx`` over its residuals
         (`rnnjax.scan.residual_slot`). The LRU's ``d γ_log`` comes from ``grads``: γ scales ``zx``.
       dzh_shared: k, the number of leading columns in which ``gates_bwd``'s ``dzh`` equals its ``dzx``
@@ -142,7 +174,7 @@ class GatesBackward:
     gates: Callable[..., tuple[PyTree, PyTree]]
     gates_bwd: Callable[..., tuple[Any, ...]]
     gate_names: tuple[str, ...] = ()
-    extra_grads: Callable[..., dict[str, Array]] | None = None
+    extra_grads: Callable[..., dict[str, Any]] | None = None
     extra_from_aux: bool = False
     dzh_shared: int = 0
     diagonal: int = 0
@@ -344,7 +376,7 @@ class Cell:
         return None if self.backward is None else self.backward.gates_bwd
 
     @property
-    def extra_grads(self) -> Callable[..., dict[str, Array]] | None:
+    def extra_grads(self) -> Callable[..., dict[str, Any]] | None:
         return None if self.backward is None else self.backward.extra_grads
 
     @property
@@ -418,63 +450,16 @@ def uniform_init(bound: float) -> Callable[[Array, tuple[int, ...], Any], Array]
     return init
 
 
-def time_gemm(a: Array, b: Array) -> Array:
-    """``Σ_t a_tᵀ b_t`` of time-major ``a [T, B, P]`` and ``b [T, B, G]``: one ``[P, T·B] x [T·B, G]`` GEMM.
-
-    Any leading axes are summed over, as ``T`` and ``B`` are (``a [B, P]``, ``b [B, G]``: ``aᵀ b``). The
-    weight gradients of the hand-derived BPTT. Flattening both operands in the same ``(t, b)`` order
-    keeps XLA from transposing ``b`` (the large ``[T, B, G]`` gate gradients) to match an operand in another
-    order: ``einsum("tbi,tbg->ig", swapaxes(xs, 0, 1), dz)`` of batch-major ``xs`` copies ``dz`` whole.
-
-    Under a device mesh (`rnnjax.sharding.under_mesh`: a context mesh of several devices, or a batch
-    sharded explicitly) the contracted axes stay apart instead: a batch sharding does not survive the merge
-    of ``(t, b)`` into one axis, and XLA would all-gather ``a`` and ``b`` first and run the whole GEMM on
-    every device. As ``einsum("tbp,tbg->pg")`` each device contracts its own rows and one all-reduce sums them
-    (into a replicated result). On one device that form costs a transposed copy of both operands on XLA:CPU.
-
-    Operands narrower than float32 (bfloat16, float16: ``rj.unroll(..., compute_dtype=)``) are accumulated
-    in float32, and the sum of T·B products is rounded once, to the operands' dtype.
-    """
-    acc = accumulation_dtype(a.dtype)
-    if under_mesh(a, b):
-        lead = "abcdefghijklmnor"[: a.ndim - 1]
-        out = jnp.einsum(
-            f"{lead}p,{lead}g->pg",
-            a,
-            b,
-            out_sharding=replicated_if_explicit(a, b),
-            preferred_element_type=acc,
-        )
-    else:
-        out = jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), preferred_element_type=acc)
-    return out.astype(a.dtype)
-
-
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The dtype in which sums of ``dtype`` values accumulate: float32 for narrower floats, else ``dtype``."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
 
 
-def batch_sum(v: Array) -> Array:
-    """``v [..., n]`` summed over every axis but the last: a step's share of a per-unit parameter's gradient.
-
-    `Cell.gates_bwd` returns such sums as its ``aux`` (e.g. IndRNN's ``Σ_b dz ⊙ h_{t-1}``), and
-    `Cell.extra_grads` adds the stacked shares with `steps_sum`. Reduced over the batch inside the loop,
-    they stack as ``[T+1, n]``, where the ``[T+1, B, n]`` products after the loop would take a buffer each,
-    or a copy per column block.
-
-    Under a device mesh (`rnnjax.sharding.under_mesh`) the rows are kept, ``[B, n]``: a sum over a batch
-    split across devices is an all-reduce, and inside the loop it is one all-reduce per step (the GRU's
-    ``d b_hn``, the peepholes', IndRNN's, the LRU's, the layer norm's gains). Each device then stacks its own
-    ``[T+1, B/devices, n]``, and `steps_sum` sums them with one all-reduce after the loop.
-    """
-    return v if under_mesh(v) else jnp.sum(v, axis=tuple(range(v.ndim - 1)))
-
-
 def steps_sum(a: Array) -> Array:
-    """The shares of `batch_sum` stacked by the time loop, ``[T+1, n]`` (``[T+1, B, n]`` under a device
-    mesh), added up to ``[n]``: once, after the loop."""
+    """The per-step shares of a `RowSum`, stacked by the time loop as ``[T+1, n]`` (``[T+1, B, n]`` where
+    the batch is split over devices and the loop keeps each device's rows), added up to ``[n]``: once,
+    after the loop."""
     return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
 
 

@@ -43,8 +43,8 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     HCarry,
+    RowSum,
     add_bias,
-    batch_sum,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -138,7 +138,7 @@ def gru(
 
     def gates_bwd(
         params: GRUParams, res: tuple[Array, Array], prev: HCarry, new: HCarry, d_new: HCarry
-    ) -> tuple[Array, Array, HCarry, Array]:
+    ) -> tuple[Array, Array, HCarry, RowSum]:
         rzn, hn = res
         r, z, n = rzn[..., 0 * H : 1 * H], rzn[..., 1 * H : 2 * H], rzn[..., 2 * H : 3 * H]
         dh = d_new.h
@@ -155,8 +155,8 @@ def gru(
         daz = dz * z * (1 - z)
         dzx = jnp.concatenate([dar, daz, dan], axis=-1)
         dzh = jnp.concatenate([dar, daz, dhn], axis=-1)
-        # hn = zh_n + b_hn: this step's share of d b_hn, summed over the batch (aux)
-        return dzx, dzh, HCarry(h=dh_prev), batch_sum(dhn)
+        # hn = zh_n + b_hn: this step's share of d b_hn, summed over the batch by the driver (aux)
+        return dzx, dzh, HCarry(h=dh_prev), RowSum(dhn)
 
     def extra_grads(
         params: GRUParams, grads: dict, dzx: None, dzh: None, prevs: None, res: None, d_b_hn: Array

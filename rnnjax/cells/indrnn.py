@@ -34,7 +34,7 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     HCarry,
-    batch_sum,
+    RowSum,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -120,10 +120,10 @@ def indrnn(
 
     def gates_bwd(
         params: IndRNNParams, res: tuple, prev: HCarry, new: HCarry, d_new: HCarry
-    ) -> tuple[Array, None, HCarry, Array]:
+    ) -> tuple[Array, None, HCarry, RowSum]:
         dz = d_new.h * act_grad(new.h)
-        # z_t ∋ u ⊙ h_{t-1}: this step's share of d u, summed over the batch here (aux)
-        return dz, None, HCarry(h=dz * params.u[None]), batch_sum(dz * prev.h)
+        # z_t ∋ u ⊙ h_{t-1}: this step's share of d u, summed over the batch by the driver (aux)
+        return dz, None, HCarry(h=dz * params.u[None]), RowSum(dz * prev.h)
 
     def extra_grads(
         params: IndRNNParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: tuple, d_u: Array

@@ -42,7 +42,7 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     LSTMCarry,
-    batch_sum,
+    RowSum,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -171,7 +171,7 @@ def layer_norm_lstm(
 
     def gates_bwd(
         params: LayerNormLSTMParams, res: tuple, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
-    ) -> tuple[Array, Array, LSTMCarry, tuple[Array, ...]]:
+    ) -> tuple[Array, Array, LSTMCarry, tuple[RowSum, ...]]:
         act, ax, ah, c_hat, r = res
         o = act[..., 3 * H :]
         tn = jnp.tanh(_lift(params.gamma_c, c_hat) * c_hat + _lift(params.beta_c, c_hat))
@@ -183,7 +183,7 @@ def layer_norm_lstm(
         dzx = _normalise_bwd(dz * _lift(params.gamma_ih, dz), ax, r[..., 0:1])
         dzh = _normalise_bwd(dz * _lift(params.gamma_hh, dz), ah, r[..., 1:2])
         # this step's share of the gains' and shifts' gradients, summed over the batch
-        sums = tuple(map(batch_sum, (dz * ax, dz * ah, dz, dn * c_hat, dn)))
+        sums = tuple(map(RowSum, (dz * ax, dz * ah, dz, dn * c_hat, dn)))
         return dzx, dzh, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), sums
 
     def extra_grads(

@@ -54,7 +54,7 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     HCarry,
-    batch_sum,
+    RowSum,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -171,13 +171,13 @@ def lru(
 
     def gates_bwd(
         params: LRUParams, res: tuple, prev: HCarry, new: HCarry, d_new: HCarry
-    ) -> tuple[Array, None, HCarry, Array]:
+    ) -> tuple[Array, None, HCarry, RowSum]:
         dr, di = d_new.h[..., :N], d_new.h[..., N:]
         s_re, s_im = prev.h[..., :N], prev.h[..., N:]
         a, b, gamma = _eigenvalues(params, dr)
         dzx = jnp.concatenate([gamma * dr, gamma * di], axis=-1)
         dh_prev = jnp.concatenate([a * dr + b * di, a * di - b * dr], axis=-1)
-        d_ab = jnp.concatenate([batch_sum(dr * s_re + di * s_im), batch_sum(di * s_re - dr * s_im)], axis=-1)
+        d_ab = RowSum(jnp.concatenate([dr * s_re + di * s_im, di * s_re - dr * s_im], axis=-1))
         return dzx, None, HCarry(h=dh_prev), d_ab
 
     def extra_grads(

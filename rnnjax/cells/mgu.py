@@ -35,6 +35,7 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     HCarry,
+    WeightGemm,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -42,7 +43,6 @@ from rnnjax.cells.base import (
     check_projection_params,
     uniform_init,
 )
-from rnnjax.sharding import replicated_if_explicit, reshard_like
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -123,16 +123,18 @@ def mgu(
         f, cand = res[..., :H], res[..., H:]
         h, dh = prev.h, d_new.h
         dah = dh * f * (1 - cand * cand)
-        dfh = reshard_like(dah @ params.u_h.T, dah)  # as dah: a u_h split by rows would split it by unit
+        # through (f ⊙ h) u_h: the transpose of the linear map v ↦ v u_h, which JAX types as the map's
+        # input, rows like dah's (written dah u_hᵀ, the product would take its type from u_hᵀ's columns)
+        (dfh,) = jax.linear_transpose(lambda v: v @ params.u_h, dah)(dah)
         daf = (dh * (cand - h) + dfh * h) * f * (1 - f)
         return jnp.concatenate([daf, dah], axis=-1), daf, HCarry(h=dh * (1 - f) + dfh * f)
 
     def extra_grads(
         params: MGUParams, grads: dict, dzx: Array, dzh: Array, prevs: HCarry, res: Array
-    ) -> dict[str, Array]:
+    ) -> dict[str, WeightGemm]:
         # h̃ reads (f ⊙ h_{t-1}) u_h: d u_h = Σ_t (f ⊙ h_{t-1})ᵀ dah, one GEMM over all T and B
         fh, dah = res[..., :H] * prevs.h, dzx[..., H:]
-        return {"u_h": jnp.einsum("tbh,tbk->hk", fh, dah, out_sharding=replicated_if_explicit(fh, dah))}
+        return {"u_h": WeightGemm(fh, dah)}
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(

@@ -36,7 +36,7 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     LSTMCarry,
-    batch_sum,
+    RowSum,
     cell_config,
     check_float_dtype,
     check_hidden_size,
@@ -136,7 +136,7 @@ def peephole_lstm(
 
     def gates_bwd(
         params: PeepholeLSTMParams, act: Array, prev: LSTMCarry, new: LSTMCarry, d_new: LSTMCarry
-    ) -> tuple[Array, None, LSTMCarry, Array]:
+    ) -> tuple[Array, None, LSTMCarry, RowSum]:
         i, f, g, o = act[..., :H], act[..., H : 2 * H], act[..., 2 * H : 3 * H], act[..., 3 * H :]
         p_i, p_f, p_o = params.p[None, :H], params.p[None, H : 2 * H], params.p[None, 2 * H :]
         tc = jnp.tanh(new.c)
@@ -148,9 +148,7 @@ def peephole_lstm(
         dc_prev = dc * f + da_i * p_i + da_f * p_f
         dz = jnp.concatenate([da_i, da_f, da_g, da_o], axis=-1)
         # this step's share of d p (the peepholes read c_{t-1}, c_{t-1} and c_t), summed over the batch
-        d_p = jnp.concatenate(
-            [batch_sum(da_i * prev.c), batch_sum(da_f * prev.c), batch_sum(da_o * new.c)], axis=-1
-        )
+        d_p = RowSum(jnp.concatenate([da_i * prev.c, da_f * prev.c, da_o * new.c], axis=-1))
         return dz, None, LSTMCarry(h=jnp.zeros_like(dc_prev), c=dc_prev), d_p
 
     def extra_grads(

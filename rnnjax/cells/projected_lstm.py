@@ -44,12 +44,12 @@ from rnnjax.cells.base import (
     Cell,
     GatesBackward,
     LSTMCarry,
+    WeightGemm,
     cell_config,
     check_float_dtype,
     check_hidden_size,
     check_input_size,
     check_projection_params,
-    time_gemm,
     uniform_init,
 )
 from rnnjax.cells.lstm import lstm_update, lstm_update_bwd
@@ -167,9 +167,9 @@ def projected_lstm(
         prevs: None,
         res: None,
         aux: tuple[Array, Array],
-    ) -> dict[str, Array]:
+    ) -> dict[str, WeightGemm]:
         rs, dhs = aux  # [T+1, B, H] and [T+1, B, P], zero at masked steps and in the spare row
-        return {"w_hr": time_gemm(rs, dhs)}
+        return {"w_hr": WeightGemm(rs, dhs)}  # Σ_t r_tᵀ dh_t, one GEMM by the driver
 
     def check_params(params: Any, input_size: int, dtype: Any) -> None:
         check_projection_params(
