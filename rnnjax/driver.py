@@ -124,7 +124,7 @@ def unroll(
       compute_dtype: None (default): everything runs in the dtype of ``params`` and ``xs``, which must
         agree. A float dtype (e.g. ``jnp.bfloat16``): mixed precision. ``params``, ``xs`` and ``carry`` are
         cast to it, the forward and the hand-derived backward run in it, the weight-gradient GEMMs
-        accumulate in float32 (`rnnjax.cells.base.time_gemm`), and the gradients come back in each input's
+        accumulate in float32 (`rnnjax.bptt.time_gemm`), and the gradients come back in each input's
         own dtype (float32 params get float32 gradients). ``ys`` and the final carry are in
         ``compute_dtype``.
       probe: built-in cells only, without ``checkpoint``: an array ``[B, T, H]`` (pass zeros; its value is
