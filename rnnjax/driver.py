@@ -236,6 +236,14 @@ class UnrollPlan:
       time_split: ``(mesh, axes)`` where ``xs``'s time axis is split over an explicit mesh, else None.
       batch_shape: the leading (batch) axes of ``xs``, flattened into one while running.
       T: the sequence length.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rnnjax as rj
+      >>> cell = rj.gru(8)
+      >>> params = cell.init(jax.random.key(0), input_size=4)
+      >>> plan = rj.unroll_plan(cell, params, jnp.ones((2, 50, 4)), lengths=jnp.array([50, 20]))
+      >>> plan.method, plan.grad, plan.memory, plan.masked, plan.T
+      ('sequential', 'manual', 'all', True, 50)
     """
 
     method: Literal["sequential", "associative", "deer", "quasi_deer"]
@@ -276,6 +284,20 @@ def unroll_plan(
     """The `UnrollPlan` that ``rj.unroll(cell, params, xs, carry, **options)`` would run, without running it:
     which time loop, which backward, what the backward keeps in memory (e.g. the binomial schedule a
     ``budget=`` picks), after the same validation (the same errors for the same inputs).
+
+    Args:
+      cell: the cell, as `unroll` takes it.
+      params: its params.
+      xs: ``[B, T, I]`` inputs (only their shape, dtype and sharding decide the plan).
+      carry: the initial carry, or None.
+      **options: `unroll`'s keyword options (``lengths``, ``reverse``, ``grad``, ``checkpoint``, ``budget``,
+        ``method``, ...).
+
+    Returns:
+      The frozen, hashable `UnrollPlan`.
+
+    Raises:
+      TypeError, ValueError: as `unroll` raises them, at trace time.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
