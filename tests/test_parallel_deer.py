@@ -510,25 +510,28 @@ def trajectory_problem(cell: rj.Cell, key: jax.Array, T_: int = 5) -> tuple[Any,
 @pytest.mark.parametrize("name", GATES_CELLS)
 def test_gates_jacobian_equals_autodiff(name: str, key: jax.Array) -> None:
     """The per-step Jacobians of the Newton iterations (`_linearise`) of every built-in cell, from its
-    hand-derived derivative, equal autodiff's of its step (`step_jacobian`) to round-off, with the identity
-    at masked steps."""
+    hand-derived derivative, and their diagonals (quasi-DEER's, formed alone) equal autodiff's of its step
+    (`step_jacobian`) to round-off, with the identity at masked steps."""
     cell = CELLS[name](H)
     params, layout, xs, _, mask, prev = trajectory_problem(cell, key)
 
     @jax.jit
     def jacobians(params: Any, prev: jax.Array, xs: jax.Array, mask: jax.Array) -> tuple[Any, ...]:
         zx = step_inputs(cell, params, xs)
-        return _linearise(cell, layout, params, prev, zx, mask), step_jacobian(
-            cell, layout, params, prev, xs, mask
+        return (
+            _linearise(cell, layout, params, prev, zx, mask),
+            _linearise(cell, layout, params, prev, zx, mask, diagonal=True)[1],
+            step_jacobian(cell, layout, params, prev, xs, mask),
         )
 
-    (F, J), (F_auto, J_auto) = jacobians(params, prev, xs, mask)
+    (F, J), diag, (F_auto, J_auto) = jacobians(params, prev, xs, mask)
     S = layout.size
     assert J.shape == (5, B, S, S)
     np.testing.assert_array_equal(J[~mask], np.broadcast_to(np.eye(S), J[~mask].shape))
     np.testing.assert_array_equal(F[~mask], prev[~mask])
     assert float(jnp.max(jnp.abs(J_auto[mask]))) > 0.1  # not saturated
     assert rel_err(J[mask], J_auto[mask]) <= 1e-12
+    assert rel_err(diag, jnp.diagonal(J_auto, axis1=-2, axis2=-1)) <= 1e-12  # quasi-DEER's
     assert rel_err(F[mask], F_auto[mask]) <= 1e-12
 
 

@@ -29,17 +29,19 @@ iterations, the final residual and whether Newton converged.
 
 The Jacobians of a cell with a `GatesBackward` (every built-in cell) come from its hand-derived gates
 derivative (`gates_jacobian`). The input projection ``zx = x w_ih + b`` of all T steps is one GEMM made once
-per solve, not once per iteration (`step_inputs`); each iteration runs the gates at ``(zx_t, ŝ_{t-1} w_hh,
-ŝ_{t-1})`` and gets row i of every ``J_t``, ``e_iᵀ J_t``, from ``gates_bwd`` with the cotangent ``e_i`` plus
-the recurrent path ``dzh w_hhᵀ`` into ``h``, as the BPTT driver chains one step (`rnnjax.bptt`): the S rows
-are one ``gates_bwd`` vmapped over the basis, each over all ``T·B`` rows at once. A cell without one (a
-user-written ``step``) gets them from `jax.linearize` of its ``step`` over all ``T·B`` rows and one
-Jacobian-vector product per state entry (``S`` of them, vmapped; `step_jacobian`). Either way a basis vector
-broadcast over all rows gives every row's Jacobian row (or column) at once, because rows of the batch are
-independent (the `Cell` contract). No built-in cell needs the autodiff path: DEER takes no regulariser inside
-the recursion (`rj.unroll` refuses ``regularize=`` with it), so the gates see no state dropout or zoneout, and
-the carries are flattened by `StateLayout` rather than read from the BPTT's row buffers
-(`rnnjax.scan.read_row`), so those layouts do not arise. quasi-DEER takes the diagonal of the same Jacobians.
+per solve, not once per iteration (`step_inputs`). Each iteration runs the gates at ``(zx_t, ŝ_{t-1} w_hh,
+ŝ_{t-1})``; ``gates_bwd``, chained with the recurrent path ``dzh w_hhᵀ`` into ``h`` as the BPTT driver chains
+one step (`rnnjax.bptt`), is the linear map ``Jᵀ``, and its transpose (`jax.linear_transpose`, which
+differentiates nothing) applied to a basis vector ``e_j`` gives column j of every ``J_t``. Its tangent of
+``zh`` is ``e_j``'s entries of ``h`` times ``w_hh``, one row shared by all ``T·B`` rows, so that no product
+with ``w_hh`` grows with the rows, and quasi-DEER forms the diagonal entries alone. A cell without one (a
+user-written ``step``) gets its Jacobians from `jax.linearize` of its ``step`` and one Jacobian-vector product
+per state entry (`step_jacobian`), and quasi-DEER takes their diagonal. Either way the S columns are one vmap
+over the basis, each over all ``T·B`` rows at once: a basis vector broadcast over all rows gives every row's
+column, because rows of the batch are independent (the `Cell` contract). No built-in cell needs the autodiff
+path: DEER takes no regulariser inside the recursion (`rj.unroll` refuses ``regularize=`` with it), so the
+gates see no state dropout or zoneout, and the carries are flattened by `StateLayout` rather than read from
+the BPTT's row buffers (`rnnjax.scan.read_row`), so those layouts do not arise.
 
 Gradients are implicit (`jax.custom_vjp`): at the solution ``s*``, by the implicit function theorem, the
 cotangent ``ḡ_t`` of the trajectory becomes the adjoint ``λ_t = ḡ_t + J_{t+1}ᵀ λ_{t+1}``, one reverse
@@ -64,7 +66,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from rnnjax.bptt import _gates_to_units
 from rnnjax.cells.base import Cell, input_projection
 from rnnjax.checks import NONFINITE_XS, debug_check_finite
 from rnnjax.scan import mask_from_lengths, scan_steps, zero_where_not
@@ -404,18 +405,27 @@ def step_inputs(cell: Cell, params: PyTree, xs: Array) -> Array:
 
 
 def _linearise(
-    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, inputs: Array, mask: Array | None
+    cell: Cell,
+    layout: StateLayout,
+    params: PyTree,
+    prev: Array,
+    inputs: Array,
+    mask: Array | None,
+    diagonal: bool = False,
 ) -> tuple[Array, Array]:
     """``(F [T, B, S], J [T, B, S, S])``: the masked step map at ``prev`` and its Jacobian ``∂F/∂prev``
-    (``J[..., i, j] = ∂F_i/∂prev_j``), by the cell's hand-derived gates derivative where it has one
-    (`gates_jacobian`), else by autodiff of its step (`step_jacobian`). ``inputs``: `step_inputs`."""
+    (``J[..., i, j] = ∂F_i/∂prev_j``), or only its diagonal ``[T, B, S]`` when ``diagonal``, by the cell's
+    hand-derived gates derivative where it has one (`gates_jacobian`), else by autodiff of its step
+    (`step_jacobian`). ``inputs``: `step_inputs`."""
     if cell.backward is None:
-        return step_jacobian(cell, layout, params, prev, inputs, mask)
-    F, J = gates_jacobian(cell, layout, params, prev, inputs)
+        F, J = step_jacobian(cell, layout, params, prev, inputs, mask)
+        return F, jnp.diagonal(J, axis1=-2, axis2=-1) if diagonal else J
+    F, J = gates_jacobian(cell, layout, params, prev, inputs, diagonal)
     if mask is None:
         return F, J
-    eye = jnp.eye(J.shape[-1], dtype=J.dtype)
-    return jnp.where(mask[..., None], F, prev), jnp.where(mask[..., None, None], J, eye)
+    identity = jnp.ones((), J.dtype) if diagonal else jnp.eye(J.shape[-1], dtype=J.dtype)
+    m = mask[..., None] if diagonal else mask[..., None, None]
+    return jnp.where(mask[..., None], F, prev), jnp.where(m, J, identity)
 
 
 def step_jacobian(
@@ -431,13 +441,21 @@ def step_jacobian(
 
 
 def gates_jacobian(
-    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, zx: Array
+    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, zx: Array, diagonal: bool = False
 ) -> tuple[Array, Array]:
     """``(F [..., S], J [..., S, S])`` of a cell with a `GatesBackward`, unmasked, from its hand-derived
-    derivative: ``F`` is ``gates(zx, prev.h w_hh, prev)``, and row i of ``J`` (``e_iᵀ J``) is ``gates_bwd``
-    with the cotangent ``e_i`` on every row, plus the recurrent path ``dzh w_hhᵀ`` into ``h``, as the BPTT
-    driver chains it (`rnnjax.bptt`). The S rows are one ``gates_bwd`` vmapped over the basis, each over
-    all rows at once.
+    derivative, or only the diagonal of ``J``, ``[..., S]``, when ``diagonal`` (quasi-DEER).
+
+    ``F`` is ``gates(zx, prev.h w_hh, prev)``. The derivative is ``gates_bwd``, linear in its cotangent:
+    chained with the recurrent path ``dzh w_hhᵀ`` into ``h`` as the BPTT driver does (`rnnjax.bptt`), it is
+    ``Jᵀ``. Its transpose (`jax.linear_transpose`: JAX transposes the linear operations of ``gates_bwd``,
+    differentiating nothing) applied to a basis vector ``e_j`` gives column j of every row's ``J``: the
+    tangent ``e_j`` of the carry, and ``e_j``'s entries of ``h`` times ``w_hh`` as the tangent of ``zh``,
+    one ``[G]`` row shared by all rows. So no product with ``w_hh`` grows with the rows (as the rows
+    ``e_iᵀ J``, with ``dzh w_hhᵀ`` for every row and basis vector, would), and for the diagonal alone XLA
+    forms only the entries ``J_jj``. The S columns are one vmap over the basis, each over all rows at once.
+    ``gates_bwd`` must be linear in its cotangent, as a derivative is (`jax.linear_transpose` refuses
+    an operation that is not).
 
     Args:
       cell: a cell with a `GatesBackward`.
@@ -445,6 +463,7 @@ def gates_jacobian(
       params: the cell's params.
       prev: ``[..., S]`` the carries entering the steps, flattened.
       zx: ``[..., G]`` the steps' input projections (`step_inputs`).
+      diagonal: whether to return only the diagonal of ``J``.
     """
     gates, gates_bwd = cell.gates, cell.gates_bwd
     assert gates is not None and gates_bwd is not None, "only a cell with a GatesBackward has gates"
@@ -453,17 +472,31 @@ def gates_jacobian(
     carry = layout.unflatten(prev.reshape(N, S))
     w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
     new, res = gates(params, zx.reshape(N, -1), None if w_hh is None else carry.h @ w_hh, carry)
-    w_hh_t = None if w_hh is None else w_hh.T
 
-    def row(e: Array) -> Array:  # e [S] -> e_iᵀ J of every row, [N, S]
-        d_new = layout.unflatten(jnp.broadcast_to(e, (N, S)))
+    def derivative(d_new: PyTree) -> tuple[PyTree, ...]:
+        """``d_new`` -> ``(d_prev,)``, or ``(dzh, d_prev)`` with a recurrent product (``dzh=None`` in
+        ``gates_bwd`` means ``dzx``): the paths of ``gates_bwd`` that reach the carry entering the step."""
         dzx, dzh, d_prev, *_ = gates_bwd(params, res, carry, new, d_new)
-        if w_hh_t is not None:
-            d_prev = d_prev._replace(h=d_prev.h + _gates_to_units(dzx if dzh is None else dzh, w_hh_t))
-        return layout.flatten(d_prev)
+        return (d_prev,) if w_hh is None else (dzx if dzh is None else dzh, d_prev)
 
-    rows = jax.vmap(row)(jnp.eye(S, dtype=prev.dtype))  # [S_out, N, S_in]
-    return layout.flatten(new).reshape(prev.shape), jnp.moveaxis(rows, 0, 1).reshape(*lead, S, S)
+    transposed = jax.linear_transpose(derivative, new)
+
+    def column(e: Array) -> Array:  # e_j [S] -> J e_j of every row [N, S], or its entry j [N]
+        tangent = layout.unflatten(jnp.broadcast_to(e, (N, S)))
+        if w_hh is not None:
+            zh = layout.unflatten(e[None]).h @ w_hh  # [1, G]: the tangent of zh, the same on every row
+            tangent = (jnp.broadcast_to(zh, (N, zh.shape[-1])), tangent)
+        else:
+            tangent = (tangent,)
+        (out,) = transposed(tangent)
+        out = layout.flatten(out)
+        return out @ e if diagonal else out
+
+    cols = jax.vmap(column)(jnp.eye(S, dtype=prev.dtype))  # [S_in, N, S_out] or [S, N]
+    F = layout.flatten(new).reshape(prev.shape)
+    if diagonal:
+        return F, jnp.moveaxis(cols, 0, 1).reshape(*lead, S)
+    return F, jnp.moveaxis(cols, 0, -1).reshape(*lead, S, S)
 
 
 def _residual(states: Array, F: Array) -> Array:
@@ -559,9 +592,7 @@ def newton(
 
     def linearise(states: Array) -> tuple[Array, Array, Array, Array]:
         prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
-        F, J = _linearise(cell, layout, params, prev, inputs, mask)
-        if quasi:
-            J = jnp.diagonal(J, axis1=-2, axis2=-1)
+        F, J = _linearise(cell, layout, params, prev, inputs, mask, quasi)
         return prev, F, J, _residual(states, F)
 
     def update(states: Array, prev: Array, F: Array, J: Array) -> Array:
