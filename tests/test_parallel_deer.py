@@ -4,7 +4,9 @@ Run to convergence in float64, both equal `rj.unroll` to <= 1e-10: outputs, fina
 the params, ``xs`` and the initial carry, with lengths (0 and T included), reverse and a given carry, for
 built-in and user-written cells, called as `rj.deer_unroll` and as ``rj.unroll(method="deer")``. When Newton
 does not converge, that is reported and the result is the sequential scan's (or a checkify error); it is
-never a wrong trajectory marked converged.
+never a wrong trajectory marked converged: the residual that Newton reports and stops on is the true one of
+the iterate it returns, recomputed here from the cell's step. The Jacobians of every built-in cell, from its
+hand-derived gates derivative, equal autodiff's of its step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,7 +26,17 @@ from jax.experimental import checkify
 from test_gradcheck import my_cell
 
 import rnnjax as rj
-from rnnjax.parallel.deer import DeerInfo, deer_unroll, linear_recurrence
+from rnnjax.parallel.deer import (
+    DeerInfo,
+    DeerOptions,
+    _linearise,
+    deer_unroll,
+    linear_recurrence,
+    newton,
+    state_layout,
+    step_inputs,
+    step_jacobian,
+)
 
 B, T, I, H = 3, 7, 2, 3
 TOL = 1e-10
@@ -474,3 +487,135 @@ def test_unroll_forward_mode_names_the_alternative(key: jax.Array) -> None:
     params, xs, _ = random_problem(cell, key, B, T, I)
     with pytest.raises(TypeError, match=r"method='deer'\) binds DEER's implicit gradient .* no forward mode.* method='sequential', grad='autodiff'"):
         jax.jvp(lambda x: rj.unroll(cell, params, x, method="deer")[1], (xs,), (xs,))
+
+
+# ---- the Jacobians, and the stopping test ----
+
+# every built-in cell with a hand-derived derivative, read from the registry the suite tests
+GATES_CELLS = [name for name, make in CELLS.items() if make(H).backward is not None]
+
+
+def trajectory_problem(cell: rj.Cell, key: jax.Array, T_: int = 5) -> tuple[Any, ...]:
+    """``(params, layout, xs [T, B, I], s0 [B, S], mask [T, B], prev [T, B, S])``: random params, inputs,
+    a mask with a full, an empty and a partial row, and random carries entering the steps (away from the
+    gates' saturation)."""
+    params, xs, carry = random_problem(cell, key, B, T_, I)
+    layout = state_layout(carry)
+    xs_tm = jnp.swapaxes(xs, 0, 1)
+    mask = jnp.arange(T_)[:, None] < jnp.array([T_, 0, 3])[None, :]
+    prev = 0.5 * jax.random.normal(jax.random.fold_in(key, 7), (T_, B, layout.size))
+    return params, layout, jnp.where(mask[..., None], xs_tm, 0), layout.flatten(carry), mask, prev
+
+
+@pytest.mark.parametrize("name", GATES_CELLS)
+def test_gates_jacobian_equals_autodiff(name: str, key: jax.Array) -> None:
+    """The per-step Jacobians of the Newton iterations (`_linearise`) of every built-in cell, from its
+    hand-derived derivative, and their diagonals (quasi-DEER's, formed alone) equal autodiff's of its step
+    (`step_jacobian`) to round-off, with the identity at masked steps."""
+    cell = CELLS[name](H)
+    params, layout, xs, _, mask, prev = trajectory_problem(cell, key)
+
+    @jax.jit
+    def jacobians(params: Any, prev: jax.Array, xs: jax.Array, mask: jax.Array) -> tuple[Any, ...]:
+        zx = step_inputs(cell, params, xs)
+        return (
+            _linearise(cell, layout, params, prev, zx, mask),
+            _linearise(cell, layout, params, prev, zx, mask, diagonal=True)[1],
+            step_jacobian(cell, layout, params, prev, xs, mask),
+        )
+
+    (F, J), diag, (F_auto, J_auto) = jacobians(params, prev, xs, mask)
+    S = layout.size
+    assert J.shape == (5, B, S, S)
+    np.testing.assert_array_equal(J[~mask], np.broadcast_to(np.eye(S), J[~mask].shape))
+    np.testing.assert_array_equal(F[~mask], prev[~mask])
+    assert float(jnp.max(jnp.abs(J_auto[mask]))) > 0.1  # not saturated
+    assert rel_err(J[mask], J_auto[mask]) <= 1e-12
+    assert rel_err(diag, jnp.diagonal(J_auto, axis1=-2, axis2=-1)) <= 1e-12  # quasi-DEER's
+    assert rel_err(F[mask], F_auto[mask]) <= 1e-12
+
+
+def test_newton_takes_the_hand_derived_jacobians(key: jax.Array) -> None:
+    """The Jacobians of a cell with a `GatesBackward` come from its ``gates_bwd``: doubled there, they are
+    doubled in the Newton iterations (the gates, and so the step map, unchanged)."""
+    cell = rj.gru(H)
+    params, layout, xs, _, mask, prev = trajectory_problem(cell, key)
+    gates_bwd = cell.gates_bwd
+    assert gates_bwd is not None
+
+    def doubled(*args: Any) -> Any:
+        dzx, dzh, d_prev, *aux = gates_bwd(*args)
+        return 2 * dzx, 2 * dzh, jax.tree.map(lambda a: 2 * a, d_prev), *aux
+
+    wrong = cell.replace(gates_bwd=doubled)
+    _, J = _linearise(wrong, layout, params, prev, step_inputs(wrong, params, xs), mask)
+    _, J_auto = step_jacobian(cell, layout, params, prev, xs, mask)
+    assert rel_err(J[mask], 2 * J_auto[mask]) <= 1e-12
+
+
+def _dots(jaxpr: Any) -> list[Any]:
+    """Every dot_general in ``jaxpr``, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dots(sub)
+    return found
+
+
+def test_input_projection_is_made_once_per_solve(key: jax.Array) -> None:
+    """No product with ``w_ih`` inside the Newton loop of a built-in cell: the input projection is hoisted."""
+    cell = rj.gru(H)
+    params, layout, xs, s0, mask, prev = trajectory_problem(cell, key)
+    options = DeerOptions(quasi=False, tol=1e-12, max_iter=5, damping=0.0, on_failure="fallback")
+    jaxpr = jax.make_jaxpr(lambda p, x: newton(cell, layout, options, p, x, s0, mask, prev))(params, xs)
+    (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    w_ih_shape = params.w_ih.shape
+    outside = [e for e in _dots(jaxpr.jaxpr) if any(v.aval.shape == w_ih_shape for v in e.invars)]
+    inside = [
+        e for e in _dots(loop.params["body_jaxpr"].jaxpr) if any(v.aval.shape == w_ih_shape for v in e.invars)
+    ]
+    assert len(outside) == 1 and not inside
+
+
+def true_residual(cell: rj.Cell, layout: Any, params: Any, xs: Any, s0: Any, mask: Any, states: Any) -> float:
+    """``max |s_t − f(s_{t-1}, x_t)| / (1 + |f|)`` of a trajectory ``states [T, B, S]``, recomputed step by step
+    with the cell's ``step`` (``f`` is the identity at masked steps), in NumPy."""
+    states, s = np.asarray(states), np.asarray(s0)
+    worst = 0.0
+    for t in range(states.shape[0]):
+        new, _ = cell.step(params, layout.unflatten(jnp.asarray(s)), xs[t])
+        f = np.asarray(layout.flatten(new))
+        if mask is not None:
+            f = np.where(np.asarray(mask[t])[:, None], f, s)
+        worst = max(worst, float(np.max(np.abs(states[t] - f) / (1 + np.abs(f)))))
+        s = states[t]
+    return worst
+
+
+@pytest.mark.parametrize(
+    ("name", "quasi"),
+    [("gru", False), ("lstm", True), ("user", False), pytest.param("user", True, marks=pytest.mark.slow)],
+)
+def test_stops_on_the_true_residual(name: str, quasi: bool, key: jax.Array) -> None:
+    """`DeerInfo.residual` is the true residual of the trajectory Newton returns, recomputed here from the
+    cell's step, for a converged run and for runs stopped after 1 and 2 iterations; and ``converged`` is
+    ``residual <= tol``. A stopping test on the size of the update reports something else."""
+    cell = make_cell(name)
+    params, layout, xs, s0, mask, _ = trajectory_problem(cell, key, T_=12)
+    guess = jnp.broadcast_to(s0[None], (12, *s0.shape))
+    for max_iter, tol in ((1, 1e-13), (2, 1e-13), (100, 1e-4)):
+        options = DeerOptions(quasi=quasi, tol=tol, max_iter=max_iter, damping=0.0, on_failure="fallback")
+        solve = jax.jit(lambda p, x, o=options: newton(cell, layout, o, p, x, s0, mask, guess))
+        states, info = solve(params, xs)
+        want = true_residual(cell, layout, params, xs, s0, mask, states)
+        got = float(info.residual)
+        assert abs(got - want) <= 1e-12 * want + 1e-15, (max_iter, got, want)
+        assert bool(info.converged) == (want <= tol) == (max_iter == 100)
+        assert int(info.iterations) == max_iter or max_iter == 100
+    # the public function reports the same (its outputs are f(s_{t-1}), not the iterate s_t itself)
+    xs_b, carry = jnp.swapaxes(xs, 0, 1), layout.unflatten(s0)
+    public = deer_unroll(cell, params, xs_b, carry, lengths=jnp.array([12, 0, 3]), quasi=quasi, tol=1e-4)[2]
+    assert int(public.iterations) == int(info.iterations) and bool(public.converged)
+    assert abs(float(public.residual) - float(info.residual)) <= 1e-12 * float(info.residual)

@@ -27,18 +27,29 @@ non-finite residual, and the outcome is ``on_failure``'s: the sequential scan (`
 outputs (``"raise"``). A wrong trajectory is never returned as if converged, and `DeerInfo` reports the
 iterations, the final residual and whether Newton converged.
 
-The Jacobians come from `jax.linearize` of the cell's ``step`` over all ``T·B`` rows at once and one
-Jacobian-vector product per state entry (``S`` of them, vmapped), for built-in and user-written cells alike:
-rows of the batch are independent (the `Cell` contract), so the product of a basis vector broadcast over all
-rows gives every row's Jacobian column at once. quasi-DEER takes the diagonal of the same Jacobians.
+The Jacobians of a cell with a `GatesBackward` (every built-in cell) come from its hand-derived gates
+derivative (`gates_jacobian`). The input projection ``zx = x w_ih + b`` of all T steps is one GEMM made once
+per solve, not once per iteration (`step_inputs`). Each iteration runs the gates at ``(zx_t, ŝ_{t-1} w_hh,
+ŝ_{t-1})``; ``gates_bwd``, chained with the recurrent path ``dzh w_hhᵀ`` into ``h`` as the BPTT driver chains
+one step (`rnnjax.bptt`), is the linear map ``Jᵀ``, and its transpose (`jax.linear_transpose`, which
+differentiates nothing) applied to a basis vector ``e_j`` gives column j of every ``J_t``. Its tangent of
+``zh`` is ``e_j``'s entries of ``h`` times ``w_hh``, one row shared by all ``T·B`` rows, so that no product
+with ``w_hh`` grows with the rows, and quasi-DEER forms the diagonal entries alone. A cell without one (a
+user-written ``step``) gets its Jacobians from `jax.linearize` of its ``step`` and one Jacobian-vector product
+per state entry (`step_jacobian`), and quasi-DEER takes their diagonal. Either way the S columns are one vmap
+over the basis, each over all ``T·B`` rows at once: a basis vector broadcast over all rows gives every row's
+column, because rows of the batch are independent (the `Cell` contract). No built-in cell needs the autodiff
+path: DEER takes no regulariser inside the recursion (`rj.unroll` refuses ``regularize=`` with it), so the
+gates see no state dropout or zoneout, and the carries are flattened by `StateLayout` rather than read from
+the BPTT's row buffers (`rnnjax.scan.read_row`), so those layouts do not arise.
 
 Gradients are implicit (`jax.custom_vjp`): at the solution ``s*``, by the implicit function theorem, the
 cotangent ``ḡ_t`` of the trajectory becomes the adjoint ``λ_t = ḡ_t + J_{t+1}ᵀ λ_{t+1}``, one reverse
-associative scan over the *full* transposed Jacobians at ``s*`` (for quasi-DEER too: its gradient is the
-exact one, not that of the diagonal approximation), and then one vector-Jacobian product of the step map at
-every ``(s*_{t-1}, x_t)`` with cotangent ``λ_t``, vmapped over time and batch, gives the gradients to the
-params, ``xs`` and the initial carry. The Newton loop itself (a `jax.lax.while_loop`) is never
-differentiated. So the gradient is exact whenever the trajectory is, including after a fallback.
+associative scan over the *full* transposed Jacobians at ``s*`` (made as above; for quasi-DEER too: its
+gradient is the exact one, not that of the diagonal approximation), and then one vector-Jacobian product of
+the step map at every ``(s*_{t-1}, x_t)`` with cotangent ``λ_t``, vmapped over time and batch, gives the
+gradients to the params, ``xs`` and the initial carry. The Newton loop itself (a `jax.lax.while_loop`) is
+never differentiated. So the gradient is exact whenever the trajectory is, including after a fallback.
 
 Steps past a row's length keep the carry: there ``f`` is replaced by the identity (``J = I``, ``c = 0``),
 by a select whose other branch sees zeroed inputs, so that padding never reaches a value or a gradient.
@@ -55,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from rnnjax.cells.base import Cell
+from rnnjax.cells.base import Cell, input_projection
 from rnnjax.checks import NONFINITE_XS, debug_check_finite
 from rnnjax.scan import mask_from_lengths, scan_steps, zero_where_not
 
@@ -386,17 +397,106 @@ def _step_map(
     return new if mask is None else jnp.where(mask[..., None], new, prev)
 
 
+def step_inputs(cell: Cell, params: PyTree, xs: Array) -> Array:
+    """What the step map reads of ``xs [..., I]`` at every Newton iteration: a cell with a `GatesBackward`
+    gets its input projection ``zx = x w_ih + b [..., G]`` (one GEMM over all steps, once per solve), any
+    other cell ``xs`` itself."""
+    return xs if cell.backward is None else input_projection(params, xs)
+
+
 def _linearise(
-    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, xs: Array, mask: Array | None
+    cell: Cell,
+    layout: StateLayout,
+    params: PyTree,
+    prev: Array,
+    inputs: Array,
+    mask: Array | None,
+    diagonal: bool = False,
 ) -> tuple[Array, Array]:
     """``(F [T, B, S], J [T, B, S, S])``: the masked step map at ``prev`` and its Jacobian ``∂F/∂prev``
-    (``J[..., i, j] = ∂F_i/∂prev_j``), from S Jacobian-vector products, one per basis vector, each over all
-    rows at once (rows are independent)."""
+    (``J[..., i, j] = ∂F_i/∂prev_j``), or only its diagonal ``[T, B, S]`` when ``diagonal``, by the cell's
+    hand-derived gates derivative where it has one (`gates_jacobian`), else by autodiff of its step
+    (`step_jacobian`). ``inputs``: `step_inputs`."""
+    if cell.backward is None:
+        F, J = step_jacobian(cell, layout, params, prev, inputs, mask)
+        return F, jnp.diagonal(J, axis1=-2, axis2=-1) if diagonal else J
+    F, J = gates_jacobian(cell, layout, params, prev, inputs, diagonal)
+    if mask is None:
+        return F, J
+    identity = jnp.ones((), J.dtype) if diagonal else jnp.eye(J.shape[-1], dtype=J.dtype)
+    m = mask[..., None] if diagonal else mask[..., None, None]
+    return jnp.where(mask[..., None], F, prev), jnp.where(m, J, identity)
+
+
+def step_jacobian(
+    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, xs: Array, mask: Array | None
+) -> tuple[Array, Array]:
+    """``(F, J)`` of `_linearise` for any cell, from `jax.linearize` of its masked ``step`` and S
+    Jacobian-vector products, one per basis vector, each over all rows at once (rows are independent)."""
     S = prev.shape[-1]
     F, jvp = jax.linearize(lambda p: _step_map(cell, layout, params, p, xs, mask), prev)
     basis = jnp.eye(S, dtype=prev.dtype).reshape(S, *(1,) * (prev.ndim - 1), S)
     cols = jax.vmap(jvp)(jnp.broadcast_to(basis, (S, *prev.shape)))  # [S_in, T, B, S_out]
     return F, jnp.moveaxis(cols, 0, -1)
+
+
+def gates_jacobian(
+    cell: Cell, layout: StateLayout, params: PyTree, prev: Array, zx: Array, diagonal: bool = False
+) -> tuple[Array, Array]:
+    """``(F [..., S], J [..., S, S])`` of a cell with a `GatesBackward`, unmasked, from its hand-derived
+    derivative, or only the diagonal of ``J``, ``[..., S]``, when ``diagonal`` (quasi-DEER).
+
+    ``F`` is ``gates(zx, prev.h w_hh, prev)``. The derivative is ``gates_bwd``, linear in its cotangent:
+    chained with the recurrent path ``dzh w_hhᵀ`` into ``h`` as the BPTT driver does (`rnnjax.bptt`), it is
+    ``Jᵀ``. Its transpose (`jax.linear_transpose`: JAX transposes the linear operations of ``gates_bwd``,
+    differentiating nothing) applied to a basis vector ``e_j`` gives column j of every row's ``J``: the
+    tangent ``e_j`` of the carry, and ``e_j``'s entries of ``h`` times ``w_hh`` as the tangent of ``zh``,
+    one ``[G]`` row shared by all rows. So no product with ``w_hh`` grows with the rows (as the rows
+    ``e_iᵀ J``, with ``dzh w_hhᵀ`` for every row and basis vector, would), and for the diagonal alone XLA
+    forms only the entries ``J_jj``. The S columns are one vmap over the basis, each over all rows at once.
+    ``gates_bwd`` must be linear in its cotangent, as a derivative is (`jax.linear_transpose` refuses
+    an operation that is not).
+
+    Args:
+      cell: a cell with a `GatesBackward`.
+      layout: the carry's `StateLayout`.
+      params: the cell's params.
+      prev: ``[..., S]`` the carries entering the steps, flattened.
+      zx: ``[..., G]`` the steps' input projections (`step_inputs`).
+      diagonal: whether to return only the diagonal of ``J``.
+    """
+    gates, gates_bwd = cell.gates, cell.gates_bwd
+    assert gates is not None and gates_bwd is not None, "only a cell with a GatesBackward has gates"
+    lead, S = prev.shape[:-1], prev.shape[-1]
+    N = math.prod(lead)
+    carry = layout.unflatten(prev.reshape(N, S))
+    w_hh = getattr(params, "w_hh", None)  # None: the cell's recurrence is inside its gates
+    new, res = gates(params, zx.reshape(N, -1), None if w_hh is None else carry.h @ w_hh, carry)
+
+    def derivative(d_new: PyTree) -> tuple[PyTree, ...]:
+        """``d_new`` -> ``(d_prev,)``, or ``(dzh, d_prev)`` with a recurrent product (``dzh=None`` in
+        ``gates_bwd`` means ``dzx``): the paths of ``gates_bwd`` that reach the carry entering the step."""
+        dzx, dzh, d_prev, *_ = gates_bwd(params, res, carry, new, d_new)
+        return (d_prev,) if w_hh is None else (dzx if dzh is None else dzh, d_prev)
+
+    transposed = jax.linear_transpose(derivative, new)
+
+    def column(e: Array) -> Array:  # e_j [S] -> J e_j of every row [N, S], or its entry j [N]
+        tangent = layout.unflatten(jnp.broadcast_to(e, (N, S)))
+        if w_hh is not None:
+            zh = layout.unflatten(e[None]).h @ w_hh  # [1, G]: the tangent of zh, the same on every row
+            tangent = (jnp.broadcast_to(zh, (N, zh.shape[-1])), tangent)
+        else:
+            tangent = (tangent,)
+        (out,) = transposed(tangent)
+        out = layout.flatten(out)
+        return out @ e if diagonal else out
+
+    cols = jax.vmap(column)(jnp.eye(S, dtype=prev.dtype))  # [S_in, N, S_out] or [S, N]
+    F = layout.flatten(new).reshape(prev.shape)
+    if diagonal:
+        return F, jnp.moveaxis(cols, 0, 1).reshape(*lead, S)
+    return F, jnp.moveaxis(cols, 0, -1).reshape(*lead, S, S)
 
 
 def _residual(states: Array, F: Array) -> Array:
@@ -446,16 +546,53 @@ def _solve(
     mask: Array | None,
     guess: Array,
 ) -> tuple[Array, DeerInfo]:
-    """The Newton loop (not differentiated): ``xs [T, B, I]``, ``s0 [B, S]``, ``mask [T, B]``, ``guess
-    [T, B, S]`` -> the carries after every step ``[T, B, S]`` and the `DeerInfo`."""
+    """The solve (not differentiated): ``xs [T, B, I]``, ``s0 [B, S]``, ``mask [T, B]``, ``guess
+    [T, B, S]`` -> the carries after every step ``[T, B, S]`` and the `DeerInfo`: `newton`'s, or what
+    ``options.on_failure`` makes of a Newton that did not converge."""
+    states, info = newton(cell, layout, options, params, xs, s0, mask, guess)
+    converged = info.converged
+    if options.on_failure == "raise":
+        checkify.debug_check(
+            converged,
+            "DEER did not converge: residual {} > tol after {} iterations (max_iter=" + str(options.max_iter)
+            + "); pass on_failure='fallback', damping=, a larger max_iter or a looser tol",
+            info.residual,
+            info.iterations,
+        )  # fmt: skip
+        return jnp.where(converged, states, jnp.asarray(jnp.nan, states.dtype)), info
+
+    def sequential() -> Array:
+        carry0 = layout.unflatten(s0)
+        _, carries, _ = scan_steps(
+            cell.step, params, jnp.swapaxes(xs, 0, 1), carry0, mask, reverse=False, unroll=1
+        )
+        T, B = xs.shape[:2]
+        flat = layout.flatten(jax.tree.map(lambda a: a.reshape(T * B, *a.shape[2:]), carries))
+        return flat.reshape(T, B, -1)
+
+    return jax.lax.cond(converged, lambda: states, sequential), info
+
+
+def newton(
+    cell: Cell,
+    layout: StateLayout,
+    options: DeerOptions,
+    params: PyTree,
+    xs: Array,
+    s0: Array,
+    mask: Array | None,
+    guess: Array,
+) -> tuple[Array, DeerInfo]:
+    """The Newton loop alone, whatever its outcome: ``xs [T, B, I]``, ``s0 [B, S]``, ``mask [T, B]``,
+    ``guess [T, B, S]`` -> the last iterate ``[T, B, S]`` and the `DeerInfo` of its residual (`_solve`
+    applies ``options.on_failure``). ``options.on_failure`` is not read."""
     quasi, k = options.quasi, options.damping
     tol = jnp.asarray(options.tol, guess.dtype)
+    inputs = step_inputs(cell, params, xs)  # the input projection, once for all iterations
 
     def linearise(states: Array) -> tuple[Array, Array, Array, Array]:
         prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
-        F, J = _linearise(cell, layout, params, prev, xs, mask)
-        if quasi:
-            J = jnp.diagonal(J, axis1=-2, axis2=-1)
+        F, J = _linearise(cell, layout, params, prev, inputs, mask, quasi)
         return prev, F, J, _residual(states, F)
 
     def update(states: Array, prev: Array, F: Array, J: Array) -> Array:
@@ -476,28 +613,7 @@ def _solve(
 
     init = (guess, *linearise(guess), jnp.zeros((), jnp.int32))
     states, *_, res, it = jax.lax.while_loop(cond, body, init)
-    converged = res <= tol
-    info = DeerInfo(it, res, converged)
-    if options.on_failure == "raise":
-        checkify.debug_check(
-            converged,
-            "DEER did not converge: residual {} > tol after {} iterations (max_iter=" + str(options.max_iter)
-            + "); pass on_failure='fallback', damping=, a larger max_iter or a looser tol",
-            res,
-            it,
-        )  # fmt: skip
-        return jnp.where(converged, states, jnp.asarray(jnp.nan, states.dtype)), info
-
-    def sequential() -> Array:
-        carry0 = layout.unflatten(s0)
-        _, carries, _ = scan_steps(
-            cell.step, params, jnp.swapaxes(xs, 0, 1), carry0, mask, reverse=False, unroll=1
-        )
-        T, B = xs.shape[:2]
-        flat = layout.flatten(jax.tree.map(lambda a: a.reshape(T * B, *a.shape[2:]), carries))
-        return flat.reshape(T, B, -1)
-
-    return jax.lax.cond(converged, lambda: states, sequential), info
+    return states, DeerInfo(it, res, res <= tol)
 
 
 def _implicit(
@@ -517,7 +633,8 @@ def _implicit_fwd(
 def _implicit_bwd(cell: Cell, layout: StateLayout, res: tuple, g: Array) -> tuple:
     params, xs, s0, mask, states = res
     prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
-    _, J = _linearise(cell, layout, params, prev, xs, mask)  # [T, B, S, S] at the solution, full
+    inputs = step_inputs(cell, params, xs)
+    _, J = _linearise(cell, layout, params, prev, inputs, mask)  # [T, B, S, S] at the solution, full
     # λ_t = g_t + J_{t+1}ᵀ λ_{t+1}: reversed in time, A_u = J_{t+1}ᵀ (none after the last step)
     Jt = jnp.swapaxes(J, -1, -2)
     A = jnp.concatenate([Jt[1:], jnp.zeros_like(Jt[:1])], axis=0)
