@@ -19,7 +19,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, random_problem, rel_err
+from helpers import CELLS, random_problem, rel_err, tiered
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
@@ -507,7 +507,7 @@ def trajectory_problem(cell: rj.Cell, key: jax.Array, T_: int = 5) -> tuple[Any,
     return params, layout, jnp.where(mask[..., None], xs_tm, 0), layout.flatten(carry), mask, prev
 
 
-@pytest.mark.parametrize("name", GATES_CELLS)
+@pytest.mark.parametrize("name", tiered(GATES_CELLS))
 def test_gates_jacobian_equals_autodiff(name: str, key: jax.Array) -> None:
     """The per-step Jacobians of the Newton iterations (`_linearise`) of every built-in cell, from its
     hand-derived derivative, and their diagonals (quasi-DEER's, formed alone) equal autodiff's of its step
