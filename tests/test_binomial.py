@@ -160,7 +160,10 @@ def test_budget_runs_the_binomial_schedule(key):
     for grad in rj.GRAD_MODES:
         assert rel_err(jit_grad(saving, (0, 1, 2))(params, xs, carry, grad), g_plain) <= 1e-12
     assert binomial_schedule(T, T * sizes.residual, sizes) is None
-    with pytest.raises(TypeError, match=r"budget=\) binds the binomial schedule's backward.* call rj.unroll\(\.\.\., schedule='nested', grad='autodiff'\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"budget=\) binds the binomial schedule's backward.* call rj.unroll\(\.\.\., schedule='nested', grad='autodiff'\)",
+    ):
         jax.jvp(lambda p: saving(p, xs, carry, "autodiff"), (params,), (params,))
 
 

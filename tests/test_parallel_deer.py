@@ -485,7 +485,10 @@ def test_unroll_refuses_what_deer_cannot_honour(
 def test_unroll_forward_mode_names_the_alternative(key: jax.Array) -> None:
     cell = rj.gru(H)
     params, xs, _ = random_problem(cell, key, B, T, I)
-    with pytest.raises(TypeError, match=r"method='deer'\) binds DEER's implicit gradient .* no forward mode.* method='sequential', grad='autodiff'"):
+    with pytest.raises(
+        TypeError,
+        match=r"method='deer'\) binds DEER's implicit gradient .* no forward mode.* method='sequential', grad='autodiff'",
+    ):
         jax.jvp(lambda x: rj.unroll(cell, params, x, method="deer")[1], (xs,), (xs,))
 
 

@@ -37,7 +37,16 @@ def _budget(cell, params, xs, carry) -> int:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, {"method": "sequential", "grad": "manual", "memory": "all", "unroll_steps": None, "masked": False}),
+        (
+            {},
+            {
+                "method": "sequential",
+                "grad": "manual",
+                "memory": "all",
+                "unroll_steps": None,
+                "masked": False,
+            },
+        ),
         ({"lengths": jnp.array([100, 5, 0])}, {"masked": True, "memory": "all"}),
         ({"reverse": True, "unroll_steps": 2}, {"reverse": True, "unroll_steps": 2}),
         ({"grad": "autodiff"}, {"grad": "autodiff", "unroll_steps": 1}),
@@ -47,7 +56,10 @@ def _budget(cell, params, xs, carry) -> int:
         ({"budget": "small"}, {"memory": "binomial"}),
         ({"budget": "small", "schedule": "nested"}, {"memory": "nested"}),
         ({"probe": "zeros"}, {"probed": True, "memory": "all", "unroll_steps": None}),
-        ({"regularize": rj.Regularizer(state_dropout=0.1)}, {"regularize": rj.Regularizer(state_dropout=0.1)}),
+        (
+            {"regularize": rj.Regularizer(state_dropout=0.1)},
+            {"regularize": rj.Regularizer(state_dropout=0.1)},
+        ),
         ({"method": "deer"}, {"method": "deer", "unroll_steps": None}),
         ({"method": "auto"}, {"method": "sequential"}),  # a nonlinear cell: never DEER
         ({"compute_dtype": jnp.float32}, {"method": "sequential", "T": T, "batch_shape": (B,)}),
