@@ -315,6 +315,7 @@ def _backward(
     elif extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
         grads.update(weight_gemms(extra_grads(params, grads, dzx, dzh, carries, res, *aux)))
+    _check_every_field(cell, params, grads)
     # typed as the primals are: e.g. a weight split by its contracted axis gets a gradient split so
     d_params = reshard_like(sum_to_type(params._replace(**grads), params), params)
     d_xs = sum_to_type(jnp.swapaxes(rows_project(params.w_ih.T)[o : T + o], 0, 1), xs_rows)
@@ -405,6 +406,23 @@ def time_gemm(a: Array, b: Array) -> Array:
     else:
         out = jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), preferred_element_type=acc)
     return out.astype(a.dtype)
+
+
+def _check_every_field(cell: Cell, params: PyTree, grads: dict[str, Any]) -> None:
+    """A ValueError, at trace time, where the gradients of a cell's `GatesBackward` (the driver's ``w_ih``,
+    ``w_hh``, ``b`` and its ``extra_grads``) do not cover the fields of its params one for one: a field left
+    out would otherwise keep its value in place of its gradient."""
+    fields = tuple(params._fields)
+    missing = [f for f in fields if f not in grads]
+    unknown = sorted(set(grads) - set(fields))
+    if missing or unknown:
+        raise ValueError(
+            f"cell {cell.name!r}: its GatesBackward must give a gradient for every field of its params "
+            f"{fields}: the driver computes w_ih, w_hh and b, and extra_grads the rest; "
+            + (f"no gradient for {missing} (give extra_grads returning them)" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"extra_grads returned {unknown}, which are not fields of the params" if unknown else "")
+        )
 
 
 def weight_gemms(grads: dict[str, Any]) -> dict[str, Array]:

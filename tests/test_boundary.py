@@ -182,3 +182,26 @@ def test_a_backward_with_plain_arrays_in_aux_and_extra_grads(name, key):
     want = jax.grad(loss)(params, cell, "autodiff")
     assert rel_err(jax.grad(loss)(params, cell, "manual"), want) <= 1e-10
     assert rel_err(jax.grad(loss)(params, _plain_aux(cell), "manual"), want) <= 1e-10
+
+
+def test_a_backward_must_give_every_field_its_gradient(key):
+    """A field of the params that neither the driver (``w_ih``, ``w_hh``, ``b``) nor ``extra_grads`` gives a
+    gradient would keep its value in place of one: a ValueError at trace time instead, naming it."""
+    cell = CELLS["gru"]()  # b_hn's gradient comes from extra_grads
+    params = cell.init(key, 2)
+    xs = jax.random.normal(jax.random.key(1), (3, 5, 2))
+
+    def loss(p, c):
+        return jnp.sum(rj.unroll(c, p, xs)[1])
+
+    forgetful = cell.replace(extra_grads=None, extra_from_aux=False)
+    with pytest.raises(ValueError, match=r"cell 'gru'.* no gradient for \['b_hn'\] \(give extra_grads"):
+        jax.grad(loss)(params, forgetful)
+    rj.unroll(forgetful, params, xs)  # the forward needs no gradient
+    extra = cell.extra_grads
+    assert extra is not None
+    bogus = cell.replace(extra_grads=lambda *a: {**extra(*a), "gain": jnp.zeros(3)})
+    with pytest.raises(
+        ValueError, match=r"extra_grads returned \['gain'\], which are not fields of the params"
+    ):
+        jax.grad(loss)(params, bogus)
