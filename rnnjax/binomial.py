@@ -105,12 +105,13 @@ class BinomialPlan:
     K: int
     n: int
     snapshots: int
-    fwd_slot: tuple[int, ...]
-    load_slot: tuple[int, ...]
-    load_pos: tuple[int, ...]
-    store_turn: tuple[int, ...]
-    store_slot: tuple[int, ...]
-    advances: int
+    # the tables: n entries each, left out of the repr
+    fwd_slot: tuple[int, ...] = dataclasses.field(repr=False)
+    load_slot: tuple[int, ...] = dataclasses.field(repr=False)
+    load_pos: tuple[int, ...] = dataclasses.field(repr=False)
+    store_turn: tuple[int, ...] = dataclasses.field(repr=False)
+    store_slot: tuple[int, ...] = dataclasses.field(repr=False)
+    advances: int = 0
 
     @property
     def cur(self) -> int:

@@ -236,6 +236,9 @@ class UnrollPlan:
       time_split: ``(mesh, axes)`` where ``xs``'s time axis is split over an explicit mesh, else None.
       batch_shape: the leading (batch) axes of ``xs``, flattened into one while running.
       T: the sequence length.
+      dtype: the dtype the recurrence computes in (``compute_dtype``, else that of ``xs``).
+      training: with ``regularize``: whether masks are drawn (a ``key`` was given) or, False, each
+        regulariser acts as its expectation.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -261,6 +264,8 @@ class UnrollPlan:
     time_split: tuple[Any, tuple[str, ...]] | None = None
     batch_shape: tuple[int, ...] = ()
     T: int = 0
+    dtype: str = "float32"
+    training: bool = False
 
 
 class _Arrays(NamedTuple):
@@ -283,12 +288,14 @@ def unroll_plan(
 ) -> UnrollPlan:
     """The `UnrollPlan` that ``rj.unroll(cell, params, xs, carry, **options)`` would run, without running it:
     which time loop, which backward, what the backward keeps in memory (e.g. the binomial schedule a
-    ``budget=`` picks), after the same validation (the same errors for the same inputs).
+    ``budget=`` picks), after the same validation (the same errors for the same inputs, but for the values
+    of concrete ``lengths``, which no plan depends on). The arrays may be `jax.ShapeDtypeStruct` s: only
+    shapes, dtypes and shardings decide a plan, so a plan for inputs too large to make can be read.
 
     Args:
       cell: the cell, as `unroll` takes it.
       params: its params.
-      xs: ``[B, T, I]`` inputs (only their shape, dtype and sharding decide the plan).
+      xs: ``[B, T, I]`` inputs, or a `jax.ShapeDtypeStruct` (only their shape, dtype and sharding decide).
       carry: the initial carry, or None.
       **options: `unroll`'s keyword options (``lengths``, ``reverse``, ``grad``, ``checkpoint``, ``budget``,
         ``method``, ...).
@@ -307,7 +314,15 @@ def unroll_plan(
       >>> plan.method, plan.grad, plan.memory, plan.segment
       ('sequential', 'manual', 'checkpoint', 10)
     """
-    return _prepare(cell, params, xs, carry, **options)[0]
+    arrays = {k: v for k, v in options.items() if k in ("lengths", "probe", "key") and v is not None}
+    static = {k: v for k, v in options.items() if k not in arrays}
+    plans: list[UnrollPlan] = []
+
+    def trace(params: PyTree, xs: Array, carry: PyTree, arrays: dict[str, Any]) -> None:
+        plans.append(_prepare(cell, params, xs, carry, **static, **arrays)[0])
+
+    jax.eval_shape(trace, params, xs, carry, arrays)  # abstract: shape structs do, no array is made
+    return plans[0]
 
 
 def _prepare(
@@ -385,6 +400,8 @@ def _prepare(
         time_split=time_split,
         batch_shape=batch_shape,
         T=T,
+        dtype=jnp.dtype(xs.dtype).name,
+        training=regularize is not None and key is not None,
     )
     return plan, _Arrays(params, xs, carry0, lengths, probe, key)
 
@@ -441,9 +458,9 @@ def _memory_plan(
     """``(memory, segment, binomial, nesting)`` of the `UnrollPlan`: what the backward keeps, from
     ``checkpoint`` or from ``budget`` and the cell's own sizes (`rnnjax.remat.step_sizes`)."""
     batch_shape, T, I = tuple(xs.shape[:-2]), xs.shape[-2], xs.shape[-1]
-    if checkpoint is not None:
+    if checkpoint is not None and segment_length(checkpoint, T) < T:
         return "checkpoint", segment_length(checkpoint, T), None, ()
-    if budget is None:
+    if budget is None:  # (a segment of T steps or more keeps what plain BPTT keeps)
         return "all", None, None, ()
     B = math.prod(batch_shape)
     sizes = step_sizes(cell, params, _reshape_batch(carry0, len(batch_shape), (B,)), xs.reshape(B, T, I))

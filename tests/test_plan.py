@@ -52,17 +52,19 @@ def _budget(cell, params, xs, carry) -> int:
         ({"grad": "autodiff"}, {"grad": "autodiff", "unroll_steps": 1}),
         ({"checkpoint": "sqrt"}, {"memory": "checkpoint", "segment": 10, "unroll_steps": 1}),
         ({"checkpoint": "none"}, {"memory": "all", "segment": None}),
+        ({"checkpoint": T}, {"memory": "all", "segment": None}),  # one segment keeps what BPTT keeps
         ({"budget": 10**9}, {"memory": "all", "binomial": None}),  # holds every step: plain BPTT
         ({"budget": "small"}, {"memory": "binomial"}),
         ({"budget": "small", "schedule": "nested"}, {"memory": "nested"}),
         ({"probe": "zeros"}, {"probed": True, "memory": "all", "unroll_steps": None}),
         (
             {"regularize": rj.Regularizer(state_dropout=0.1)},
-            {"regularize": rj.Regularizer(state_dropout=0.1)},
+            {"regularize": rj.Regularizer(state_dropout=0.1), "training": False, "dtype": "float64"},
         ),
+        ({"regularize": rj.Regularizer(zoneout=0.1), "key": "key"}, {"training": True}),
         ({"method": "deer"}, {"method": "deer", "unroll_steps": None}),
         ({"method": "auto"}, {"method": "sequential"}),  # a nonlinear cell: never DEER
-        ({"compute_dtype": jnp.float32}, {"method": "sequential", "T": T, "batch_shape": (B,)}),
+        ({"compute_dtype": jnp.float32}, {"dtype": "float32", "T": T, "batch_shape": (B,)}),
     ],
     ids=lambda v: "-".join(map(str, v)) if isinstance(v, dict) else None,
 )
@@ -72,6 +74,8 @@ def test_plan_names_what_runs(lstm_problem, options, expected):
         options = {**options, "budget": _budget(cell, params, xs, carry)}
     if options.get("probe") == "zeros":
         options = {**options, "probe": jnp.zeros((B, T, H))}
+    if options.get("key") == "key":
+        options = {**options, "key": jax.random.key(3)}
     plan = rj.unroll_plan(cell, params, xs, carry, **options)
     got = {name: getattr(plan, name) for name in expected}
     assert got == expected
@@ -79,6 +83,19 @@ def test_plan_names_what_runs(lstm_problem, options, expected):
         assert plan.binomial is not None and plan.binomial.advances > 0
     if plan.memory == "nested":
         assert len(plan.nesting) == 2 and plan.binomial is None
+
+
+def test_plan_of_shape_structs_alone():
+    """A plan reads shapes, dtypes and shardings only: shape structs of inputs too large to make will do,
+    and its repr stays short (the binomial schedule's tables are left out)."""
+    cell = rj.lstm(256)
+    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), 256, jnp.float32))
+    xs = jax.ShapeDtypeStruct((32, 10_000, 256), jnp.float32)
+    lengths = jax.ShapeDtypeStruct((32,), jnp.int32)
+    plan = rj.unroll_plan(cell, params, xs, budget=24 * 2**20, lengths=lengths)
+    assert (plan.memory, plan.masked, plan.T, plan.dtype) == ("binomial", True, 10_000, "float32")
+    assert plan.binomial is not None and plan.binomial.K * plan.binomial.n <= 10_000
+    assert len(repr(plan)) < 600 and "fwd_slot" not in repr(plan)
 
 
 def test_plan_of_a_linear_cell(key):
