@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from rnnjax.sharding import (
     batch_split,
@@ -61,7 +62,10 @@ def truncated_bptt(
         batch statistics): each device then runs every chunk on its own rows and the gradients are summed
         over the devices once, after the last chunk (`jax.shard_map` on an explicit mesh, one group of rows
         per device on `~jax.sharding.AxisType.Auto` axes). The results are those of ``None``; on one
-        device it changes nothing.
+        device it changes nothing. A ``per_row`` that does not describe the loss scales the loss and the
+        gradient by the number of devices: under `jax.experimental.checkify` (on
+        `~jax.sharding.AxisType.Auto` axes) the first chunk is also scored whole, and a disagreement is
+        an error.
 
     Returns:
       ``(loss, grads, carry)``: the sum of the chunk losses, the truncated gradient ``Σ_k ∂L_k/∂params``
@@ -104,20 +108,54 @@ def truncated_bptt(
     return _per_device(chunk_loss, chunk_size, per_row, params, carry, stream)
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
 def _per_device(
     chunk_loss: ChunkLoss, chunk_size: int, per_row: PerRow, params: PyTree, carry: PyTree, stream: PyTree
 ) -> tuple[Array, PyTree, PyTree]:
     """`_truncated` run on each device's own rows, where the batch of ``stream`` is split over devices: the
     parameters' gradient stays per device across the chunks and is summed once, after the last. A loss
-    that is a mean over the rows is the mean of the devices' means (each holds as many rows)."""
+    that is a mean over the rows is the mean of the devices' means (each holds as many rows).
+
+    A ``per_row`` that does not describe the loss would scale it, and the gradient, by the device count,
+    with nothing else to show: under `jax.experimental.checkify` the first chunk's loss is also computed
+    whole and must agree (a `checkify.debug_check`; without checkify its operands are compiled away)."""
     run = partial(_truncated, chunk_loss, chunk_size)
+    loss, grads, final, devices = _rows_run(run, params, carry, stream)
+    if devices == 1:  # no split batch: per_row changes nothing
+        return loss, grads, final
+    if per_row == "mean":
+        loss, grads = loss / devices, jax.tree.map(lambda g: g / devices, grads)
+    T = jax.tree.leaves(stream)[0].shape[1]
+    first = jax.tree.map(lambda a: a[:, : min(chunk_size, T)], stream)
+    whole = chunk_loss(params, jax.lax.stop_gradient(carry), first)[0]
+    split = _rows_run(run, params, carry, first)[0]
+    split = split / devices if per_row == "mean" else split
+    checkify.debug_check(
+        jnp.abs(split - whole) <= 1e-4 * (1 + jnp.abs(whole)),
+        f"truncated_bptt(..., per_row={per_row!r}): on the first chunk the devices' losses combine to {{}} "
+        f"but chunk_loss of the whole batch is {{}}: per_row must say whether the loss is the sum or the "
+        f"mean over the rows of terms that read one row each",
+        split,
+        whole,
+    )
+    return loss, grads, final
+
+
+def _rows_run(
+    run: Callable[[PyTree, PyTree, PyTree], tuple[Array, PyTree, PyTree]],
+    params: PyTree,
+    carry: PyTree,
+    stream: PyTree,
+) -> tuple[Array, PyTree, PyTree, int]:
+    """``run(params, carry, stream) -> (loss, grads, carry)`` on each device's own rows, the losses and the
+    gradients summed over the devices once, at the end, and the number of devices (1: run as given, where
+    the batch is not split)."""
     first = jax.tree.leaves(stream)[0]
     split = batch_split(first)
     if split is not None and not any(explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
         mesh, rows = split
         (axes,) = rows
         names = tuple(jax.tree.leaves(axes))
-        devices = math.prod(mesh.shape[a] for a in names)
 
         def per_rows(p: PyTree, c: PyTree, s: PyTree) -> tuple[Array, PyTree, PyTree]:
             loss, grads, c = run(p, c, s)  # the gradient summed over the devices once, at its end
@@ -132,22 +170,15 @@ def _per_device(
         )
         placed = (params, reshard_to(carry, rows, mesh), reshard_to(stream, rows, mesh))
         loss, grads, final = per(*placed)
-        final = reshard_like(final, carry)
-    else:
-        devices = row_groups(first)
-        if devices == 1:  # no mesh of Auto axes, or rows that do not divide over its devices
-            return run(params, carry, stream)
-        losses, grads, final = jax.vmap(run, in_axes=(None, 0, 0))(
-            params, split_rows(carry, devices), split_rows(stream, devices)
-        )
-        loss, grads, final = (
-            jnp.sum(losses),
-            jax.tree.map(lambda g: jnp.sum(g, axis=0), grads),
-            merge_rows(final),
-        )
-    if per_row == "mean":
-        loss, grads = loss / devices, jax.tree.map(lambda g: g / devices, grads)
-    return loss, grads, final
+        return loss, grads, reshard_like(final, carry), math.prod(mesh.shape[a] for a in names)
+    groups = row_groups(first)
+    if groups == 1:  # no mesh of Auto axes, or rows that do not divide over its devices
+        return (*run(params, carry, stream), 1)
+    losses, grads, final = jax.vmap(run, in_axes=(None, 0, 0))(
+        params, split_rows(carry, groups), split_rows(stream, groups)
+    )
+    grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)  # the one sum over the devices
+    return jnp.sum(losses), grads, merge_rows(final), groups
 
 
 # One compiled program after the checks (inlined under an outer jit), so that an eager call compiles one

@@ -114,3 +114,51 @@ def test_eager_call_compiles_one_program(key, caplog):
     carry0 = cell.initial_carry(params, (B,))
     run = compilations(caplog, rj.truncated_bptt, chunk_loss, params, carry0, stream, chunk_size=5)
     assert len(run) <= 1, run
+
+
+_PER_ROW_CHECK = """
+import sys
+import jax, jax.numpy as jnp
+from jax.experimental import checkify
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import rnnjax as rj
+jax.config.update("jax_enable_x64", True)
+cell = rj.lstm(3)
+params = cell.init(jax.random.key(0), 2)
+def mean_loss(p, c, s):
+    c, ys = rj.unroll(cell, p, s, c)
+    return jnp.mean(ys**2), c
+for axis_type in (AxisType.Auto,):
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+    rows = NamedSharding(mesh, P("data"))
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (4, 6, 2)), rows)
+    carry = jax.device_put(cell.initial_carry(params, (4,)), rows)
+    for per_row in ("mean", "sum"):
+        run = lambda p, c, s: rj.truncated_bptt(mean_loss, p, c, s, chunk_size=4, per_row=per_row)
+        err, _ = jax.jit(checkify.checkify(run))(params, carry, x)
+        print(axis_type.name, per_row, err.get() is None, (err.get() or "").split(":")[0])
+"""
+
+
+@pytest.mark.slow
+def test_per_row_that_does_not_describe_the_loss_is_a_checkify_error():
+    """On two host devices (a fresh process), a mean loss declared ``per_row="sum"`` would double the loss
+    and the gradient: under checkify the first chunk's whole-batch loss disagrees, and says so. (On
+    explicit axes checkify cannot carry its error state through `jax.shard_map`'s loops, which run the
+    devices' rows there.)"""
+    import subprocess
+    import sys
+
+    from helpers import host_devices_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PER_ROW_CHECK],
+        env=host_devices_env(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert "Auto mean True " in lines
+    assert "Auto sum False truncated_bptt(..., per_row='sum')" in lines
