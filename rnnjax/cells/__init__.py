@@ -9,6 +9,7 @@ from rnnjax.cells.base import (
     ProjectionParams,
     RowSum,
     WeightGemm,
+    steps_sum,
 )
 from rnnjax.cells.elman import ACTIVATIONS, ElmanParams, elman
 from rnnjax.cells.gru import GRUParams, gru
@@ -56,4 +57,5 @@ __all__ = [
     "minlstm",
     "peephole_lstm",
     "projected_lstm",
+    "steps_sum",
 ]

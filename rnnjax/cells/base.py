@@ -77,11 +77,24 @@ class RowSum(NamedTuple):
 
     A step's share of a per-unit parameter's gradient (IndRNN's ``dz ⊙ h_{t-1}``, the GRU's ``dhn``) is a
     sum over the batch. The cell returns the rows and the driver reduces them inside its time loop, right
-    after ``gates_bwd``: ``extra_grads`` then receives, in its place, the stacked shares ``[T+1, n]``,
-    which it adds up with `steps_sum`. Summed in the loop, they stack as ``[T+1, n]``, where ``[T+1, B,
+    after ``gates_bwd``: ``extra_grads`` then receives, in its place, the stacked shares, which it adds up
+    with `steps_sum` (``rj.steps_sum``). Summed in the loop, they stack as ``[T+1, n]``, where ``[T+1, B,
     n]`` products formed after the loop would take a buffer each. The driver decides how to sum: where the
     batch is split over devices it keeps each device's rows (``[T+1, B, n]``), so that the loop runs no
-    collective, and `steps_sum` then sums them once.
+    collective, and `steps_sum` then sums them once (``jnp.sum(d, axis=0)`` would leave the rows).
+
+    Examples:
+      A per-unit gain ``g`` (``[H]``) on an Elman cell's pre-activation, ``h = tanh(g ⊙ (zx + zh))``: its
+      share of ``d g`` at a step is ``Σ_b dh ⊙ (1 − h²) ⊙ (zx + zh)``, returned as rows for the driver to
+      sum, and ``extra_grads`` adds the steps up:
+
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> def gates_bwd(params, res, prev, new, d_new):
+      ...     a, h = res  # zx + zh, and h
+      ...     da = d_new.h * (1 - h * h)
+      ...     return da * params.g, None, rj.HCarry(jnp.zeros_like(da)), rj.RowSum(da * a)
+      >>> def extra_grads(params, grads, dzx, dzh, prevs, res, d_g):
+      ...     return {"g": rj.steps_sum(d_g)}
     """
 
     v: Array  # [B, n]
@@ -457,9 +470,20 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
 
 
 def steps_sum(a: Array) -> Array:
-    """The per-step shares of a `RowSum`, stacked by the time loop as ``[T+1, n]`` (``[T+1, B, n]`` where
-    the batch is split over devices and the loop keeps each device's rows), added up to ``[n]``: once,
-    after the loop."""
+    """The per-step shares of a `RowSum`, stacked by the time loop, added up: once, after the loop.
+
+    Args:
+      a: ``[T+1, n]``, or ``[T+1, B, n]`` where the batch is split over devices and the loop keeps each
+        device's rows.
+
+    Returns:
+      ``[n]``: the sum over every axis but the last.
+
+    Examples:
+      >>> import jax.numpy as jnp, rnnjax as rj
+      >>> rj.steps_sum(jnp.ones((4, 3))), rj.steps_sum(jnp.ones((4, 2, 3)))
+      (Array([4., 4., 4.], dtype=float32), Array([8., 8., 8.], dtype=float32))
+    """
     return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
 
 
