@@ -223,7 +223,7 @@ def binomial_schedule(T: int, budget: int, sizes: StepSizes) -> tuple[int, int] 
             best = (cost, K, c)
     if best is None:
         raise ValueError(
-            f"budget={budget} bytes is too small for T={T} steps of {sizes}: the leanest binomial schedule "
+            f"budget={budget} bytes is too small for T={T} steps ({sizes}): the leanest binomial schedule "
             f"keeps {leanest} bytes; pass budget >= {leanest}"
         )
     return best[1], best[2]

@@ -68,6 +68,12 @@ class StepSizes(NamedTuple):
     output: int
     level: int = 0
 
+    def __str__(self) -> str:
+        return (
+            f"{self.carry} B per carry, {self.residual} B kept per step for the backward, "
+            f"{self.output} B per output, {self.level} B per level of nested segments"
+        )
+
 
 def step_sizes(cell: Cell, params: PyTree, carry0: PyTree, xs: Array) -> StepSizes:
     """The `StepSizes` of ``cell`` on ``xs [B, T, I]`` from ``carry0`` (leaves ``[B, ...]``), from shapes.
@@ -138,7 +144,7 @@ def budget_schedule(T: int, budget: int, sizes: StepSizes = STEPS) -> tuple[int,
         if peak <= budget:
             return ks
     raise ValueError(
-        f"budget={budget} bytes is too small for T={T} steps of {sizes}: the leanest schedule keeps "
+        f"budget={budget} bytes is too small for T={T} steps ({sizes}): the leanest schedule keeps "
         f"{best} bytes; pass budget >= {best}"
     )
 

@@ -201,7 +201,8 @@ def test_schedule_errors(key):
     with pytest.raises(ValueError, match=r"schedule must be one of \('binomial', 'nested'\), got 'revolve'"):
         rj.unroll(cell, params, xs, budget=10**6, schedule="revolve")
     with pytest.raises(
-        ValueError, match=r"budget=500 bytes is too small for T=10 steps of .* leanest binomial schedule"
+        ValueError,
+        match=r"budget=500 bytes is too small for T=10 steps \(.* B per carry.*\): the leanest binomial schedule",
     ):
         rj.unroll(cell, params, xs, budget=500)
     with pytest.raises(ValueError, match=r"a binomial plan needs K <= T and snapshots >= 1"):
