@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from rnnjax.cells.base import Cell
 from rnnjax.driver import Schedule, check_options
 from rnnjax.layers import Layer, bidirectional, rnn, stack
-from rnnjax.parallel import Method
+from rnnjax.parallel import Method, resolve_method
 from rnnjax.regularize import Regularizer
 
 Array = jax.Array
@@ -76,10 +76,22 @@ def draws_masks(regularize: Regularizer | None, dropout: float = 0.0) -> bool:
     return regularize is not None or dropout > 0
 
 
+def _cells_of(layer: Cell | Layer) -> list[Cell]:
+    """The cells inside ``layer`` (a cell, or a layer and its ``children``, recursively)."""
+    if isinstance(layer, Cell):
+        return [layer]
+    return [cell for child in layer.children for cell in _cells_of(child)]
+
+
 def with_options(layer: Layer, options: UnrollOptions) -> Layer:
     """``layer`` whose ``apply`` passes ``options`` on to every recurrence inside it (as `Layer.apply`'s
     keywords). They join the layer's options, so that it is not equal to the plain layer (a layer is static
     structure, compared by kind, children and options)."""
+    # the method each cell supports, and the options only the sequential scan takes, checked where the
+    # module is built
+    given = [n for n in ("checkpoint", "budget", "regularize") if getattr(options, n) not in (None, "none")]
+    for cell in _cells_of(layer):
+        resolve_method(options.method, cell, 1, sequential_only=given[0] if given else None)
     fixed = options._asdict()
 
     def apply(params: PyTree, xs: Array, **kwargs: Any) -> tuple[PyTree, Array]:

@@ -136,6 +136,10 @@ def test_errors():
         req.RNN(rj.lstm(2), I, key=key, regularize="zoneout", dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"method must be one of .* got 'parallel'"):
         req.Stack([rj.lstm(2)], I, key=key, method="parallel")
+    with pytest.raises(ValueError, match=r"method='associative' needs a cell whose recurrence is linear"):
+        req.Stack([rj.mingru(2), rj.bidirectional(rj.lstm(2))], I, key=key, method="associative")
+    with pytest.raises(ValueError, match=r"checkpoint= applies to method='sequential' only"):
+        req.RNN(rj.mingru(2), I, key=key, method="associative", checkpoint=2)
     with pytest.raises(ValueError, match=r"weight_drop needs a cell whose recurrence is the GEMM h w_hh"):
         req.RNN(USER_CELL, I, key=key, regularize=rj.Regularizer(weight_drop=0.5))(xs, key=key)
     with pytest.raises(ValueError, match=r"checkpoint must be None, 'none', 'sqrt' or an int >= 1 .* got 0"):

@@ -139,6 +139,8 @@ def test_trains_with_nnx_optimizer():
 
 def test_errors():
     rngs, xs = nnx.Rngs(0), jnp.ones((2, 5, I), jnp.float64)
+    with pytest.raises(ValueError, match=r"method='associative' needs a cell whose recurrence is linear"):
+        rnx.Bidirectional(rj.lstm(2), I, rngs=rngs, method="associative")
     with pytest.raises(TypeError, match=r"cell must be an rnnjax Cell .* got str"):
         rnx.RNN("lstm", I, rngs=rngs)
     with pytest.raises(ValueError, match=r"merge must be one of \('concat', 'sum'\), got 'max'"):
