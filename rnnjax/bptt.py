@@ -311,10 +311,10 @@ def _backward(
         grads["w_hh"] = dzh_of(rows_gemm(h_in), lambda: time_gemm(h_in, dzh_own))
     if cell.extra_from_aux:  # and from nothing stacked (so dzx may have overwritten the residuals)
         assert extra_grads is not None, "GatesBackward.extra_from_aux describes its extra_grads"
-        grads.update(weight_gemms(extra_grads(params, grads, None, None, None, None, *aux)))
+        grads.update(weight_gemms(cell, extra_grads(params, grads, None, None, None, None, *aux)))
     elif extra_grads:
         dzh = dzh_of(dzx, lambda: dzh_own)
-        grads.update(weight_gemms(extra_grads(params, grads, dzx, dzh, carries, res, *aux)))
+        grads.update(weight_gemms(cell, extra_grads(params, grads, dzx, dzh, carries, res, *aux)))
     _check_every_field(cell, params, grads)
     # typed as the primals are: e.g. a weight split by its contracted axis gets a gradient split so
     d_params = reshard_like(sum_to_type(params._replace(**grads), params), params)
@@ -395,7 +395,7 @@ def time_gemm(a: Array, b: Array) -> Array:
     """
     acc = accumulation_dtype(a.dtype)
     if under_mesh(a, b):
-        lead = "abcdefghijklmnor"[: a.ndim - 1]
+        lead = "abcdefhijklmnoqrs"[: a.ndim - 1]  # neither p nor g, the output's
         out = jnp.einsum(
             f"{lead}p,{lead}g->pg",
             a,
@@ -410,8 +410,8 @@ def time_gemm(a: Array, b: Array) -> Array:
 
 def _check_every_field(cell: Cell, params: PyTree, grads: dict[str, Any]) -> None:
     """A ValueError, at trace time, where the gradients of a cell's `GatesBackward` (the driver's ``w_ih``,
-    ``w_hh``, ``b`` and its ``extra_grads``) do not cover the fields of its params one for one: a field left
-    out would otherwise keep its value in place of its gradient."""
+    ``w_hh``, ``b`` and its ``extra_grads``) do not match the fields of its params one for one, by name and
+    shape: a field left out would otherwise keep its value in place of its gradient."""
     fields = tuple(params._fields)
     missing = [f for f in fields if f not in grads]
     unknown = sorted(set(grads) - set(fields))
@@ -423,12 +423,31 @@ def _check_every_field(cell: Cell, params: PyTree, grads: dict[str, Any]) -> Non
             + ("; " if missing and unknown else "")
             + (f"extra_grads returned {unknown}, which are not fields of the params" if unknown else "")
         )
+    for f in fields:
+        want, got = jnp.shape(getattr(params, f)), jnp.shape(grads[f])
+        if want != got:
+            raise ValueError(
+                f"cell {cell.name!r}: the gradient of params.{f} must have its shape {want}, got {got} "
+                "(from extra_grads)"
+            )
 
 
-def weight_gemms(grads: dict[str, Any]) -> dict[str, Array]:
+def weight_gemms(cell: Cell, grads: dict[str, Any]) -> dict[str, Array]:
     """A cell's extra gradients (`rnnjax.cells.base.GatesBackward.extra_grads`) with each
-    `rnnjax.cells.base.WeightGemm` computed by `time_gemm`."""
-    return {k: time_gemm(g.a, g.b) if isinstance(g, WeightGemm) else g for k, g in grads.items()}
+    `rnnjax.cells.base.WeightGemm` computed by `time_gemm`; a ValueError where its operands' leading axes
+    differ (each must be the same rows, in the same order)."""
+
+    def gemm(name: str, g: Any) -> Any:
+        if not isinstance(g, WeightGemm):
+            return g
+        if jnp.shape(g.a)[:-1] != jnp.shape(g.b)[:-1]:
+            raise ValueError(
+                f"cell {cell.name!r}: extra_grads' WeightGemm(a, b) for {name!r} must have a and b with the "
+                f"same leading axes (the same rows), got a {jnp.shape(g.a)} and b {jnp.shape(g.b)}"
+            )
+        return time_gemm(g.a, g.b)
+
+    return {k: gemm(k, g) for k, g in grads.items()}
 
 
 def _batch_sum(v: Array) -> Array:
@@ -444,9 +463,21 @@ def _batch_sum(v: Array) -> Array:
 
 def sum_row_terms(aux: PyTree) -> PyTree:
     """The ``aux`` of a cell's ``gates_bwd`` with each `rnnjax.cells.base.RowSum` replaced by its rows'
-    sum over the batch (`_batch_sum`): what one step stacks for ``extra_grads``."""
+    sum over the batch (`_batch_sum`): what one step stacks for ``extra_grads``. A ValueError for a
+    `RowSum` of rank below 2 (``[B, n]``: one entry per row would be left as rows)."""
     is_term = lambda a: isinstance(a, RowSum)  # noqa: E731
-    return jax.tree.map(lambda a: _batch_sum(a.v) if is_term(a) else a, aux, is_leaf=is_term)
+
+    def total(a: Any) -> Any:
+        if not is_term(a):
+            return a
+        if jnp.ndim(a.v) < 2:
+            raise ValueError(
+                f"a RowSum in gates_bwd's aux must hold rows [B, n] (n >= 1 entries per row), got shape "
+                f"{jnp.shape(a.v)}: for one entry per row use v[:, None]"
+            )
+        return _batch_sum(a.v)
+
+    return jax.tree.map(total, aux, is_leaf=is_term)
 
 
 def _gates_to_units(dz: Array, w: Array) -> Array:

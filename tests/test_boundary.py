@@ -205,3 +205,40 @@ def test_a_backward_must_give_every_field_its_gradient(key):
         ValueError, match=r"extra_grads returned \['gain'\], which are not fields of the params"
     ):
         jax.grad(loss)(params, bogus)
+
+
+def test_a_backward_with_misshapen_gradients_is_named(key):
+    """A WeightGemm whose operands are not the same rows, a gradient of the wrong shape and a RowSum of one
+    entry per row: each a ValueError at trace time naming what is wrong, never a silently wrong gradient."""
+    xs = jax.random.normal(jax.random.key(1), (3, 5, 2))
+
+    def loss(p, c):
+        return jnp.sum(rj.unroll(c, p, xs)[1])
+
+    projected = CELLS["projected"]()
+    extra = projected.extra_grads
+    assert extra is not None
+
+    def swapped(*args):  # b's steps and rows swapped: [T+1, B, G] -> [B, T+1, G]
+        g = extra(*args)["w_hr"]
+        return {"w_hr": rj.WeightGemm(g.a, jnp.swapaxes(g.b, 0, 1))}
+
+    with pytest.raises(
+        ValueError, match=r"WeightGemm\(a, b\) for 'w_hr' must have a and b with the same lead"
+    ):
+        jax.grad(loss)(projected.init(key, 2), projected.replace(extra_grads=swapped))
+    gru = CELLS["gru"]()
+    gru_extra, gru_bwd = gru.extra_grads, gru.gates_bwd
+    assert gru_extra is not None and gru_bwd is not None
+    wrong_shape = gru.replace(extra_grads=lambda *a: {"b_hn": gru_extra(*a)["b_hn"][:1]})
+    with pytest.raises(
+        ValueError, match=r"the gradient of params.b_hn must have its shape \(3,\), got \(1,\)"
+    ):
+        jax.grad(loss)(gru.init(key, 2), wrong_shape)
+
+    def one_per_row(*args):
+        *out, d_b_hn = gru_bwd(*args)
+        return (*out, rj.RowSum(d_b_hn.v[:, 0]))
+
+    with pytest.raises(ValueError, match=r"a RowSum in gates_bwd's aux must hold rows \[B, n\]"):
+        jax.grad(loss)(gru.init(key, 2), gru.replace(gates_bwd=one_per_row))
