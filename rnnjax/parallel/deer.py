@@ -34,7 +34,8 @@ per solve, not once per iteration (`step_inputs`). Each iteration runs the gates
 one step (`rnnjax.bptt`), is the linear map ``Jᵀ``, and its transpose (`jax.linear_transpose`, which
 differentiates nothing) applied to a basis vector ``e_j`` gives column j of every ``J_t``. Its tangent of
 ``zh`` is ``e_j``'s entries of ``h`` times ``w_hh``, one row shared by all ``T·B`` rows, so that no product
-with ``w_hh`` grows with the rows, and quasi-DEER forms the diagonal entries alone. A cell without one (a
+with ``w_hh`` grows with the rows; quasi-DEER keeps each column's diagonal entry (the columns are formed
+whole, ``O(T·B·S²)`` transiently, and the scan holds ``O(T·B·S)``). A cell without one (a
 user-written ``step``) gets its Jacobians from `jax.linearize` of its ``step`` and one Jacobian-vector product
 per state entry (`step_jacobian`), and quasi-DEER takes their diagonal. Either way the S columns are one vmap
 over the basis, each over all ``T·B`` rows at once: a basis vector broadcast over all rows gives every row's
@@ -452,8 +453,9 @@ def gates_jacobian(
     differentiating nothing) applied to a basis vector ``e_j`` gives column j of every row's ``J``: the
     tangent ``e_j`` of the carry, and ``e_j``'s entries of ``h`` times ``w_hh`` as the tangent of ``zh``,
     one ``[G]`` row shared by all rows. So no product with ``w_hh`` grows with the rows (as the rows
-    ``e_iᵀ J``, with ``dzh w_hhᵀ`` for every row and basis vector, would), and for the diagonal alone XLA
-    forms only the entries ``J_jj``. The S columns are one vmap over the basis, each over all rows at once.
+    ``e_iᵀ J``, with ``dzh w_hhᵀ`` for every row and basis vector, would). For the diagonal each column is
+    formed whole and its entry ``J_jj`` kept. The S columns are one vmap over the basis, each over all rows
+    at once.
     ``gates_bwd`` must be linear in its cotangent, as a derivative is (`jax.linear_transpose` refuses
     an operation that is not).
 
