@@ -35,8 +35,8 @@ def rows_like(tree: PyTree, like: Any) -> PyTree:
 
 
 def per_row(fn: Callable[..., Array], *args: Array) -> Array:
-    """``fn(*args)`` for a ``fn`` that treats each row of its arguments (each ``[B, ...]``, rows as those of
-    ``args[0]``) on its own and returns ``[B, ...]``.
+    """``fn(*args)`` for a ``fn`` that treats each row of its arguments (each ``[B, ...]``, however placed:
+    they are typed as rows of ``args[0]``, `rows_like`) on its own and returns ``[B, ...]``.
 
     Where the batch of ``args[0]`` is split over explicit mesh axes, ``fn`` runs on each device's own rows
     under `jax.shard_map`: no collective is needed, as each row's result is its own. Its varying-axes check
@@ -46,6 +46,7 @@ def per_row(fn: Callable[..., Array], *args: Array) -> Array:
     split = batch_split(args[0])
     if split is None:
         return fn(*args)
+    args = (args[0], *rows_like(args[1:], args[0]))  # each device's rows of every argument
     mesh, spec = split
     per_device = jax.shard_map(
         fn,

@@ -92,6 +92,12 @@ def test_errors(key):
         rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=0)
     with pytest.raises(ValueError, match=r"per_row must be None or one of \('sum', 'mean'\), got 'max'"):
         rj.truncated_bptt(chunk_loss, params, carry0, stream, chunk_size=2, per_row="max")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"with per_row='sum' every array of stream and carry must lead with one"
+    ):
+        rj.truncated_bptt(
+            chunk_loss, params, cell.initial_carry(params, (B + 1,)), stream, chunk_size=2, per_row="sum"
+        )
     bad = {"x": stream["x"], "y": stream["y"][:, :5]}
     with pytest.raises(ValueError, match=r"every array of stream must have shape \[B, T, ...\] with one T"):
         rj.truncated_bptt(chunk_loss, params, carry0, bad, chunk_size=2)
