@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cells.base import Cell
-from rnnjax.driver import Schedule, check_options
+from rnnjax.driver import Schedule, check_options, sequential_only
 from rnnjax.layers import Layer, bidirectional, rnn, stack
 from rnnjax.parallel import Method, resolve_method
 from rnnjax.regularize import Regularizer
@@ -89,9 +89,9 @@ def with_options(layer: Layer, options: UnrollOptions) -> Layer:
     structure, compared by kind, children and options)."""
     # the method each cell supports, and the options only the sequential scan takes, checked where the
     # module is built
-    given = [n for n in ("checkpoint", "budget", "regularize") if getattr(options, n) not in (None, "none")]
+    given = sequential_only(options._asdict())
     for cell in _cells_of(layer):
-        resolve_method(options.method, cell, 1, sequential_only=given[0] if given else None)
+        resolve_method(options.method, cell, 1, sequential_only=given)
     fixed = options._asdict()
 
     def apply(params: PyTree, xs: Array, **kwargs: Any) -> tuple[PyTree, Array]:

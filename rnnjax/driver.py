@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from functools import partial
 from typing import Any, Literal, NamedTuple, get_args
@@ -251,6 +252,9 @@ class UnrollPlan:
 
     method: Literal["sequential", "associative", "deer", "quasi_deer"]
     grad: GradMode
+    batch_shape: tuple[int, ...]
+    T: int
+    dtype: str
     memory: Memory = "all"
     segment: int | None = None
     binomial: BinomialPlan | None = None
@@ -262,9 +266,6 @@ class UnrollPlan:
     regularize: Regularizer | None = None
     chunk_size: int | None = None
     time_split: tuple[Any, tuple[str, ...]] | None = None
-    batch_shape: tuple[int, ...] = ()
-    T: int = 0
-    dtype: str = "float32"
     training: bool = False
 
 
@@ -314,6 +315,11 @@ def unroll_plan(
       >>> plan.method, plan.grad, plan.memory, plan.segment
       ('sequential', 'manual', 'checkpoint', 10)
     """
+    names = [n for n, p in inspect.signature(_prepare).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    if unknown := sorted(set(options) - set(names)):
+        raise TypeError(
+            f"unroll_plan got unexpected keyword argument(s) {unknown}; it takes rj.unroll's {names}"
+        )
     arrays = {k: v for k, v in options.items() if k in ("lengths", "probe", "key") and v is not None}
     static = {k: v for k, v in options.items() if k not in arrays}
     plans: list[UnrollPlan] = []
@@ -373,11 +379,12 @@ def _prepare(
     if regularize is not None and probe is not None:
         raise ValueError("probe cannot be combined with regularize: pass one of them")
 
-    options = (("checkpoint", checkpoint), ("budget", budget), ("probe", probe), ("regularize", regularize))
-    given = [n for n, v in options if v is not None]
+    given = sequential_only(
+        {"checkpoint": checkpoint, "budget": budget, "probe": probe, "regularize": regularize}
+    )
     # a time split over devices runs the associative solve, the one method that splits it
     method = "associative" if time_split is not None else method
-    resolved = resolve_method(method, cell, T, sequential_only=given[0] if given else None)
+    resolved = resolve_method(method, cell, T, sequential_only=given)
     memory, segment, binomial, nesting = _memory_plan(
         cell, params, carry0, xs, checkpoint, budget, schedule, regularize
     )
@@ -406,17 +413,39 @@ def _prepare(
     return plan, _Arrays(params, xs, carry0, lengths, probe, key)
 
 
+SEQUENTIAL_ONLY = ("checkpoint", "budget", "probe", "regularize")
+"""The options of `unroll` that only the sequential scan takes."""
+
+
+def sequential_only(options: dict[str, Any]) -> str | None:
+    """The first of `SEQUENTIAL_ONLY` that ``options`` gives (not None; a checkpoint not ``"none"``), or
+    None: what `rnnjax.parallel.resolve_method` checks a parallel method against."""
+    given = (n for n in SEQUENTIAL_ONLY if options.get(n) is not None)
+    return next((n for n in given if not (isinstance(options[n], str) and options[n] == "none")), None)
+
+
 def check_options(
-    grad: Any,
-    method: Any,
-    chunk_size: Any,
-    unroll_steps: Any,
-    checkpoint: Any,
-    budget: Any,
-    schedule: Any,
-) -> tuple[Any, Any]:
-    """The options of `unroll` that need no array checked against each other: ``(checkpoint, schedule)``
-    normalised (``"none"`` is None; a budget's schedule defaults to ``"binomial"``)."""
+    grad: GradMode,
+    method: Method,
+    chunk_size: int | None,
+    unroll_steps: int | bool | None,
+    checkpoint: int | Literal["sqrt", "none"] | None,
+    budget: int | None,
+    schedule: Schedule | None,
+) -> tuple[int | Literal["sqrt", "none"] | None, Schedule | None]:
+    """Checks the options of `unroll` that need no array (the framework modules check theirs with it where
+    they are built).
+
+    Args:
+      grad, method, chunk_size, unroll_steps, checkpoint, budget, schedule: as `unroll` takes them.
+
+    Returns:
+      ``(checkpoint, schedule)`` normalised: a ``"none"`` checkpoint is None, and a budget's schedule
+      defaults to ``"binomial"``.
+
+    Raises:
+      TypeError, ValueError: naming the option, the expected and the actual.
+    """
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     check_method(method)
@@ -490,9 +519,9 @@ def _forward_mode_note(plan: UnrollPlan) -> str | None:
     else:
         return None
     return (
-        f"rnnjax: rj.unroll(..., {what} with jax.custom_vjp, which has no forward mode: jax.grad, jax.vjp "
-        f"and forward-over-reverse (jax.hessian) work; where JAX refused forward mode (jax.jvp, jax.jacfwd, "
-        f"jax.linearize), call rj.unroll(..., {fix}) instead"
+        f"rnnjax: if JAX refused forward mode here (jax.jvp, jax.jacfwd, jax.linearize): rj.unroll(..., "
+        f"{what} with jax.custom_vjp, which has no forward mode (jax.grad, jax.vjp and forward-over-reverse "
+        f"jax.hessian work); call rj.unroll(..., {fix}) instead"
     )
 
 
@@ -607,8 +636,7 @@ def _zero_padding(xs: Array, mask: Array) -> Array:
 
 
 # `_dispatch` as one program: under an outer `jax.jit` it is inlined; called eagerly (or under an eager
-# `jax.grad`) its forward and its backward compile once each, not once per operation (an eager LSTM gradient
-# went from 57-73 compilations to 13-15, the rest being the loss's own operations)
+# `jax.grad`) its forward and its backward compile once each, not once per operation
 _run = jax.jit(_dispatch, static_argnums=(0, 1))
 _run_split = jax.jit(_dispatch_split, static_argnums=(0, 1))
 

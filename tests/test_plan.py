@@ -186,3 +186,11 @@ def test_forward_mode_runs_where_no_custom_vjp_is_planned(lstm_problem):
     _, tangent = jax.jvp(f, (xs,), (xs,))
     g = lambda x: rj.unroll(cell, params, x, carry, grad="autodiff")[1]  # noqa: E731
     assert rel_err(tangent, jax.jvp(g, (xs,), (xs,))[1]) <= 1e-12
+
+
+def test_plan_names_an_unknown_option(lstm_problem):
+    cell, params, xs, carry = lstm_problem
+    with pytest.raises(
+        TypeError, match=r"unroll_plan got unexpected keyword argument\(s\) \['segments'\]; it"
+    ):
+        rj.unroll_plan(cell, params, xs, carry, segments=4)
