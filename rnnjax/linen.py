@@ -55,6 +55,11 @@ def _training_key(
     if not draws or nn.merge_param("deterministic", deterministic, call_deterministic):
         return False, None
     name = module.rng_collection
+    if not isinstance(name, str) or name == "params":
+        raise ValueError(
+            f"{type(module).__name__}.rng_collection must name an rng stream other than 'params' (a str, "
+            f"'dropout' by default), got {name!r}"
+        )
     try:
         return True, module.make_rng(name)
     except flax.errors.InvalidRngError as e:
@@ -91,7 +96,7 @@ class RNN(nn.Module):
       method: `rj.unroll`'s ``method`` (one of `rnnjax.METHODS`; ``"associative"`` for linear cells only).
       chunk_size: `rj.unroll`'s ``chunk_size`` (with ``method="associative"``).
       regularize: an `rj.Regularizer` inside the recurrence (dropout, zoneout, weight drop), or None. In
-        training (``deterministic=False``) its masks come from the ``"dropout"`` rng, as
+        training (``deterministic=False``) its masks come from the ``rng_collection`` rng, as
         `flax.linen.Dropout`'s do (``model.apply(..., rngs={"dropout": key})``); with
         ``deterministic=True`` it acts as its expectation.
       deterministic: True for inference, False for training; None leaves it to ``__call__`` (needed, in
@@ -158,14 +163,14 @@ class RNN(nn.Module):
           carry: the initial carry (leaves ``[B, H]``); None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``: the valid steps of each sequence.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
-          deterministic: False draws ``regularize``'s masks (from the ``"dropout"`` rng), True gives their
-            expectation. Where ``regularize`` is given, give it here or as the attribute, not both.
+          deterministic: False draws ``regularize``'s masks (from the ``rng_collection`` rng), True gives
+            their expectation. Where ``regularize`` is given, give it here or as the attribute, not both.
 
         Returns:
           ``(carry, ys)``: the final carry (leaves ``[B, H]``) and ``ys [B, T, H]``.
 
         Raises:
-          ValueError: where ``regularize`` is given and training has no ``"dropout"`` rng, or
+          ValueError: where ``regularize`` is given and training has no ``rng_collection`` rng, or
             ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
@@ -185,7 +190,7 @@ class Bidirectional(nn.Module):
       checkpoint, budget, schedule, unroll_steps, method, chunk_size: `rj.unroll`'s options, for both
         directions (see `RNN`).
       regularize: an `rj.Regularizer` inside both recurrences, or None (see `RNN`); each direction draws
-        its own masks from the one ``"dropout"`` key, as `rj.bidirectional` does.
+        its own masks from the one ``rng_collection`` key, as `rj.bidirectional` does.
       deterministic: True for inference, False for training; None leaves it to ``__call__``.
       rng_collection: the rng stream that training draws the masks from, ``"dropout"`` by default (as
         `flax.linen.Dropout`'s): ``model.apply(..., rngs={rng_collection: key})``.
@@ -252,7 +257,7 @@ class Bidirectional(nn.Module):
           ``(carry, ys)``: a `BidirectionalCarry` and ``ys [B, T, H_fw + H_bw]`` (``[B, T, H]`` for sum).
 
         Raises:
-          ValueError: where ``regularize`` is given and training has no ``"dropout"`` rng, or
+          ValueError: where ``regularize`` is given and training has no ``rng_collection`` rng, or
             ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
@@ -274,9 +279,10 @@ class Stack(nn.Module):
         ``rj.bidirectional(..., merge=...)`` layers, first layer first.
       residual: add each layer's input to its output, for every layer after the first.
       dropout: the probability of dropping each feature between layers (not after the last), in training:
-        with ``deterministic=False`` and a ``"dropout"`` rng (``model.apply(..., rngs={"dropout": key})``).
+        with ``deterministic=False`` and a ``rng_collection`` rng
+        (``model.apply(..., rngs={"dropout": key})``).
       regularize: an `rj.Regularizer` inside every recurrence, or None (see `RNN`); in training each
-        layer draws its own masks from the one ``"dropout"`` key, as `rj.stack` does.
+        layer draws its own masks from the one ``rng_collection`` key, as `rj.stack` does.
       deterministic: True turns dropout off (and gives ``regularize``'s expectation); None leaves it to
         ``__call__`` (needed where dropout > 0 or ``regularize`` is given).
       rng_collection: the rng stream that training draws the masks from, ``"dropout"`` by default (as
@@ -292,7 +298,7 @@ class Stack(nn.Module):
       TypeError: if ``layers`` is not a sequence of cells, `rj.rnn` and `rj.bidirectional` layers.
       ValueError: as `rj.stack` (no layers, ``dropout`` outside ``[0, 1)``, ``residual=True`` with a
         layer whose input and output sizes differ).
-        From ``__call__``: dropout or ``regularize`` in training without a ``"dropout"`` rng.
+        From ``__call__``: dropout or ``regularize`` in training without a ``rng_collection`` rng.
 
     Examples:
       >>> import jax, jax.numpy as jnp, rnnjax as rj
@@ -343,15 +349,15 @@ class Stack(nn.Module):
           carry: a tuple of the layers' initial carries; None means zeros.
           lengths: ``[B]`` integers in ``[0, T]``, for every layer.
           grad: ``"manual"`` (the hand-derived BPTT) or ``"autodiff"``.
-          deterministic: False applies dropout and ``regularize``'s masks (with a ``"dropout"`` rng), True
-            turns them off. Where dropout > 0 or ``regularize`` is given, give it here or as the attribute,
-            not both.
+          deterministic: False applies dropout and ``regularize``'s masks (with a ``rng_collection`` rng),
+            True turns them off. Where dropout > 0 or ``regularize`` is given, give it here or as the
+            attribute, not both.
 
         Returns:
           ``(carries, ys)``: a tuple of the layers' final carries and ``ys [B, T, output_size]``.
 
         Raises:
-          ValueError: where dropout or ``regularize`` runs in training without a ``"dropout"`` rng, or
+          ValueError: where dropout or ``regularize`` runs in training without a ``rng_collection`` rng, or
             ``deterministic`` is given in neither place or in both.
         """
         layer = self.layer()
