@@ -126,7 +126,7 @@ def test_rng_collection_names_the_stream_of_the_masks():
             named.apply(variables, xs, deterministic=False, rngs={"dropout": key})
     bad = rln.RNN(rj.lstm(3), regularize=REG, rng_collection="params", param_dtype=jnp.float64)
     with pytest.raises(ValueError, match=r"RNN.rng_collection must name an rng stream other than 'params'"):
-        bad.apply(variables, xs, deterministic=False, rngs={"params": key})
+        bad.apply(bad.init(key, xs, deterministic=True), xs, deterministic=False, rngs={"params": key})
     stack = rln.Stack(
         (rj.lstm(3), rj.lstm(3)), dropout=0.5, rng_collection="recurrent", param_dtype=jnp.float64
     )
