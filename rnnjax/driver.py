@@ -357,6 +357,57 @@ def _prepare(
     checkpoint, schedule = check_options(grad, method, chunk_size, unroll_steps, checkpoint, budget, schedule)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a Python bool, got {reverse!r}")
+    arrays, time_split, regularize = _check_arrays(
+        cell, params, xs, carry, lengths, probe, compute_dtype, method, regularize, key, checkpoint or budget
+    )
+    given = {"checkpoint": checkpoint, "budget": budget, "probe": arrays.probe, "regularize": regularize}
+    # a time split over devices runs the associative solve, the one method that splits it
+    method = "associative" if time_split is not None else method
+    resolved = resolve_method(method, cell, arrays.xs.shape[-2], sequential_only=sequential_only(given))
+    memory, segment, binomial, nesting = _memory_plan(
+        cell, arrays.params, arrays.carry0, arrays.xs, checkpoint, budget, schedule, regularize
+    )
+    manual_bptt = grad == "manual" and cell.is_builtin and resolved == "sequential"
+    if unroll_steps is None and not (manual_bptt and memory == "all") and resolved not in DEER_METHODS:
+        unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
+    plan = UnrollPlan(
+        method=resolved,  # pyright: ignore[reportArgumentType]
+        grad=grad,
+        memory=memory,
+        segment=segment,
+        binomial=binomial,
+        nesting=nesting,
+        unroll_steps=unroll_steps,
+        reverse=bool(reverse),
+        masked=arrays.lengths is not None,
+        probed=arrays.probe is not None,
+        regularize=regularize,
+        chunk_size=chunk_size if resolved == "associative" else None,
+        time_split=time_split,
+        batch_shape=tuple(arrays.xs.shape[:-2]),
+        T=arrays.xs.shape[-2],
+        dtype=jnp.dtype(arrays.xs.dtype).name,
+        training=regularize is not None and key is not None,
+    )
+    return plan, arrays
+
+
+def _check_arrays(
+    cell: Cell,
+    params: PyTree,
+    xs: Any,
+    carry: PyTree | None,
+    lengths: Any,
+    probe: Any,
+    compute_dtype: Any,
+    method: Method,
+    regularize: Any,
+    key: Any,
+    saving: Any,
+) -> tuple[_Arrays, tuple[Any, tuple[str, ...]] | None, Regularizer | None]:
+    """`unroll`'s arrays checked against each other and the cell (``saving``: a ``checkpoint`` or
+    ``budget`` given): the `_Arrays` to run (cast to ``compute_dtype``; the carry made or checked, and typed
+    like the rows of ``xs``), the time split over devices if any, and the checked regulariser."""
     xs = _check_xs(xs)
     if compute_dtype is not None:
         params, xs, carry = _cast_floats(
@@ -374,43 +425,11 @@ def _prepare(
     if units_split:
         carry0 = _typed_by_step(cell, params, carry0, xs)
     if probe is not None:
-        probe = _check_probe(cell, params, probe, checkpoint or budget, batch_shape, T, xs.dtype)
+        probe = _check_probe(cell, params, probe, saving, batch_shape, T, xs.dtype)
     regularize = check_regularize(regularize, key, cell, params)
     if regularize is not None and probe is not None:
         raise ValueError("probe cannot be combined with regularize: pass one of them")
-
-    given = sequential_only(
-        {"checkpoint": checkpoint, "budget": budget, "probe": probe, "regularize": regularize}
-    )
-    # a time split over devices runs the associative solve, the one method that splits it
-    method = "associative" if time_split is not None else method
-    resolved = resolve_method(method, cell, T, sequential_only=given)
-    memory, segment, binomial, nesting = _memory_plan(
-        cell, params, carry0, xs, checkpoint, budget, schedule, regularize
-    )
-    manual_bptt = grad == "manual" and cell.is_builtin and resolved == "sequential"
-    if unroll_steps is None and not (manual_bptt and memory == "all") and resolved not in DEER_METHODS:
-        unroll_steps = 1  # only the hand-derived BPTT's primal (inference) picks its own factor
-    plan = UnrollPlan(
-        method=resolved,  # pyright: ignore[reportArgumentType]
-        grad=grad,
-        memory=memory,
-        segment=segment,
-        binomial=binomial,
-        nesting=nesting,
-        unroll_steps=unroll_steps,
-        reverse=bool(reverse),
-        masked=lengths is not None,
-        probed=probe is not None,
-        regularize=regularize,
-        chunk_size=chunk_size if resolved == "associative" else None,
-        time_split=time_split,
-        batch_shape=batch_shape,
-        T=T,
-        dtype=jnp.dtype(xs.dtype).name,
-        training=regularize is not None and key is not None,
-    )
-    return plan, _Arrays(params, xs, carry0, lengths, probe, key)
+    return _Arrays(params, xs, carry0, lengths, probe, key), time_split, regularize
 
 
 SEQUENTIAL_ONLY = ("checkpoint", "budget", "probe", "regularize")
