@@ -12,6 +12,7 @@ hand-derived gates derivative, equal autodiff's of its step.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
@@ -622,3 +623,13 @@ def test_stops_on_the_true_residual(name: str, quasi: bool, key: jax.Array) -> N
     public = deer_unroll(cell, params, xs_b, carry, lengths=jnp.array([12, 0, 3]), quasi=quasi, tol=1e-4)[2]
     assert int(public.iterations) == int(info.iterations) and bool(public.converged)
     assert abs(float(public.residual) - float(info.residual)) <= 1e-12 * float(info.residual)
+
+
+def test_deer_info_reads_as_numbers(key: jax.Array) -> None:
+    """Concrete scalars print as plain numbers; batched or traced fields as JAX prints them."""
+    cell = rj.gru(H)
+    params, xs, _ = random_problem(cell, key, B, T, I)
+    info = rj.deer_unroll(cell, params, xs)[2]
+    assert re.fullmatch(r"DeerInfo\(iterations=\d+, residual=[0-9.e+-]+, converged=True\)", repr(info))
+    batched = jax.vmap(lambda x: rj.deer_unroll(cell, params, x)[2])(jnp.stack([xs, xs]))
+    assert repr(batched).startswith("DeerInfo(iterations=Array([")

@@ -96,6 +96,16 @@ class DeerInfo(NamedTuple):
     residual: Array
     converged: Array
 
+    def __repr__(self) -> str:
+        """Plain numbers where the fields hold concrete scalars (``DeerInfo(iterations=3, residual=1.4e-07,
+        converged=True)``); JAX's own repr of each field otherwise (under a trace, or batched)."""
+        try:
+            it, res, ok = (np.asarray(v).item() for v in self)
+        except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+            fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self, strict=True))
+            return f"DeerInfo({fields})"
+        return f"DeerInfo(iterations={it}, residual={res:.3g}, converged={ok})"
+
 
 @dataclasses.dataclass(frozen=True)
 class DeerOptions:
